@@ -1,0 +1,161 @@
+"""Atomic, resumable checkpoints and the backbone export.
+
+Layout: ``<out>/checkpoints/step_<N>/{model.safetensors, state.pt, meta.json}`` and ``<out>/checkpoints/latest``
+(a text file naming the newest complete folder). A checkpoint folder is written under a temporary name and
+renamed into place only when complete; ``latest`` is replaced atomically after that, so a crash at any moment
+leaves the previous checkpoint usable. Only safe formats are read: safetensors and ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+
+LATEST = "latest"
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(folder)
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".safetensors")
+    os.close(fd)
+    try:
+        clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(clean, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(folder)
+
+
+def checkpoint_dir(out: str) -> str:
+    return os.path.join(out, "checkpoints")
+
+
+def save_checkpoint(
+    out: str,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    train_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int = 2,
+) -> str:
+    """Write ``checkpoints/step_<step>`` atomically, move ``latest`` to it, prune to ``keep_last``."""
+    root = checkpoint_dir(out)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step_{step}")
+    tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step}_")
+    try:
+        save_safetensors_atomic(model_state, os.path.join(tmp, "model.safetensors"))
+        torch.save(train_state, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "meta.json"), "w") as fh:
+            json.dump({"step": step, **meta}, fh, indent=2, default=str)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(root)
+    atomic_write_text(os.path.join(root, LATEST), f"step_{step}\n")
+    _prune(root, keep_last)
+    return final
+
+
+def _steps(root: str) -> list[int]:
+    steps = []
+    for name in os.listdir(root):
+        if name.startswith("step_") and name[5:].isdigit():
+            steps.append(int(name[5:]))
+    return sorted(steps)
+
+
+def _prune(root: str, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    latest = read_latest(os.path.dirname(root))
+    for step in _steps(root)[:-keep_last]:
+        path = os.path.join(root, f"step_{step}")
+        if latest and os.path.abspath(path) == os.path.abspath(latest):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+    for name in os.listdir(root):  # leftovers of writes that were killed midway
+        if name.startswith(".tmp_"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def read_latest(out: str) -> str | None:
+    """The newest complete checkpoint folder under ``out``, or None."""
+    root = checkpoint_dir(out)
+    pointer = os.path.join(root, LATEST)
+    if os.path.isfile(pointer):
+        with open(pointer) as fh:
+            name = fh.read().strip()
+        path = os.path.join(root, name)
+        if os.path.isfile(os.path.join(path, "meta.json")):
+            return path
+    if os.path.isdir(root):  # pointer missing: fall back to the newest complete folder
+        for step in reversed(_steps(root)):
+            path = os.path.join(root, f"step_{step}")
+            if os.path.isfile(os.path.join(path, "meta.json")):
+                return path
+    return None
+
+
+def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "state.pt", "meta.json"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"checkpoint {path} is incomplete: {name} is missing")
+    model_state = load_file(os.path.join(path, "model.safetensors"))
+    train_state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    with open(os.path.join(path, "meta.json")) as fh:
+        meta = json.load(fh)
+    return model_state, train_state, meta
+
+
+def compare_configs(saved: dict[str, Any], current: dict[str, Any], keys: list[str]) -> list[str]:
+    """Dotted keys among ``keys`` whose values differ between two config dicts."""
+    diffs = []
+    for key in keys:
+        a, b = saved, current
+        for part in key.split("."):
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        if a != b:
+            diffs.append(f"{key}: checkpoint has {a!r}, this run has {b!r}")
+    return diffs

@@ -1,0 +1,265 @@
+"""Typed pretraining configuration: nested dataclasses, YAML files and dotted command-line overrides.
+
+Every field carries its help text in ``metadata["help"]``; ``python -m dtfast.pretrain --help`` lists them all.
+The defaults are the embedded demo (a small teacher, the procedural image set, a ResNet-18 student at 64x64),
+which runs on a CPU in minutes; the presets in ``configs/`` set the paper's recipes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - "help" reads best at the call sites
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class DataConfig:
+    root: str = _f("", "image folder root/<class>/<image> (ImageNet layout); empty = the embedded procedural set")
+    image_size: int = _f(64, "training resolution (square crops), e.g. 256 for ImageNet")
+    backend: str = _f("auto", "decoder: auto | torch | dali | nvjpeg (auto: DALI when importable, else torch)")
+    num_workers: int = _f(2, "data-loader worker processes per rank (torch backend)")
+    num_images: int = _f(2048, "size of the embedded procedural set (only when root is empty)")
+    random_resized_crop: bool = _f(False, "random-resized crops instead of the paper's plain random crops")
+    strict: bool = _f(False, "fail on the first undecodable file instead of skipping it with a counted warning")
+
+
+@dataclass
+class TeacherConfig:
+    pretrained: str = _f("", "diffusers folder or hub id of the frozen teacher; empty = `arch` with random weights")
+    arch: str = _f("tiny", "named teacher architecture used when `pretrained` is empty: tiny | adm256 | sd15")
+    timestep: int = _f(150, "diffusion timestep t of the stochastic encoding (paper: 150 ImageNet, 50 in-domain)")
+    strides: list = _f([4, 8, 16, 32], "feature strides of the input image, ascending")
+    compile: bool = _f(False, "torch.compile the teacher (early exit compiled in)")
+    channels_last: bool = _f(True, "run the teacher in channels_last memory format")
+    dtype: str = _f("auto", "teacher weights/activations: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
+
+
+@dataclass
+class StudentConfig:
+    arch: str = _f("resnet18", "timm CNN backbone (resnet50, convnext_base, ...)")
+    width: int = _f(64, "regressor (UPerNet-like FPN) width; the paper uses 256")
+    pretrained: bool = _f(False, "start the backbone from timm's pretrained weights (needs them locally)")
+    channels_last: bool = _f(True, "run the student in channels_last memory format")
+
+
+@dataclass
+class LossConfig:
+    at_weight: float = _f(10.0, "lambda_at: weight of the attention-transfer term")
+    whiten: str = _f("channel", "teacher whitening: channel (LayerNorm over C per pixel) | sample (over C,H,W)")
+    at_mode: str = _f("paper", "attention-transfer distance: paper (L2 norm per sample) | code (mean squared)")
+    backend: str = _f("auto", "loss kernel: auto | torch | triton | cuda | cpu")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _f(16, "images per process and step (global batch = batch_size * world size * grad_accum)")
+    max_steps: int = _f(100, "optimizer steps to run in total")
+    lr: float = _f(2e-3, "peak learning rate")
+    min_lr: float = _f(0.0, "learning rate at the end of the cosine schedule")
+    warmup_steps: int = _f(10, "linear warm-up steps before the cosine decay")
+    weight_decay: float = _f(0.05, "decoupled weight decay (not applied to norms and biases)")
+    betas: list = _f([0.9, 0.95], "optimizer betas")
+    optimizer: str = _f("adamw", "adamw | lamb")
+    grad_clip: float = _f(0.0, "clip the global gradient norm to this value; 0 = off")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    seed: int = _f(0, "seed of data order, noise and initialisation")
+    log_every: int = _f(5, "log a metrics line every N steps")
+    save_every: int = _f(50, "write a checkpoint every N steps (and at the end); 0 = only at the end")
+    keep_last: int = _f(2, "checkpoints to keep")
+    resume: str = _f("auto", "auto (latest checkpoint in out/ if any) | never | path to a checkpoint folder")
+    bf16: bool = _f(True, "bf16 autocast for the student on GPU (CPU runs stay fp32)")
+    compile: bool = _f(False, "torch.compile the student and regressor")
+
+
+@dataclass
+class DistConfig:
+    engine: str = _f("ddp", "distributed engine: ddp (plain torch) | deepspeed")
+    backend: str = _f("auto", "process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3 (engine=deepspeed)")
+
+
+@dataclass
+class PretrainConfig:
+    out: str = _f("runs/pretrain", "run folder: config.yaml, metrics.jsonl, checkpoints/, backbone.safetensors")
+    device: str = _f("auto", "auto (cuda when available) | cpu | cuda")
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, expected: Any) -> Any:
+    if dataclasses.is_dataclass(expected):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
+        return value
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif expected is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif expected is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):
+            return [_parse_scalar(v) for v in value.strip("[]()").split(",") if v.strip()]
+    else:
+        return value
+    raise ConfigError(f"config key '{key}' expects {expected.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text.strip())
+
+
+def _unknown_key(key: str, cls: type) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], names, n=3)
+    hint = f"; did you mean {', '.join(key.rsplit('.', 1)[0] + '.' + c if '.' in key else c for c in close)}?" \
+        if close else f"; valid keys here: {', '.join(names)}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _apply(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:
+    types = _field_types(type(obj))
+    for name, value in mapping.items():
+        key = f"{prefix}{name}"
+        if name not in types:
+            raise _unknown_key(key, type(obj))
+        expected = types[name]
+        if dataclasses.is_dataclass(expected):
+            _apply(getattr(obj, name), _coerce(key, value, expected), prefix=f"{key}.")
+        else:
+            setattr(obj, name, _coerce(key, value, expected))
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> PretrainConfig:
+    """Defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides, then validation."""
+    import yaml
+
+    cfg = PretrainConfig()
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        _apply(cfg, data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, text = item.split("=", 1)
+        nested: dict[str, Any] = {}
+        cursor = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = _parse_scalar(text) if text.strip() else ""
+        _apply(cfg, nested)
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "data.backend": ("auto", "torch", "dali", "nvjpeg"),
+    "teacher.dtype": ("auto", "bf16", "fp16", "fp32"),
+    "loss.whiten": ("channel", "sample"),
+    "loss.at_mode": ("paper", "code"),
+    "loss.backend": ("auto", "torch", "triton", "cuda", "cpu"),
+    "train.optimizer": ("adamw", "lamb"),
+    "dist.engine": ("ddp", "deepspeed"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+}
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: PretrainConfig) -> None:
+    for key, choices in _CHOICES.items():
+        value = get_key(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' = {value!r}; expected one of {', '.join(choices)}")
+    positive = ["data.image_size", "train.batch_size", "train.max_steps", "train.grad_accum", "train.log_every"]
+    for key in positive:
+        if get_key(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)}")
+    strides = cfg.teacher.strides
+    if not strides or sorted(strides) != list(strides) or len(set(strides)) != len(strides):
+        raise ConfigError(f"config key 'teacher.strides' must be strictly ascending, got {strides}")
+    if not 0 <= cfg.dist.zero_stage <= 3:
+        raise ConfigError(f"config key 'dist.zero_stage' must be 0..3, got {cfg.dist.zero_stage}")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"config key 'train.betas' needs two values, got {cfg.train.betas}")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"config key 'train.lr' must be > 0, got {cfg.train.lr}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def help_text(cls: type = PretrainConfig, prefix: str = "") -> str:
+    """One line per field: dotted key, type, default, help."""
+    lines = []
+    default_obj = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        ftype = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(ftype):
+            lines.append(f"\n[{key}]")
+            lines.append(help_text(ftype, prefix=f"{key}."))
+            continue
+        default = getattr(default_obj, f.name)
+        lines.append(f"  {key:<28} {ftype.__name__:<6} default={default!r:<16} {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""Process-group set-up for ``torchrun`` (one machine or many) and the single-process case."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but torch sees no CUDA device; use device=cpu or auto")
+    if device in ("cuda", "auto") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto", backend: str = "auto", timeout_minutes: int = 30) -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment (or run alone)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled and dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= info.world_size
+    return tensor
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if ``flag`` is true on any rank (used for preemption signals)."""
+    if not (info.enabled and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,56 @@
+"""Optimizers (AdamW, LAMB) with no weight decay on norms and biases, and the warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only weights of dimension >= 2 (conv/linear kernels); norms, biases and scalars are not decayed."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay)
+    betas = tuple(float(b) for b in betas)
+    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+    if name == "adamw":
+        # fused AdamW is native PyTorch (no apex): one kernel for all parameters on GPU
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=on_cuda or None)
+    if name == "lamb":
+        if on_cuda:
+            try:
+                from deepspeed.ops.lamb import FusedLamb  # noqa: F401 - needs DeepSpeed's built op
+
+                return FusedLamb(groups, lr=lr, betas=betas)
+            except Exception:  # DeepSpeed's fused op needs a build; timm's LAMB is the portable fallback
+                pass
+        from timm.optim import Lamb
+
+        return Lamb(groups, lr=lr, betas=betas)
+    raise ValueError(f"train.optimizer: unknown optimizer {name!r} (expected adamw or lamb)")
+
+
+def lr_at(step: int, *, peak: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warm-up to ``peak`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

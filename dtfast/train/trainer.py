@@ -1,0 +1,278 @@
+"""The DreamTeacher pretraining loop: data -> frozen teacher -> student + regressor -> loss -> optimizer.
+
+Models are built first; parallelism (DDP), memory format and torch.compile are applied afterwards, in
+``_wrap`` only. The teacher is frozen and never wrapped. Checkpoints are atomic and resumable; SIGTERM/SIGINT
+write a checkpoint and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dtfast.train import checkpoint as ckpt
+from dtfast.train.config import PretrainConfig, to_dict
+from dtfast.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
+from dtfast.train.optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger("dtfast.train")
+
+# keys that must agree between a checkpoint and the run resuming from it
+RESUME_KEYS = ["teacher.arch", "teacher.pretrained", "teacher.strides", "student.arch", "student.width",
+               "data.image_size", "train.optimizer"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 10_007 + step) % (2**63 - 1)
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, dist_info: DistInfo | None = None):
+        self.cfg = cfg
+        self.dist = dist_info or init_distributed(cfg.device, cfg.dist.backend)
+        self.device = self.dist.device
+        self._stop_signal: int | None = None
+        self._set_threads()
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        self.step = 0
+        self._build()
+
+    # ------------------------------------------------------------------ set-up
+    def _set_threads(self) -> None:
+        if self.device.type == "cpu" and self.dist.enabled and "OMP_NUM_THREADS" not in os.environ:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+    def _teacher_dtype(self) -> torch.dtype:
+        if self.cfg.teacher.dtype == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return _DTYPES[self.cfg.teacher.dtype]
+
+    def _build(self) -> None:
+        from dtfast.data import build_dataset, build_loader
+        from dtfast.ops import DreamTeacherLoss
+        from dtfast.students import build_student, check_feature_shapes
+        from dtfast.teachers import build_teacher
+
+        cfg = self.cfg
+        size = cfg.data.image_size
+        self.teacher = build_teacher(
+            arch=cfg.teacher.arch or None,
+            pretrained=cfg.teacher.pretrained or None,
+            timestep=cfg.teacher.timestep,
+            strides=tuple(cfg.teacher.strides),
+            device=self.device,
+            dtype=self._teacher_dtype(),
+            compile=cfg.teacher.compile,
+            channels_last=cfg.teacher.channels_last,
+        )
+        self.student = build_student(cfg.student.arch, self.teacher.channels, strides=tuple(cfg.teacher.strides),
+                                     width=cfg.student.width, pretrained=cfg.student.pretrained).to(self.device)
+        # shapes are checked once, before the first step: a mismatch is a configuration error
+        self.student.eval()
+        with torch.no_grad():
+            probe = torch.zeros(2, 3, size, size, device=self.device)
+            student_shapes = [tuple(f.shape[1:]) for f in self.student(probe)]
+        self.student.train()
+        check_feature_shapes(student_shapes, [tuple(s) for s in self.teacher.feature_shapes(size, size)])
+        if cfg.student.channels_last:
+            self.student = self.student.to(memory_format=torch.channels_last)
+
+        self.loss_fn = DreamTeacherLoss(at_weight=cfg.loss.at_weight, whiten=cfg.loss.whiten,
+                                        at_mode=cfg.loss.at_mode, backend=cfg.loss.backend)
+        self.optimizer = build_optimizer(self.student, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay,
+                                         cfg.train.betas)
+        self.model = self._wrap(self.student)
+        self.dataset = build_dataset(cfg.data.root or None, size, num_images=cfg.data.num_images,
+                                     seed=cfg.train.seed, strict=cfg.data.strict,
+                                     random_resized_crop=cfg.data.random_resized_crop)
+        self._build_loader = lambda start_step: build_loader(
+            self.dataset, cfg.train.batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
+            seed=cfg.train.seed, num_workers=cfg.data.num_workers, drop_last=True, start_step=start_step)
+
+    def _wrap(self, student: nn.Module) -> nn.Module:
+        model: nn.Module = student
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(student, device_ids=ids, broadcast_buffers=True)
+        if self.cfg.train.compile:
+            model = torch.compile(model)
+        return model
+
+    # ------------------------------------------------------------------ checkpoints
+    def _train_state(self) -> dict[str, Any]:
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state()[1].astype(np.int64),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def save(self) -> str | None:
+        path = None
+        if self.dist.is_main:
+            meta = {"config": to_dict(self.cfg), "world_size": self.dist.world_size}
+            path = ckpt.save_checkpoint(self.cfg.out, self.step, self.student.state_dict(), self._train_state(), meta,
+                                        keep_last=self.cfg.train.keep_last)
+            self._print(f"checkpoint: {path}")
+        barrier(self.dist)
+        return path
+
+    def maybe_resume(self) -> None:
+        mode = self.cfg.train.resume
+        if mode in ("never", ""):
+            return
+        path = ckpt.read_latest(self.cfg.out) if mode == "auto" else mode
+        if path is None:
+            return
+        model_state, train_state, meta = ckpt.load_checkpoint(path)
+        diffs = ckpt.compare_configs(meta.get("config", {}), to_dict(self.cfg), RESUME_KEYS)
+        if diffs:
+            raise ValueError(f"cannot resume from {path}: its config differs in " + "; ".join(diffs))
+        missing, unexpected = self.student.load_state_dict(model_state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"cannot resume from {path}: model keys differ (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+        self.optimizer.load_state_dict(train_state["optimizer"])
+        torch.set_rng_state(train_state["torch_rng"])
+        if "cuda_rng" in train_state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(train_state["cuda_rng"], self.device)
+        self.step = int(train_state["step"])
+        self._print(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ loop
+    def _print(self, msg: str) -> None:
+        if self.dist.is_main:
+            print(f"[dtfast] {msg}", flush=True)
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop_signal = signum
+
+    def _install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        from dtfast.data import to_views
+
+        cfg = self.cfg
+        images = batch[0].to(self.device, non_blocking=True)
+        teacher_images, student_images = to_views(images, self.student.mean, self.student.std)
+        if cfg.student.channels_last:
+            student_images = student_images.contiguous(memory_format=torch.channels_last)
+        generator = torch.Generator(device=self.device).manual_seed(
+            _rank_seed(cfg.train.seed, self.dist.rank, self.step))
+        with torch.no_grad():
+            teacher_feats = self.teacher(teacher_images.to(self._teacher_dtype()), generator=generator)
+        autocast = self.device.type == "cuda" and cfg.train.bf16
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=autocast):
+            student_feats = self.model(student_images)
+        # the loss runs in the student's output dtype (bf16 under autocast, fp32 on CPU), accumulating in fp32
+        teacher_feats = [t.to(s.dtype) for s, t in zip(student_feats, teacher_feats)]
+        parts = self.loss_fn(student_feats, teacher_feats, return_parts=True)
+        (parts["loss"] / cfg.train.grad_accum).backward()
+        return parts
+
+    def train(self) -> str | None:
+        cfg = self.cfg
+        if self.dist.is_main:
+            os.makedirs(cfg.out, exist_ok=True)
+            import yaml
+
+            ckpt.atomic_write_text(os.path.join(cfg.out, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.maybe_resume()
+        self._install_signal_handlers()
+        if getattr(self.teacher, "is_random", False):
+            self._print("WARNING: the teacher has RANDOM weights; it teaches nothing. Set teacher.pretrained "
+                        "to a trained diffusers model for real pretraining.")
+        global_batch = cfg.train.batch_size * self.dist.world_size * cfg.train.grad_accum
+        self._print(f"teacher {cfg.teacher.pretrained or cfg.teacher.arch} (t={cfg.teacher.timestep}), student "
+                    f"{cfg.student.arch}, {len(self.dataset)} images, global batch {global_batch}, "
+                    f"{self.dist.world_size} process(es) on {self.device.type}, steps {self.step}->{cfg.train.max_steps}")
+        metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+        loader = iter(self._build_loader(self.step * cfg.train.grad_accum))
+        self.model.train()
+        window_start, window_images, window_data = time.perf_counter(), 0, 0.0
+        while self.step < cfg.train.max_steps:
+            lr = lr_at(self.step, peak=cfg.train.lr, min_lr=cfg.train.min_lr, warmup_steps=cfg.train.warmup_steps,
+                       max_steps=cfg.train.max_steps)
+            set_lr(self.optimizer, lr)
+            self.optimizer.zero_grad(set_to_none=True)
+            for _ in range(cfg.train.grad_accum):
+                t0 = time.perf_counter()
+                try:
+                    batch = next(loader)
+                except StopIteration:
+                    loader = iter(self._build_loader(self.step * cfg.train.grad_accum))
+                    batch = next(loader)
+                window_data += time.perf_counter() - t0
+                parts = self.train_step(batch)
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.train.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            window_images += global_batch
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                self._log(parts, lr, metrics_path, window_start, window_images, window_data)
+                window_start, window_images, window_data = time.perf_counter(), 0, 0.0
+            stop = any_rank(self._stop_signal is not None, self.dist)
+            if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
+                self.save()
+            if stop:
+                self._print(f"stopped by signal at step {self.step}; resume with train.resume=auto")
+                return None
+        if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
+            self.save()
+        return self.export()
+
+    def _log(self, parts, lr, metrics_path, window_start, window_images, window_data) -> None:
+        values = torch.stack([parts["loss"].detach().float(), parts["mse"].detach().float().mean(),
+                              parts["at"].detach().float().mean()])
+        values = all_reduce_mean(values, self.dist)
+        loss, mse, at = (float(v) for v in values.tolist())
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {self.step}: lower train.lr or check the data/teacher")
+        elapsed = max(time.perf_counter() - window_start, 1e-9)
+        record = {"step": self.step, "loss": loss, "mse": mse, "at": at, "lr": lr,
+                  "img_per_s": window_images / elapsed, "data_wait_frac": min(1.0, window_data / elapsed),
+                  "mse_per_level": [float(v) for v in parts["mse"].detach().float().tolist()],
+                  "at_per_level": [float(v) for v in parts["at"].detach().float().tolist()]}
+        if self.dist.is_main:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            print(f"[dtfast] step {self.step:>6}/{self.cfg.train.max_steps}  loss {loss:.4f}  mse {mse:.4f}  "
+                  f"at {at:.4f}  lr {lr:.2e}  {record['img_per_s']:.1f} img/s  "
+                  f"data {100 * record['data_wait_frac']:.0f}%", flush=True)
+
+    def export(self) -> str | None:
+        path = os.path.join(self.cfg.out, "backbone.safetensors")
+        if self.dist.is_main:
+            ckpt.save_safetensors_atomic(self.student.backbone_state_dict(), path,
+                                         metadata={"arch": self.cfg.student.arch, "step": str(self.step)})
+            self._print(f"backbone weights ({self.cfg.student.arch}, timm naming): {os.path.abspath(path)}")
+            self._print(f"load with timm.create_model('{self.cfg.student.arch}', pretrained=True, num_classes=0, "
+                        f"pretrained_cfg_overlay=dict(file='{os.path.abspath(path)}'))")
+        barrier(self.dist)
+        return path
+
+    def close(self) -> None:
+        shutdown(self.dist)

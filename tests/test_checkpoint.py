@@ -1,0 +1,65 @@
+import os
+
+import pytest
+import torch
+
+from dtfast.train import checkpoint as ckpt
+from dtfast.train.optim import lr_at
+
+
+def _save(out, step, keep_last=2):
+    model = {"w": torch.full((3,), float(step))}
+    state = {"step": step, "rng": torch.get_rng_state()}
+    return ckpt.save_checkpoint(str(out), step, model, state, {"config": {"a": 1}}, keep_last=keep_last)
+
+
+def test_save_load_latest_and_prune(tmp_path):
+    for step in (10, 20, 30):
+        _save(tmp_path, step)
+    latest = ckpt.read_latest(str(tmp_path))
+    assert latest.endswith("step_30")
+    model, state, meta = ckpt.load_checkpoint(latest)
+    assert torch.equal(model["w"], torch.full((3,), 30.0)) and state["step"] == 30 and meta["step"] == 30
+    names = sorted(os.listdir(ckpt.checkpoint_dir(str(tmp_path))))
+    assert names == ["latest", "step_20", "step_30"]
+
+
+def test_interrupted_write_keeps_previous(tmp_path, monkeypatch):
+    _save(tmp_path, 10)
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 20)
+    monkeypatch.undo()
+    assert ckpt.read_latest(str(tmp_path)).endswith("step_10")
+    assert not os.path.exists(os.path.join(ckpt.checkpoint_dir(str(tmp_path)), "step_20"))
+
+
+def test_missing_pointer_falls_back_and_incomplete_is_named(tmp_path):
+    _save(tmp_path, 5)
+    os.remove(os.path.join(ckpt.checkpoint_dir(str(tmp_path)), "latest"))
+    path = ckpt.read_latest(str(tmp_path))
+    assert path.endswith("step_5")
+    os.remove(os.path.join(path, "state.pt"))
+    with pytest.raises(FileNotFoundError, match="state.pt"):
+        ckpt.load_checkpoint(path)
+
+
+def test_compare_configs_names_keys():
+    diffs = ckpt.compare_configs({"student": {"arch": "resnet50"}}, {"student": {"arch": "resnet18"}},
+                                 ["student.arch"])
+    assert diffs == ["student.arch: checkpoint has 'resnet50', this run has 'resnet18'"]
+
+
+def test_lr_schedule_warmup_and_cosine():
+    kw = dict(peak=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    values = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))

@@ -1,0 +1,60 @@
+import pytest
+
+from dtfast.train.config import ConfigError, PretrainConfig, help_text, load_config
+
+
+def test_defaults_are_the_embedded_demo():
+    cfg = load_config()
+    assert cfg == PretrainConfig()
+    assert cfg.data.root == "" and cfg.teacher.pretrained == ""
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "preset.yaml"
+    path.write_text("train:\n  lr: 0.004\n  batch_size: 8\nteacher:\n  timestep: 50\n")
+    cfg = load_config(str(path), ["train.batch_size=3", "teacher.strides=[8,16]", "loss.at_mode=code", "out=x"])
+    assert cfg.train.lr == 0.004 and cfg.train.batch_size == 3 and cfg.teacher.timestep == 50
+    assert cfg.teacher.strides == [8, 16] and cfg.loss.at_mode == "code" and cfg.out == "x"
+
+
+@pytest.mark.parametrize("override, words", [
+    (["train.lrr=1"], ["train.lrr", "train.lr"]),
+    (["loss.whiten=foo"], ["loss.whiten", "channel"]),
+    (["train.batch_size=abc"], ["train.batch_size", "int"]),
+    (["train.batch_size=0"], ["train.batch_size", "> 0"]),
+    (["teacher.strides=[16,8]"], ["teacher.strides", "ascending"]),
+    (["train=3"], ["train", "section"]),
+    (["nodot"], ["key.sub=value"]),
+])
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, override)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("student:\n  archh: resnet50\n")
+    with pytest.raises(ConfigError, match="student.archh"):
+        load_config(str(unknown))
+
+
+def test_help_lists_every_field():
+    import dataclasses
+
+    text = help_text()
+    cfg = PretrainConfig()
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                assert f"{section.name}.{f.name}" in text
+        else:
+            assert section.name in text
