@@ -23,6 +23,7 @@ from dtfast.train import checkpoint as ckpt
 from dtfast.train.config import PretrainConfig, to_dict
 from dtfast.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
 from dtfast.train.optim import build_optimizer, lr_at, set_lr
+from dtfast.train.timing import NullTimer
 
 log = logging.getLogger("dtfast.train")
 
@@ -154,7 +155,19 @@ class Trainer:
         if "cuda_rng" in train_state and self.device.type == "cuda":
             torch.cuda.set_rng_state(train_state["cuda_rng"], self.device)
         self.step = int(train_state["step"])
+        self._truncate_metrics(self.step)
         self._print(f"resumed from {path} at step {self.step}")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines logged after the checkpoint we resume from: they will be logged again."""
+        path = os.path.join(self.cfg.out, "metrics.jsonl")
+        if not self.dist.is_main or not os.path.isfile(path):
+            return
+        with open(path) as fh:
+            lines = [line for line in fh if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            ckpt.atomic_write_text(path, "".join(kept))
 
     # ------------------------------------------------------------------ loop
     def _print(self, msg: str) -> None:
@@ -171,26 +184,62 @@ class Trainer:
             except ValueError:  # not the main thread
                 pass
 
-    def train_step(self, batch) -> dict[str, torch.Tensor]:
+    def forward_backward(self, batch, timer=None) -> dict[str, torch.Tensor]:
+        """One micro-batch: teacher features, student features, loss, backward (gradients accumulate)."""
         from dtfast.data import to_views
 
         cfg = self.cfg
+        timer = timer or NullTimer()
         images = batch[0].to(self.device, non_blocking=True)
         teacher_images, student_images = to_views(images, self.student.mean, self.student.std)
         if cfg.student.channels_last:
             student_images = student_images.contiguous(memory_format=torch.channels_last)
+        # noise depends only on (seed, rank, step): a resumed run draws the same noise as an uninterrupted one
         generator = torch.Generator(device=self.device).manual_seed(
             _rank_seed(cfg.train.seed, self.dist.rank, self.step))
-        with torch.no_grad():
+        with timer.section("teacher"), torch.no_grad():
             teacher_feats = self.teacher(teacher_images.to(self._teacher_dtype()), generator=generator)
         autocast = self.device.type == "cuda" and cfg.train.bf16
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=autocast):
+        with timer.section("student"), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                                                       enabled=autocast):
             student_feats = self.model(student_images)
-        # the loss runs in the student's output dtype (bf16 under autocast, fp32 on CPU), accumulating in fp32
-        teacher_feats = [t.to(s.dtype) for s, t in zip(student_feats, teacher_feats)]
-        parts = self.loss_fn(student_feats, teacher_feats, return_parts=True)
-        (parts["loss"] / cfg.train.grad_accum).backward()
+        with timer.section("loss"):
+            # the loss runs in the student's output dtype (bf16 under autocast, fp32 on CPU), accumulating in fp32
+            teacher_feats = [t.to(s.dtype) for s, t in zip(student_feats, teacher_feats)]
+            parts = self.loss_fn(student_feats, teacher_feats, return_parts=True)
+        with timer.section("backward"):
+            (parts["loss"] / cfg.train.grad_accum).backward()
         return parts
+
+    def optimizer_step(self, batches, timer=None) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``grad_accum`` micro-batches (an iterable of batches)."""
+        timer = timer or NullTimer()
+        cfg = self.cfg
+        lr = lr_at(self.step, peak=cfg.train.lr, min_lr=cfg.train.min_lr, warmup_steps=cfg.train.warmup_steps,
+                   max_steps=cfg.train.max_steps)
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        for batch in batches:
+            parts = self.forward_backward(batch, timer)
+        with timer.section("optimizer"):
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.train.grad_clip)
+            self.optimizer.step()
+        self.step += 1
+        parts["lr"] = lr
+        return parts
+
+    def _micro_batches(self, state: dict):
+        """Yields ``grad_accum`` batches, restarting the loader at epoch ends; counts time spent waiting."""
+        for _ in range(self.cfg.train.grad_accum):
+            t0 = time.perf_counter()
+            try:
+                batch = next(state["loader"])
+            except StopIteration:
+                state["loader"] = iter(self._build_loader(self.step * self.cfg.train.grad_accum))
+                batch = next(state["loader"])
+            state["data_wait"] += time.perf_counter() - t0
+            yield batch
 
     def train(self) -> str | None:
         cfg = self.cfg
@@ -209,31 +258,15 @@ class Trainer:
                     f"{cfg.student.arch}, {len(self.dataset)} images, global batch {global_batch}, "
                     f"{self.dist.world_size} process(es) on {self.device.type}, steps {self.step}->{cfg.train.max_steps}")
         metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-        loader = iter(self._build_loader(self.step * cfg.train.grad_accum))
+        state = {"loader": iter(self._build_loader(self.step * cfg.train.grad_accum)), "data_wait": 0.0}
         self.model.train()
-        window_start, window_images, window_data = time.perf_counter(), 0, 0.0
+        window_start, window_images = time.perf_counter(), 0
         while self.step < cfg.train.max_steps:
-            lr = lr_at(self.step, peak=cfg.train.lr, min_lr=cfg.train.min_lr, warmup_steps=cfg.train.warmup_steps,
-                       max_steps=cfg.train.max_steps)
-            set_lr(self.optimizer, lr)
-            self.optimizer.zero_grad(set_to_none=True)
-            for _ in range(cfg.train.grad_accum):
-                t0 = time.perf_counter()
-                try:
-                    batch = next(loader)
-                except StopIteration:
-                    loader = iter(self._build_loader(self.step * cfg.train.grad_accum))
-                    batch = next(loader)
-                window_data += time.perf_counter() - t0
-                parts = self.train_step(batch)
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.train.grad_clip)
-            self.optimizer.step()
-            self.step += 1
+            parts = self.optimizer_step(self._micro_batches(state))
             window_images += global_batch
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                self._log(parts, lr, metrics_path, window_start, window_images, window_data)
-                window_start, window_images, window_data = time.perf_counter(), 0, 0.0
+                self._log(parts, parts["lr"], metrics_path, window_start, window_images, state["data_wait"])
+                window_start, window_images, state["data_wait"] = time.perf_counter(), 0, 0.0
             stop = any_rank(self._stop_signal is not None, self.dist)
             if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
                 self.save()
