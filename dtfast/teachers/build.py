@@ -1,0 +1,124 @@
+"""`build_teacher`: one entry point for named (random) and pretrained diffusion teachers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .archs import ADM_SCHEDULER, LATENT_ARCHS, PIXEL_ARCHS, pixel_arch
+from .base import FrozenDiffusionTeacher, TeacherOptions, warn_random
+from .loading import detect_layout, resolve_pretrained, scheduler_folder
+from .pixel import DiffusionTeacher
+
+logger = logging.getLogger("dtfast.teachers")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 weights and activations on CUDA, fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def instantiate(model_class: type, config: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int):
+    """A diffusers/transformers model from a config: on meta without weights, else seeded CPU init then moved."""
+    if device.type == "meta":
+        with torch.device("meta"):
+            model = model_class(**config) if isinstance(config, dict) else model_class(config)
+        return nn.Module.to(model, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(**config) if isinstance(config, dict) else model_class(config)
+    # nn.Module.to: diffusers' override warns about fp32-pinned modules, which a freshly built model has none of
+    return nn.Module.to(model, device=device, dtype=dtype)
+
+
+def load_model(model_class: type, folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """`model_class.from_pretrained(folder)` (config only on meta), with an error that says what was expected."""
+    try:
+        if device.type == "meta":
+            config = model_class.load_config(folder)
+            with torch.device("meta"):
+                return nn.Module.to(model_class.from_config(config), dtype=dtype)
+        return model_class.from_pretrained(folder, torch_dtype=dtype).to(device)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ValueError(
+            f"could not load a {model_class.__name__} from {folder}: {error}. Expected a diffusers folder with "
+            "config.json and diffusion_pytorch_model.safetensors (as written by save_pretrained)."
+        ) from error
+
+
+def load_scheduler(root: Path | None, defaults: dict[str, Any]):
+    """DDPM noising of the folder's scheduler config (any diffusers scheduler with betas), else `defaults`."""
+    from diffusers import DDPMScheduler
+
+    folder = scheduler_folder(root) if root is not None else None
+    if folder is None:
+        if root is not None:
+            logger.info("teacher: %s has no scheduler config; using %s", root, defaults)
+        return DDPMScheduler(**defaults)
+    return DDPMScheduler.from_config(DDPMScheduler.load_config(folder))
+
+
+def build_teacher(
+    arch: str | None = None,
+    pretrained: str | os.PathLike | None = None,
+    timestep: int = 150,
+    strides: Sequence[int] = (4, 8, 16, 32),
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **options: Any,
+) -> FrozenDiffusionTeacher:
+    """Build a frozen diffusion teacher.
+
+    Args:
+        arch: a named architecture with random weights (`adm256`, `tiny`; latent: `sd15`, `tiny-sd`).
+            Ignored when `pretrained` is given.
+        pretrained: a local diffusers folder (a UNet2DModel at the root or in `unet/`, optional `scheduler/`; or a
+            Stable Diffusion layout `vae/ unet/ scheduler/ text_encoder/ tokenizer/`) or a hub id.
+        timestep: the diffusion timestep t of the stochastic encoding (DreamTeacher: 150 ImageNet, 50 in-domain).
+        strides: feature strides of the INPUT image; returned in ascending order.
+        device: where the teacher lives (None: CPU; "meta" builds without weights, for FLOP counting).
+        dtype: weight/activation dtype (None: bf16 on CUDA, fp32 elsewhere).
+        **options: fast-path switches, see `TeacherOptions` (early_exit, channels_last, compile, cuda_graph, ...).
+
+    Returns:
+        A frozen teacher: `teacher(images in [-1, 1]) -> list of (B, C, H/s, W/s)` in ascending stride.
+    """
+    device = torch.device(device if device is not None else "cpu")
+    dtype = dtype or default_dtype(device)
+    opts = TeacherOptions.from_kwargs(**options).resolved(device)
+    if pretrained is not None and str(pretrained) != "":
+        if arch:
+            logger.info("teacher: pretrained=%s given, arch=%r ignored", pretrained, arch)
+        root = resolve_pretrained(pretrained)
+        layout, folder = detect_layout(root)
+        if layout == "latent":
+            from .latent import load_latent_teacher
+
+            return load_latent_teacher(folder, timestep, strides, device, dtype, opts)
+        from diffusers import UNet2DModel
+
+        unet = load_model(UNet2DModel, folder, device, dtype)
+        scheduler = load_scheduler(root, ADM_SCHEDULER)
+        return DiffusionTeacher(unet, scheduler, timestep, strides, is_random=False, options=opts)
+    if not arch:
+        raise ValueError(
+            "build_teacher needs teacher.pretrained (a diffusers folder or hub id) or teacher.arch "
+            f"(one of {sorted(PIXEL_ARCHS) + sorted(LATENT_ARCHS)})"
+        )
+    if arch in LATENT_ARCHS:
+        from .latent import build_latent_arch
+
+        return build_latent_arch(arch, timestep, strides, device, dtype, opts)
+    from diffusers import UNet2DModel
+
+    unet = instantiate(UNet2DModel, pixel_arch(arch), device, dtype, opts.seed)
+    teacher = DiffusionTeacher(unet, load_scheduler(None, ADM_SCHEDULER), timestep, strides, True, opts)
+    if device.type != "meta":
+        warn_random(arch)
+    return teacher
