@@ -1,0 +1,127 @@
+"""Crop/flip geometry shared by every backend, and the on-device teacher/student views.
+
+The recipe (DESIGN.md section 5): resize the shorter side to the training size, crop a square of that size
+(random for training, centred for validation) and flip horizontally with probability 1/2. Optionally
+random-resized crops (torchvision's parameters: scale (0.08, 1), ratio (3/4, 4/3)).
+
+All randomness is drawn from a per-sample generator seeded by (seed, epoch, index): the same sample in the
+same epoch gets the same crop on every backend, in every worker, after a restart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["Crop", "plan_crop", "resized_shorter_size", "sample_rng", "to_views"]
+
+
+def sample_rng(seed: int, epoch: int, index: int, salt: int = 0) -> np.random.Generator:
+    """A generator that depends only on (seed, epoch, index, salt)."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index, salt])))
+
+
+def resized_shorter_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(H, W) after resizing the shorter side to ``size``, keeping the aspect ratio (long side rounded)."""
+    if height <= width:
+        return size, max(size, round(width * size / height))
+    return max(size, round(height * size / width)), size
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Where to crop in the SOURCE image (pixels, possibly fractional) and whether to flip.
+
+    The output is the window (top, left, height, width) of the source resized to (size, size), then flipped.
+    For the plain recipe the window is a square of the shorter side's length (resize-shorter-then-crop is the
+    same map); for random-resized crops it is any window.
+    """
+
+    top: float
+    left: float
+    height: float
+    width: float
+    flip: bool
+
+
+def plan_crop(
+    rng: np.random.Generator | None,
+    src_height: int,
+    src_width: int,
+    size: int,
+    train: bool,
+    random_resized_crop: bool = False,
+    flip: bool = True,
+) -> Crop:
+    """Pick the crop window for one image of (src_height, src_width). ``rng=None`` or ``train=False``: centre.
+
+    Plain recipe: the window is the resized-shorter-side image's integer crop position mapped back to the
+    source, so a backend that resizes first and then crops integer pixels produces the same pixels.
+    """
+    if train and rng is not None and random_resized_crop:
+        top, left, height, width = _random_resized_window(rng, src_height, src_width)
+    else:
+        resized_h, resized_w = resized_shorter_size(src_height, src_width, size)
+        # relative positions in [0, 1], anchor = round(pos * (extent - size)): DALI's crop_pos_x/y convention
+        pos_y, pos_x = (float(rng.random()), float(rng.random())) if train and rng is not None else (0.5, 0.5)
+        y = math.floor(pos_y * (resized_h - size) + 0.5)
+        x = math.floor(pos_x * (resized_w - size) + 0.5)
+        scale_y, scale_x = src_height / resized_h, src_width / resized_w
+        top, left, height, width = y * scale_y, x * scale_x, size * scale_y, size * scale_x
+    do_flip = bool(train and flip and rng is not None and rng.random() < 0.5)
+    return Crop(top, left, height, width, do_flip)
+
+
+def _random_resized_window(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawn from ``rng``."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def to_views(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Derive both model inputs from one decoded uint8 batch, on the batch's device, in float32.
+
+    Args:
+        images: uint8 (B, 3, H, W), values 0..255 (any memory format; it is kept).
+        mean, std: the student's normalisation (timm data config, in [0, 1] units).
+
+    Returns:
+        ``teacher_images = x / 127.5 - 1`` in [-1, 1] and ``student_images = (x / 255 - mean) / std``.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"to_views: expected a uint8 batch (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"to_views: mean and std need 3 values, got {tuple(mean)} and {tuple(std)}")
+    x = images.float()
+    teacher_images = x / 127.5 - 1.0
+    mean_t = torch.tensor([m * 255.0 for m in mean], dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    inv_std = torch.tensor([1.0 / (s * 255.0) for s in std], dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    student_images = (x - mean_t) * inv_std
+    return teacher_images, student_images
