@@ -1,0 +1,88 @@
+"""Guarded loading of the optional fused backends: Triton kernels (``dtfast.kernels``) and the C++/CUDA extension.
+
+Nothing here runs at ``import dtfast.ops``: each loader is called on first use and caches its answer, so a
+machine without Triton, without CUDA or without a built extension imports and runs the reference backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+
+class BackendUnavailable(RuntimeError):
+    """A requested loss backend cannot run here; the message says why and how to get it."""
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernels() -> ModuleType | str:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"Triton is not importable ({exc}); install it with `pip install triton` (Linux, CUDA GPUs)"
+    try:
+        return importlib.import_module("dtfast.kernels.dreamteacher_loss")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("dtfast.kernels", "dtfast.kernels.dreamteacher_loss"):
+            raise
+    # a source checkout used through PYTHONPATH: setup.py maps <repo>/kernels to dtfast.kernels on install
+    root = Path(__file__).resolve().parents[2] / "kernels"
+    if not (root / "dreamteacher_loss.py").exists():
+        return "dtfast.kernels is missing from this installation; reinstall dtfast (`pip install -e .`)"
+    spec = importlib.util.spec_from_file_location("dtfast.kernels", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dtfast.kernels"] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module("dtfast.kernels.dreamteacher_loss")
+
+
+def triton_kernels() -> ModuleType:
+    """``dtfast.kernels.dreamteacher_loss`` or BackendUnavailable."""
+    found = _triton_kernels()
+    if isinstance(found, str):
+        raise BackendUnavailable(found)
+    return found
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _extension() -> str | None:
+    try:
+        importlib.import_module("dtfast._C")
+    except ImportError as exc:
+        return (f"the C++/CUDA extension dtfast._C is not built ({exc}); build it with "
+                "`pip install --no-build-isolation -e .` (torch installed first, DTFAST_SKIP_EXT unset)")
+    import torch
+
+    if not hasattr(torch.ops.dtfast, "dreamteacher_loss_fwd"):
+        return "dtfast._C is loaded but does not register torch.ops.dtfast.dreamteacher_loss_fwd; rebuild it"
+    return None
+
+
+def extension_ops():
+    """``(torch.ops.dtfast.dreamteacher_loss_fwd, ..._bwd)`` from dtfast._C, or BackendUnavailable."""
+    why = _extension()
+    if why is not None:
+        raise BackendUnavailable(why)
+    import torch
+
+    return torch.ops.dtfast.dreamteacher_loss_fwd, torch.ops.dtfast.dreamteacher_loss_bwd
+
+
+def extension_has(device_type: str) -> bool:
+    """Whether dtfast._C registers a kernel for this dispatch key ("cpu" -> CPU, "cuda" -> CUDA)."""
+    if _extension() is not None:
+        return False
+    import torch
+
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key("dtfast::dreamteacher_loss_fwd", key)

@@ -1,0 +1,146 @@
+"""Host-side plan of a multi-level DreamTeacher loss launch: per-level metadata packed into one int64 tensor.
+
+Kept free of Triton so it can be imported (and unit-tested) anywhere. Row layout (16 int64 per level), shared by
+every kernel in ``dreamteacher_loss.py``:
+
+ 0 s_off, 1 g_off: element offsets of the level's student/teacher map from its group's base map
+ 2 B, 3 C, 4 HW, 5 work items (B * n_tiles), 6 first work item within the group, 7 n_tiles (pixel tiles/sample)
+ 8 pixel-stats offset, 9 tile-partials offset, 10 sample-stats offset (floats), 11 first sample (global)
+ 12 ds_off (backward: offset of the gradient map from its group's base gradient), 15 group id
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+META = 16
+PIX_PLANES = {0: 4, 1: 2}  # channel: q_s, q_g, mu, rstd per pixel; sample: q_s, q_g
+PART_PLANES = {0: 1, 1: 6}  # channel: sum of squared errors per tile; sample: n, mean_g, M2_g, mean_s, C_sg, S_ss
+SAMPLE_STATS = 8  # mse_b, at_b, ||q_s||, ||q_g||, ||d||, <qhat_s, d>, mu_b, rstd_b
+NUM_WARPS = 4
+
+
+def tile_config(channels_last: bool, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_P, UNROLL) of the main kernels for a student layout.
+
+    NCHW: each program streams BLOCK_P contiguous pixels (4 per thread), UNROLL channel rows per iteration.
+    channels_last: one pixel per thread, BLOCK_C = 32 contiguous bytes of channels, UNROLL chunks per iteration.
+    """
+    if channels_last:
+        return 32 // element_size, 32 * NUM_WARPS, 2
+    return 1, 128 * NUM_WARPS, 8
+
+
+def layout_of(x: Tensor) -> tuple[Tensor, bool]:
+    """(map, is_channels_last): NCHW-contiguous maps go as they are, channels_last ones too; others are copied."""
+    if x.is_contiguous():
+        return x, False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x, True
+    return x.contiguous(), False
+
+
+@dataclass
+class Group:
+    levels: list[int]
+    s_cl: bool
+    g_cl: bool
+    block_c: int
+    block_p: int
+    unroll: int
+    align: int = 1
+    num_items: int = 0
+    s_base: Tensor | None = None
+    g_base: Tensor | None = None
+
+
+@dataclass
+class LevelPlan:
+    student: list[Tensor]
+    teacher: list[Tensor]
+    whiten: int
+    rows: list[list[int]]
+    groups: list[Group]
+    pix_size: int = 0
+    part_size: int = 0
+    samp_size: int = 0
+    num_samples: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.rows)
+
+    @property
+    def device(self) -> torch.device:
+        return self.student[0].device
+
+    def set_grad_offsets(self, grads: list[Tensor]) -> None:
+        for grp in self.groups:
+            base = grads[grp.levels[0]]
+            for lvl in grp.levels:
+                off = _elem_offset(grads[lvl], base)
+                self.rows[lvl][12] = off
+                if off % grp.align or grads[lvl].data_ptr() % 16:
+                    grp.align = 1
+
+    def meta_tensor(self) -> Tensor:
+        meta = torch.tensor(self.rows, dtype=torch.int64)
+        if self.device.type == "cuda":
+            return meta.pin_memory().to(self.device, non_blocking=True)
+        return meta.to(self.device)
+
+
+def _elem_offset(x: Tensor, base: Tensor) -> int:
+    diff = x.data_ptr() - base.data_ptr()
+    if diff % x.element_size():
+        raise RuntimeError("dtfast.kernels: map addresses are not element-aligned")
+    return diff // x.element_size()
+
+
+def saved_sizes(shapes: list[tuple[int, int, int, int]], whiten: int) -> tuple[int, int]:
+    """Numbers of floats in (pixel_stats, sample_stats) for maps of these (B, C, H, W) shapes."""
+    pix = sum(PIX_PLANES[whiten] * b * h * w for b, _, h, w in shapes)
+    samp = sum(SAMPLE_STATS * b for b, _, _, _ in shapes)
+    return pix, samp
+
+
+def build_plan(student: list[Tensor], teacher: list[Tensor], whiten: int) -> LevelPlan:
+    """Group levels by (dtype, student layout, teacher layout) and compute every offset of the launch."""
+    if student[0].dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dtfast.kernels: the Triton loss takes float32/float16/bfloat16 maps, got {student[0].dtype}")
+    s_list, g_list, rows, groups = [], [], [], {}
+    pix = part = samp = first_sample = 0
+    for lvl, (s, g) in enumerate(zip(student, teacher)):
+        s, s_cl = layout_of(s)
+        g, g_cl = layout_of(g.detach())
+        s_list.append(s)
+        g_list.append(g)
+        B, C, H, W = s.shape
+        HW = H * W
+        key = (s.dtype, s_cl, g_cl)
+        if key not in groups:
+            block_c, block_p, unroll = tile_config(s_cl, s.element_size())
+            groups[key] = Group([], s_cl, g_cl, block_c, block_p, unroll, align=16 // s.element_size(), s_base=s,
+                                g_base=g)
+        grp = groups[key]
+        grp.levels.append(lvl)
+        n_tiles = -(-HW // grp.block_p)
+        s_off, g_off = _elem_offset(s, grp.s_base), _elem_offset(g, grp.g_base)
+        if s_off % grp.align or g_off % grp.align or C % grp.align or HW % grp.align \
+                or s.data_ptr() % 16 or g.data_ptr() % 16:
+            grp.align = 1
+        row = [0] * META
+        row[0:12] = [s_off, g_off, B, C, HW, B * n_tiles, grp.num_items, n_tiles, pix, part, samp, first_sample]
+        row[15] = list(groups).index(key)
+        rows.append(row)
+        grp.num_items += B * n_tiles
+        pix += PIX_PLANES[whiten] * B * HW
+        part += PART_PLANES[whiten] * B * n_tiles
+        samp += SAMPLE_STATS * B
+        first_sample += B
+    return LevelPlan(s_list, g_list, whiten, rows, list(groups.values()), pix_size=pix, part_size=part,
+                     samp_size=samp, num_samples=first_sample)

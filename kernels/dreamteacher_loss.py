@@ -1,0 +1,470 @@
+"""Triton kernels of the multi-scale DreamTeacher loss (DESIGN.md section 3): forward and backward, all levels.
+
+Contract (docs/ARCHITECTURE.md, dtfast.ops): ``dreamteacher_loss_forward(student, teacher, whiten, at_mode) ->
+(mse fp32[L], at fp32[L], saved)`` and ``dreamteacher_loss_backward(grad_mse, grad_at, student, teacher, saved,
+whiten, at_mode) -> [ds_l]``. whiten: 0 channel / 1 sample; at_mode: 0 paper / 1 code.
+
+Design (memory-bound): work items are (level, sample, pixel tile) on a 1-D grid; per-level metadata (element
+offsets of each map relative to a base map, B, C, HW, buffer offsets) lives in one small int64 tensor, so the
+number of launches does not depend on L: forward = one main launch per layout group + 2 small reductions,
+backward = one launch per layout group (a group = levels sharing dtype and student/teacher memory format; one
+group in practice).
+- Forward main: streams s and g once. Per (pixel, channel lane) it runs a Welford update of the teacher mean/M2,
+  the student mean and the student-teacher co-moment, plus sum s^2; lanes are merged (Chan) at the end. From
+  these moments, per pixel: sum_c (s - W(g))^2 = S_ss - 2 r C_sg + r^2 M2_g, q_s = S_ss, q_g = M2_g + C mu^2.
+  Channel mode stores (q_s, q_g, mu, rstd) per pixel; sample mode stores (q_s, q_g) and per-tile moments.
+- Forward per sample: merges tile moments (sample whitening), norms of q_s, q_g, and the exact
+  ||qhat_s - qhat_g|| and <qhat_s, qhat_s - qhat_g> from the stored q's (no cancellation). Per level: sums.
+- Backward: ds = alpha[p] * s - beta[p] * (g - mu), with per-pixel alpha/beta from the saved statistics; it
+  reads s and g once and writes ds once.
+saved = [pixel_stats, sample_stats]: fp32, (2 or 4) * B * HW + 8 * B floats per level.
+Memory layouts: each map must be NCHW-contiguous or channels_last-contiguous (other strides are copied with
+``.contiguous()`` first); loads are vectorised along the contiguous dimension. fp32/bf16/fp16 in, fp32 math.
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests); cross-tensor element offsets need the maps in
+host memory then, so the interpreter path takes CPU tensors only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._loss_meta import META, NUM_WARPS, PIX_PLANES, SAMPLE_STATS, LevelPlan, build_plan
+
+WHITEN_EPS = 1e-6
+NORM_EPS = 1e-12
+
+
+@triton.jit
+def _find_level(meta_ptr, pid, num_levels, group, START: tl.constexpr, COUNT: tl.constexpr, LP: tl.constexpr):
+    lv = tl.arange(0, LP)
+    lmask = lv < num_levels
+    grp = tl.load(meta_ptr + lv * 16 + 15, mask=lmask, other=-1)
+    start = tl.load(meta_ptr + lv * 16 + START, mask=lmask, other=0)
+    count = tl.load(meta_ptr + lv * 16 + COUNT, mask=lmask, other=0)
+    hit = ((grp == group) | (group < 0)) & (start <= pid) & (pid < start + count)
+    return tl.sum(tl.where(hit, lv, 0), axis=0)
+
+
+@triton.jit
+def _offs_1d(base, c, p, C, HW, CL: tl.constexpr, ALIGN: tl.constexpr):
+    # offsets of one channel c (scalar) at pixels p ([BLOCK_P]); NCHW rows are contiguous along p
+    if CL:
+        offs = base + p * C + c
+    else:
+        row = base + c * HW
+        if ALIGN > 1:
+            row = tl.multiple_of(row, ALIGN)
+        offs = row + p
+    return offs
+
+
+@triton.jit
+def _offs_2d(base, c, p, C, HW, CL: tl.constexpr, ALIGN: tl.constexpr):
+    # offsets of channels c ([1, BLOCK_C]) at pixels p ([BLOCK_P]) -> [BLOCK_P, BLOCK_C]; channels_last rows are
+    # contiguous along c
+    if CL:
+        row = base + p * C
+        if ALIGN > 1:
+            row = tl.multiple_of(row, ALIGN)
+        offs = row[:, None] + c
+    else:
+        offs = base + c * HW + p[:, None]
+    return offs
+
+
+@triton.jit
+def _welford(s, g, inv, mean_g, m2_g, mean_s, co_sg, ss_s, ss_g):
+    # one channel into the per-pixel running moments (count = 1 / inv)
+    dg = g - mean_g
+    mean_g += dg * inv
+    dg2 = g - mean_g
+    m2_g += dg * dg2
+    dsm = s - mean_s
+    mean_s += dsm * inv
+    co_sg += dsm * dg2
+    ss_s += s * s
+    ss_g += g * g
+    return mean_g, m2_g, mean_s, co_sg, ss_s, ss_g
+
+
+@triton.jit
+def _chan(s, g, cmask, n_c, n, mean_g, m2_g, mean_s, co_sg, ss_s, ss_g):
+    # a [BLOCK_P, BLOCK_C] chunk (channels held by one thread) merged into the per-pixel moments (Chan et al.)
+    cm_g = tl.sum(g, axis=1) / n_c
+    cm_s = tl.sum(s, axis=1) / n_c
+    dg = tl.where(cmask, g - cm_g[:, None], 0.0)
+    dsm = tl.where(cmask, s - cm_s[:, None], 0.0)
+    n_new = n + n_c
+    w = n * n_c / n_new
+    delta_g = cm_g - mean_g
+    delta_s = cm_s - mean_s
+    m2_g += tl.sum(dg * dg, axis=1) + delta_g * delta_g * w
+    co_sg += tl.sum(dsm * dg, axis=1) + delta_s * delta_g * w
+    mean_g += delta_g * (n_c / n_new)
+    mean_s += delta_s * (n_c / n_new)
+    ss_s += tl.sum(s * s, axis=1)
+    ss_g += tl.sum(g * g, axis=1)
+    return n_new, mean_g, m2_g, mean_s, co_sg, ss_s, ss_g
+
+
+@triton.jit
+def _fwd_main_kernel(s_ptr, g_ptr, meta_ptr, pix_ptr, part_ptr, num_levels, group,
+                     WHITEN: tl.constexpr, S_CL: tl.constexpr, G_CL: tl.constexpr, ALIGN: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, UNROLL: tl.constexpr, LP: tl.constexpr,
+                     EPS: tl.constexpr):
+    pid = tl.program_id(0)
+    lvl = _find_level(meta_ptr, pid, num_levels, group, 6, 5, LP)
+    row = meta_ptr + lvl * 16
+    s_off = tl.load(row + 0)
+    g_off = tl.load(row + 1)
+    B = tl.load(row + 2)
+    C = tl.load(row + 3)
+    HW = tl.load(row + 4)
+    n_tiles = tl.load(row + 7)
+    item = pid - tl.load(row + 6)
+    b = item // n_tiles
+    tile = item - b * n_tiles
+    if ALIGN > 1:
+        C = tl.multiple_of(C, ALIGN)
+        HW = tl.multiple_of(HW, ALIGN)
+    s_base = s_off + b * C * HW
+    g_base = g_off + b * C * HW
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < HW
+
+    mean_g = tl.zeros([BLOCK_P], dtype=tl.float32)
+    m2_g = tl.zeros([BLOCK_P], dtype=tl.float32)
+    mean_s = tl.zeros([BLOCK_P], dtype=tl.float32)
+    co_sg = tl.zeros([BLOCK_P], dtype=tl.float32)
+    ss_s = tl.zeros([BLOCK_P], dtype=tl.float32)
+    ss_g = tl.zeros([BLOCK_P], dtype=tl.float32)
+    if S_CL:
+        # one pixel per thread, BLOCK_C contiguous channels per load
+        pm2 = pmask[:, None]
+        cv = tl.arange(0, BLOCK_C)[None, :]
+        n = 0.0
+        step: tl.constexpr = BLOCK_C * UNROLL
+        c_main = C - C % step
+        for c0 in range(0, c_main, step):
+            for u in tl.static_range(UNROLL):
+                c = c0 + u * BLOCK_C + cv
+                s = tl.load(s_ptr + _offs_2d(s_base, c, p, C, HW, True, ALIGN), mask=pm2, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + _offs_2d(g_base, c, p, C, HW, G_CL, ALIGN), mask=pm2, other=0.0).to(tl.float32)
+                n, mean_g, m2_g, mean_s, co_sg, ss_s, ss_g = _chan(s, g, cv < BLOCK_C, float(BLOCK_C), n, mean_g,
+                                                                   m2_g, mean_s, co_sg, ss_s, ss_g)
+        for c0 in range(c_main, C, BLOCK_C):
+            c = c0 + cv
+            cmask = c < C
+            m = pm2 & cmask
+            s = tl.load(s_ptr + _offs_2d(s_base, c, p, C, HW, True, 1), mask=m, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + _offs_2d(g_base, c, p, C, HW, G_CL, 1), mask=m, other=0.0).to(tl.float32)
+            n_c = tl.minimum(C - c0, BLOCK_C).to(tl.float32)
+            n, mean_g, m2_g, mean_s, co_sg, ss_s, ss_g = _chan(s, g, cmask, n_c, n, mean_g, m2_g, mean_s, co_sg,
+                                                               ss_s, ss_g)
+    else:
+        # BLOCK_P contiguous pixels per program, UNROLL channel rows per iteration, exact per-pixel Welford
+        c_main = C - C % UNROLL
+        for c0 in range(0, c_main, UNROLL):
+            for u in tl.static_range(UNROLL):
+                c = c0 + u
+                s = tl.load(s_ptr + _offs_1d(s_base, c, p, C, HW, False, ALIGN), mask=pmask, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + _offs_1d(g_base, c, p, C, HW, G_CL, ALIGN), mask=pmask, other=0.0).to(tl.float32)
+                inv = 1.0 / (c + 1.0)
+                mean_g, m2_g, mean_s, co_sg, ss_s, ss_g = _welford(s, g, inv, mean_g, m2_g, mean_s, co_sg, ss_s,
+                                                                   ss_g)
+        for c in range(c_main, C):
+            s = tl.load(s_ptr + _offs_1d(s_base, c, p, C, HW, False, ALIGN), mask=pmask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + _offs_1d(g_base, c, p, C, HW, G_CL, ALIGN), mask=pmask, other=0.0).to(tl.float32)
+            inv = 1.0 / (c + 1.0)
+            mean_g, m2_g, mean_s, co_sg, ss_s, ss_g = _welford(s, g, inv, mean_g, m2_g, mean_s, co_sg, ss_s, ss_g)
+
+    Cf = C.to(tl.float32)
+    plane = B * HW
+    pix = pix_ptr + tl.load(row + 8) + b * HW + p
+    tl.store(pix, ss_s, mask=pmask)
+    tl.store(pix + plane, ss_g, mask=pmask)
+    part = part_ptr + tl.load(row + 9) + b * n_tiles + tile
+    nplane = B * n_tiles
+    if WHITEN == 0:
+        # sum_c (s - (g - mu) r)^2 = S_ss - 2 r C_sg + r^2 M2_g
+        rstd = 1.0 / tl.sqrt(m2_g / Cf + EPS)
+        sq_err = ss_s - 2.0 * rstd * co_sg + rstd * rstd * m2_g
+        tl.store(pix + 2 * plane, mean_g, mask=pmask)
+        tl.store(pix + 3 * plane, rstd, mask=pmask)
+        tl.store(part, tl.sum(tl.where(pmask, sq_err, 0.0), axis=0))
+    else:
+        # moments of this tile over (C, pixels), merged from the per-pixel moments
+        n_pix = tl.sum(pmask.to(tl.float32), axis=0)
+        tm_g = tl.sum(tl.where(pmask, mean_g, 0.0), axis=0) / n_pix
+        tm_s = tl.sum(tl.where(pmask, mean_s, 0.0), axis=0) / n_pix
+        dpg = tl.where(pmask, mean_g - tm_g, 0.0)
+        dps = tl.where(pmask, mean_s - tm_s, 0.0)
+        tl.store(part, Cf * n_pix)
+        tl.store(part + nplane, tm_g)
+        tl.store(part + 2 * nplane, tl.sum(tl.where(pmask, m2_g, 0.0), axis=0) + Cf * tl.sum(dpg * dpg, axis=0))
+        tl.store(part + 3 * nplane, tm_s)
+        tl.store(part + 4 * nplane, tl.sum(tl.where(pmask, co_sg, 0.0), axis=0) + Cf * tl.sum(dps * dpg, axis=0))
+        tl.store(part + 5 * nplane, tl.sum(tl.where(pmask, ss_s, 0.0), axis=0))
+
+
+@triton.jit
+def _fwd_sample_kernel(meta_ptr, pix_ptr, part_ptr, samp_ptr, num_levels,
+                       WHITEN: tl.constexpr, AT_MODE: tl.constexpr, BLOCK: tl.constexpr, LP: tl.constexpr,
+                       EPS: tl.constexpr, NORM_EPS: tl.constexpr):
+    pid = tl.program_id(0)
+    lvl = _find_level(meta_ptr, pid, num_levels, -1, 11, 2, LP)
+    row = meta_ptr + lvl * 16
+    B = tl.load(row + 2)
+    C = tl.load(row + 3)
+    HW = tl.load(row + 4)
+    n_tiles = tl.load(row + 7)
+    b = pid - tl.load(row + 11)
+    out = samp_ptr + tl.load(row + 10) + b * 8
+    part = part_ptr + tl.load(row + 9) + b * n_tiles
+    nplane = B * n_tiles
+    offs = tl.arange(0, BLOCK)
+
+    mse_b = 0.0
+    mu = 0.0
+    rstd = 0.0
+    if WHITEN == 0:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for t0 in range(0, n_tiles, BLOCK):
+            acc += tl.load(part + t0 + offs, mask=t0 + offs < n_tiles, other=0.0)
+        mse_b = tl.sum(acc, axis=0)
+    else:
+        n = 0.0
+        m2 = 0.0
+        ms = 0.0
+        co = 0.0
+        sss = 0.0
+        for t0 in range(0, n_tiles, BLOCK):
+            tmask = t0 + offs < n_tiles
+            nt = tl.load(part + t0 + offs, mask=tmask, other=0.0)
+            mg_t = tl.load(part + nplane + t0 + offs, mask=tmask, other=0.0)
+            m2_t = tl.load(part + 2 * nplane + t0 + offs, mask=tmask, other=0.0)
+            ms_t = tl.load(part + 3 * nplane + t0 + offs, mask=tmask, other=0.0)
+            co_t = tl.load(part + 4 * nplane + t0 + offs, mask=tmask, other=0.0)
+            sss += tl.sum(tl.load(part + 5 * nplane + t0 + offs, mask=tmask, other=0.0), axis=0)
+            n_c = tl.sum(nt, axis=0)
+            mg_c = tl.sum(nt * mg_t, axis=0) / n_c
+            ms_c = tl.sum(nt * ms_t, axis=0) / n_c
+            m2_c = tl.sum(m2_t + nt * (mg_t - mg_c) * (mg_t - mg_c), axis=0)
+            co_c = tl.sum(co_t + nt * (ms_t - ms_c) * (mg_t - mg_c), axis=0)
+            n_new = n + n_c
+            dg = mg_c - mu
+            dsm = ms_c - ms
+            w = n * n_c / n_new
+            m2 += m2_c + dg * dg * w
+            co += co_c + dsm * dg * w
+            mu += dg * n_c / n_new
+            ms += dsm * n_c / n_new
+            n = n_new
+        rstd = 1.0 / tl.sqrt(m2 / n + EPS)
+        mse_b = sss - 2.0 * rstd * co + rstd * rstd * m2
+
+    plane = B * HW
+    pix = pix_ptr + tl.load(row + 8) + b * HW
+    acc_s = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+    for p0 in range(0, HW, BLOCK):
+        pm = p0 + offs < HW
+        qs = tl.load(pix + p0 + offs, mask=pm, other=0.0)
+        qg = tl.load(pix + plane + p0 + offs, mask=pm, other=0.0)
+        acc_s += qs * qs
+        acc_g += qg * qg
+    ns = tl.sqrt(tl.sum(acc_s, axis=0))
+    ng = tl.sqrt(tl.sum(acc_g, axis=0))
+    inv_s = 1.0 / tl.maximum(ns, NORM_EPS)
+    inv_g = 1.0 / tl.maximum(ng, NORM_EPS)
+    acc_dd = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_sd = tl.zeros([BLOCK], dtype=tl.float32)
+    for p0 in range(0, HW, BLOCK):
+        pm = p0 + offs < HW
+        qhs = tl.load(pix + p0 + offs, mask=pm, other=0.0) * inv_s
+        d = qhs - tl.load(pix + plane + p0 + offs, mask=pm, other=0.0) * inv_g
+        acc_dd += d * d
+        acc_sd += qhs * d
+    dd = tl.sum(acc_dd, axis=0)
+    dnorm = tl.sqrt(dd)
+    tl.store(out + 0, mse_b)
+    if AT_MODE == 0:
+        tl.store(out + 1, dnorm)
+    else:
+        tl.store(out + 1, dd)
+    tl.store(out + 2, ns)
+    tl.store(out + 3, ng)
+    tl.store(out + 4, dnorm)
+    tl.store(out + 5, tl.sum(acc_sd, axis=0))
+    tl.store(out + 6, mu)
+    tl.store(out + 7, rstd)
+
+
+@triton.jit
+def _fwd_level_kernel(meta_ptr, samp_ptr, mse_ptr, at_ptr, AT_MODE: tl.constexpr, BLOCK: tl.constexpr):
+    lvl = tl.program_id(0)
+    row = meta_ptr + lvl * 16
+    B = tl.load(row + 2)
+    C = tl.load(row + 3)
+    HW = tl.load(row + 4)
+    samp = samp_ptr + tl.load(row + 10)
+    offs = tl.arange(0, BLOCK)
+    acc_m = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK):
+        bm = b0 + offs < B
+        acc_m += tl.load(samp + (b0 + offs) * 8, mask=bm, other=0.0)
+        acc_a += tl.load(samp + (b0 + offs) * 8 + 1, mask=bm, other=0.0)
+    Bf = B.to(tl.float32)
+    tl.store(mse_ptr + lvl, tl.sum(acc_m, axis=0) / (Bf * C.to(tl.float32) * HW.to(tl.float32)))
+    if AT_MODE == 0:
+        tl.store(at_ptr + lvl, tl.sum(acc_a, axis=0) / Bf)
+    else:
+        tl.store(at_ptr + lvl, tl.sum(acc_a, axis=0) / (Bf * HW.to(tl.float32)))
+
+
+@triton.jit
+def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat_ptr, num_levels, group,
+                WHITEN: tl.constexpr, AT_MODE: tl.constexpr, S_CL: tl.constexpr, G_CL: tl.constexpr,
+                ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, UNROLL: tl.constexpr,
+                LP: tl.constexpr, NORM_EPS: tl.constexpr):
+    pid = tl.program_id(0)
+    lvl = _find_level(meta_ptr, pid, num_levels, group, 6, 5, LP)
+    row = meta_ptr + lvl * 16
+    s_off = tl.load(row + 0)
+    g_off = tl.load(row + 1)
+    B = tl.load(row + 2)
+    C = tl.load(row + 3)
+    HW = tl.load(row + 4)
+    n_tiles = tl.load(row + 7)
+    ds_off = tl.load(row + 12)
+    item = pid - tl.load(row + 6)
+    b = item // n_tiles
+    tile = item - b * n_tiles
+    if ALIGN > 1:
+        C = tl.multiple_of(C, ALIGN)
+        HW = tl.multiple_of(HW, ALIGN)
+    gm = tl.load(gmse_ptr + lvl)
+    ga = tl.load(gat_ptr + lvl)
+    samp = samp_ptr + tl.load(row + 10) + b * 8
+    ns = tl.load(samp + 2)
+    ng = tl.load(samp + 3)
+    dnorm = tl.load(samp + 4)
+    sd = tl.load(samp + 5)
+
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < HW
+    plane = B * HW
+    pix = pix_ptr + tl.load(row + 8) + b * HW + p
+    qhs = tl.load(pix, mask=pmask, other=0.0) / tl.maximum(ns, NORM_EPS)
+    d = qhs - tl.load(pix + plane, mask=pmask, other=0.0) / tl.maximum(ng, NORM_EPS)
+    Bf = B.to(tl.float32)
+    Cf = C.to(tl.float32)
+    HWf = HW.to(tl.float32)
+    if AT_MODE == 0:
+        cv = tl.where(dnorm > 0.0, ga / (Bf * tl.where(dnorm > 0.0, dnorm, 1.0)), 0.0)
+    else:
+        cv = 2.0 * ga / (Bf * HWf)
+    v = cv * d
+    if ns > NORM_EPS:
+        dq = (v - qhs * (cv * sd)) / ns
+    else:
+        dq = v / NORM_EPS
+    two_gm_n = 2.0 * gm / (Bf * Cf * HWf)
+    alpha = two_gm_n + 2.0 * dq
+    if WHITEN == 0:
+        mu = tl.load(pix + 2 * plane, mask=pmask, other=0.0)
+        beta = two_gm_n * tl.load(pix + 3 * plane, mask=pmask, other=0.0)
+    else:
+        mu = tl.zeros([BLOCK_P], dtype=tl.float32) + tl.load(samp + 6)
+        beta = tl.zeros([BLOCK_P], dtype=tl.float32) + two_gm_n * tl.load(samp + 7)
+
+    s_base = s_off + b * C * HW
+    g_base = g_off + b * C * HW
+    d_base = ds_off + b * C * HW
+    if S_CL:
+        pm2 = pmask[:, None]
+        cv = tl.arange(0, BLOCK_C)[None, :]
+        a2 = alpha[:, None]
+        b2 = beta[:, None]
+        mu2 = mu[:, None]
+        step: tl.constexpr = BLOCK_C * UNROLL
+        c_main = C - C % step
+        for c0 in range(0, c_main, step):
+            for u in tl.static_range(UNROLL):
+                c = c0 + u * BLOCK_C + cv
+                s = tl.load(s_ptr + _offs_2d(s_base, c, p, C, HW, True, ALIGN), mask=pm2, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + _offs_2d(g_base, c, p, C, HW, G_CL, ALIGN), mask=pm2, other=0.0).to(tl.float32)
+                grad = a2 * s - b2 * (g - mu2)
+                tl.store(ds_ptr + _offs_2d(d_base, c, p, C, HW, True, ALIGN), grad.to(ds_ptr.dtype.element_ty), mask=pm2)
+        for c0 in range(c_main, C, BLOCK_C):
+            c = c0 + cv
+            m = pm2 & (c < C)
+            s = tl.load(s_ptr + _offs_2d(s_base, c, p, C, HW, True, 1), mask=m, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + _offs_2d(g_base, c, p, C, HW, G_CL, 1), mask=m, other=0.0).to(tl.float32)
+            grad = a2 * s - b2 * (g - mu2)
+            tl.store(ds_ptr + _offs_2d(d_base, c, p, C, HW, True, 1), grad.to(ds_ptr.dtype.element_ty), mask=m)
+    else:
+        for c0 in range(0, C, UNROLL):
+            for u in tl.static_range(UNROLL):
+                c = c0 + u
+                m = pmask & (c < C)
+                s = tl.load(s_ptr + _offs_1d(s_base, c, p, C, HW, False, ALIGN), mask=m, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + _offs_1d(g_base, c, p, C, HW, G_CL, ALIGN), mask=m, other=0.0).to(tl.float32)
+                grad = alpha * s - beta * (g - mu)
+                tl.store(ds_ptr + _offs_1d(d_base, c, p, C, HW, False, ALIGN), grad.to(ds_ptr.dtype.element_ty), mask=m)
+
+
+def _launch_groups(plan: LevelPlan):
+    return [(gid, grp) for gid, grp in enumerate(plan.groups)]
+
+
+def dreamteacher_loss_forward(student: list[Tensor], teacher: list[Tensor], whiten: int,
+                              at_mode: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Per-level (mse fp32[L], at fp32[L], saved=[pixel_stats, sample_stats]) for all levels at once."""
+    plan = build_plan(student, teacher, whiten)
+    device = plan.device
+    L = plan.num_levels
+    pix = torch.empty(plan.pix_size, dtype=torch.float32, device=device)
+    part = torch.empty(plan.part_size, dtype=torch.float32, device=device)
+    samp = torch.empty(plan.samp_size, dtype=torch.float32, device=device)
+    mse = torch.empty(L, dtype=torch.float32, device=device)
+    at = torch.empty(L, dtype=torch.float32, device=device)
+    meta = plan.meta_tensor()
+    LP = triton.next_power_of_2(L)
+    for gid, grp in _launch_groups(plan):
+        _fwd_main_kernel[(grp.num_items,)](
+            grp.s_base, grp.g_base, meta, pix, part, L, gid, WHITEN=whiten, S_CL=grp.s_cl, G_CL=grp.g_cl,
+            ALIGN=grp.align, BLOCK_C=grp.block_c, BLOCK_P=grp.block_p, UNROLL=grp.unroll, LP=LP, EPS=WHITEN_EPS,
+            num_warps=NUM_WARPS)
+    _fwd_sample_kernel[(plan.num_samples,)](meta, pix, part, samp, L, WHITEN=whiten, AT_MODE=at_mode, BLOCK=256,
+                                            LP=LP, EPS=WHITEN_EPS, NORM_EPS=NORM_EPS, num_warps=4)
+    _fwd_level_kernel[(L,)](meta, samp, mse, at, AT_MODE=at_mode, BLOCK=128, num_warps=4)
+    return mse, at, [pix, samp]
+
+
+def dreamteacher_loss_backward(grad_mse: Tensor, grad_at: Tensor, student: list[Tensor], teacher: list[Tensor],
+                               saved: list[Tensor], whiten: int, at_mode: int) -> list[Tensor]:
+    """Gradients of sum_l (grad_mse[l] * mse_l + grad_at[l] * at_l) w.r.t. each student map (same layout)."""
+    plan = build_plan(student, teacher, whiten)
+    grads = [torch.empty_like(s) for s in plan.student]
+    plan.set_grad_offsets(grads)
+    meta = plan.meta_tensor()
+    pix, samp = saved
+    L = plan.num_levels
+    grad_mse = grad_mse.to(device=plan.device, dtype=torch.float32).contiguous()
+    grad_at = grad_at.to(device=plan.device, dtype=torch.float32).contiguous()
+    LP = triton.next_power_of_2(L)
+    for gid, grp in _launch_groups(plan):
+        _bwd_kernel[(grp.num_items,)](
+            grp.s_base, grp.g_base, grads[grp.levels[0]], meta, pix, samp, grad_mse, grad_at, L, gid,
+            WHITEN=whiten, AT_MODE=at_mode, S_CL=grp.s_cl, G_CL=grp.g_cl, ALIGN=grp.align,
+            BLOCK_C=grp.block_c, BLOCK_P=grp.block_p, UNROLL=grp.unroll, LP=LP, NORM_EPS=NORM_EPS,
+            num_warps=NUM_WARPS)
+    return grads
+
+
+__all__ = ["dreamteacher_loss_forward", "dreamteacher_loss_backward", "META", "PIX_PLANES", "SAMPLE_STATS"]

@@ -1,0 +1,149 @@
+"""Triton kernels of the DreamTeacher loss against the float64 reference (TRITON_INTERPRET=1 on CPU tensors).
+
+On a CUDA machine the same tests run on CUDA tensors (the CPU variants need the interpreter and skip there).
+"""
+
+import os
+
+import pytest
+import torch
+
+from dtfast.ops.reference import dreamteacher_loss_parts
+from tests.conftest import cpu_and_cuda
+
+pytest.importorskip("triton")
+
+from dtfast.ops._backends import triton_kernels  # noqa: E402
+
+WHITEN = {"channel": 0, "sample": 1}
+AT_MODE = {"paper": 0, "code": 1}
+COMBOS = [(w, a) for w in WHITEN for a in AT_MODE]
+LEVELS = [(3, 37, 13, 13), (3, 16, 8, 8), (3, 5, 3, 7)]
+# error rule per dtype: err(kernel vs float64) <= FACTOR * err(same-dtype reference vs float64) + FLOOR,
+# errors measured relative to the largest float64 magnitude of each compared quantity
+TOLERANCE = {torch.float32: (2.0, 1e-6), torch.bfloat16: (2.0, 1e-5), torch.float16: (2.0, 1e-5)}
+
+
+def _device_or_skip(device):
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1")
+    return device
+
+
+def make_levels(shapes, dtype, device, layout, seed):
+    gen = torch.Generator().manual_seed(seed)
+    student, teacher = [], []
+    for shape in shapes:
+        s = torch.randn(shape, generator=gen, dtype=torch.float64)
+        g = 1.5 + 2.0 * torch.randn(shape, generator=gen, dtype=torch.float64) * torch.rand(shape[1], 1, 1,
+                                                                                          generator=gen)
+        pair = []
+        for x in (s, g):
+            x = x.to(device=device, dtype=dtype)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            elif layout == "strided":  # a non-contiguous view: every other column of a wider map
+                B, C, H, W = shape
+                wide = torch.zeros(B, C, H, 2 * W, dtype=dtype, device=device)
+                wide[..., ::2] = x
+                x = wide[..., ::2]
+            pair.append(x)
+        student.append(pair[0])
+        teacher.append(pair[1])
+    return student, teacher
+
+
+def reference_terms(student, teacher, whiten, at_mode, grad_mse, grad_at, dtype=torch.float64):
+    """(mse, at, grads) of the reference with inputs cast to ``dtype`` (float64 = the oracle)."""
+    s = [x.detach().to(dtype).requires_grad_() for x in student]
+    g = [x.detach().to(dtype) for x in teacher]
+    mse, at = dreamteacher_loss_parts(s, g, whiten, at_mode)
+    ((mse * grad_mse.to(mse.dtype)).sum() + (at * grad_at.to(at.dtype)).sum()).backward()
+    return mse.detach(), at.detach(), [x.grad for x in s]
+
+
+def rel_err(x, oracle):
+    return ((x.double() - oracle).abs().max() / oracle.abs().max().clamp_min(1e-30)).item()
+
+
+def run_kernels(student, teacher, whiten, at_mode, grad_mse, grad_at):
+    kern = triton_kernels()
+    mse, at, saved = kern.dreamteacher_loss_forward(student, teacher, WHITEN[whiten], AT_MODE[at_mode])
+    grads = kern.dreamteacher_loss_backward(grad_mse, grad_at, student, teacher, saved, WHITEN[whiten],
+                                            AT_MODE[at_mode])
+    return mse, at, saved, grads
+
+
+def check_against_oracle(student, teacher, whiten, at_mode, seed):
+    dtype = student[0].dtype
+    gen = torch.Generator().manual_seed(seed + 100)
+    L = len(student)
+    grad_mse = (torch.rand(L, generator=gen) * 3).to(student[0].device)  # random grad_output per level
+    grad_at = (torch.rand(L, generator=gen) * 3).to(student[0].device)
+    mse, at, saved, grads = run_kernels(student, teacher, whiten, at_mode, grad_mse, grad_at)
+    o_mse, o_at, o_grads = reference_terms(student, teacher, whiten, at_mode, grad_mse, grad_at)
+    r_mse, r_at, r_grads = reference_terms(student, teacher, whiten, at_mode, grad_mse, grad_at, dtype)
+    factor, floor = TOLERANCE[dtype]
+    assert mse.dtype == at.dtype == torch.float32 and mse.shape == at.shape == (L,)
+    for name, got, ref, oracle in [("mse", mse, r_mse, o_mse), ("at", at, r_at, o_at)]:
+        err, ref_err = rel_err(got, oracle), rel_err(ref, oracle)
+        assert err <= factor * ref_err + floor, f"{name}: kernel error {err:.3g} vs reference error {ref_err:.3g}"
+    for lvl, (got, ref, oracle, s) in enumerate(zip(grads, r_grads, o_grads, student)):
+        assert got.shape == s.shape and got.dtype == s.dtype
+        err, ref_err = rel_err(got, oracle), rel_err(ref, oracle)
+        assert err <= factor * ref_err + floor, f"grad {lvl}: kernel error {err:.3g} vs reference {ref_err:.3g}"
+    return saved
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("whiten,at_mode", COMBOS)
+def test_fp32_matches_float64_reference(device, layout, whiten, at_mode):
+    device = _device_or_skip(device)
+    student, teacher = make_levels(LEVELS, torch.float32, device, layout, seed=hash((layout, whiten, at_mode)) % 997)
+    check_against_oracle(student, teacher, whiten, at_mode, seed=3)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("whiten,at_mode", [("channel", "paper"), ("sample", "code")])
+def test_low_precision_within_twice_reference_error(device, dtype, whiten, at_mode):
+    device = _device_or_skip(device)
+    student, teacher = make_levels(LEVELS, dtype, device, "channels_last" if dtype == torch.float16 else "contiguous",
+                                   seed=11)
+    check_against_oracle(student, teacher, whiten, at_mode, seed=5)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_mixed_layouts_and_batch_sizes_in_one_call(device):
+    """Levels in different memory formats form separate launch groups; batch may differ per level."""
+    device = _device_or_skip(device)
+    s1, g1 = make_levels([(2, 24, 6, 6)], torch.float32, device, "channels_last", seed=1)
+    s2, g2 = make_levels([(4, 9, 5, 3)], torch.float32, device, "contiguous", seed=2)
+    s3, _ = make_levels([(2, 8, 4, 4)], torch.float32, device, "channels_last", seed=3)
+    _, g3 = make_levels([(2, 8, 4, 4)], torch.float32, device, "contiguous", seed=4)
+    for whiten, at_mode in COMBOS:
+        check_against_oracle(s1 + s2 + s3, g1 + g2 + g3, whiten, at_mode, seed=7)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("whiten", list(WHITEN))
+def test_saved_statistics_are_per_pixel_sized(device, whiten):
+    device = _device_or_skip(device)
+    student, teacher = make_levels(LEVELS, torch.float32, device, "contiguous", seed=9)
+    saved = check_against_oracle(student, teacher, whiten, "paper", seed=1)
+    pixels = sum(b * h * w for b, _, h, w in LEVELS)
+    samples = sum(b for b, *_ in LEVELS)
+    assert sum(t.numel() for t in saved) <= 4 * pixels + 8 * samples
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_paper_gradient_is_zero_at_zero_difference_and_zero_maps_are_safe(device):
+    device = _device_or_skip(device)
+    g = torch.randn(2, 6, 5, 5, device=device)
+    student, teacher = [2.0 * g, torch.zeros(2, 4, 3, 3, device=device)], [g, torch.zeros(2, 4, 3, 3, device=device)]
+    ones = torch.ones(2, device=device)
+    mse, at, saved, grads = run_kernels(student, teacher, "channel", "paper", torch.zeros(2, device=device), ones)
+    assert at.abs().max().item() < 1e-6
+    assert all(torch.isfinite(x).all() for x in grads)
+    assert grads[0].abs().max().item() < 1e-6 and grads[1].abs().max().item() == 0.0
