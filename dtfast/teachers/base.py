@@ -201,7 +201,11 @@ class FrozenDiffusionTeacher(nn.Module):
         super().train(False)
 
     def _setup_runtime(self, device: torch.device) -> None:
+        """Freeze, resolve the automatic switches for `device`, go channels_last, wrap `_encode` (compile/graph)."""
         self._freeze()
+        self.options = self.options.resolved(device)
+        if self.options.channels_last:
+            nn.Module.to(self, memory_format=torch.channels_last)  # 4-D weights only
         fn: EncodeFn = self._encode
         if self.options.compile:
             fn = torch.compile(

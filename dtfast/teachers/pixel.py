@@ -57,8 +57,6 @@ class DiffusionTeacher(FrozenDiffusionTeacher):
         self.noise_scale = noise_coefficients(scheduler, self.timestep)
         device = next(unet.parameters()).device
         self.register_buffer("timesteps", torch.tensor([self.timestep], dtype=torch.long, device=device), False)
-        if self.options.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
         self._setup_runtime(device)
 
     @property
