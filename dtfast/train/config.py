@@ -88,6 +88,27 @@ class DistConfig:
 
 
 @dataclass
+class BenchConfig:
+    """Settings of ``python -m dtfast.bench`` (the training loop ignores them)."""
+
+    warmup: int = _f(3, "untimed warm-up steps per row and batch size (torch.compile happens here)")
+    steps: int = _f(10, "timed training steps per row and batch size")
+    data: str = _f("synthetic", "synthetic (random uint8 batches already on the device: compute only) | real "
+                   "(the configured data pipeline, data wait included)")
+    batch_sizes: list = _f([], "batch sizes per process to measure; empty = train.batch_size")
+    rows: list = _f([], "rows: baseline | optimized | config, each optionally with +switch / -switch (e.g. "
+                    "optimized-compile); switches: early_exit bf16 channels_last compile fused_loss data_backend; "
+                    "empty = [config], or the sweep rows with bench.sweep=true")
+    sweep: bool = _f(False, "measure baseline, optimized and optimized-minus-each-switch at every batch size")
+    peak_tflops: float = _f(0.0, "the device's peak TFLOP/s for model-FLOP utilisation; 0 = measure it at start-up "
+                            "(a large bf16 matmul on GPU, fp32 on CPU)")
+    time_budget_s: float = _f(0.0, "start no new measurement after this many seconds (rows left are marked "
+                              "skipped); 0 = no limit")
+    results_dir: str = _f("benchmarks/results", "append one line per row to <dir>/bench_results.jsonl and write "
+                          "<dir>/bench_<device>_<preset>.{md,png} (only when the folder exists); empty = do not")
+
+
+@dataclass
 class PretrainConfig:
     out: str = _f("runs/pretrain", "run folder: config.yaml, metrics.jsonl, checkpoints/, backbone.safetensors")
     device: str = _f("auto", "auto (cuda when available) | cpu | cuda")
@@ -97,6 +118,7 @@ class PretrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 class ConfigError(ValueError):
@@ -216,6 +238,7 @@ _CHOICES = {
     "train.optimizer": ("adamw", "lamb"),
     "dist.engine": ("ddp", "deepspeed"),
     "dist.backend": ("auto", "nccl", "gloo"),
+    "bench.data": ("synthetic", "real"),
 }
 
 

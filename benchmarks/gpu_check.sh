@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine runs, in ONE call of <= 8 minutes (see ../shared/device/README.md):
+#   wheels -> extension build -> CUDA tests -> loss benchmark -> dtfast.bench (ImageNet R50 + ADM-256, random
+#   teacher weights, baseline and optimised rows at 2-3 batch sizes) -> teacher benchmark -> data benchmark
+#   (nvJPEG) -> op test files.
+# Every stage runs under its own `timeout`, capped by what is left of GPU_CHECK_BUDGET (seconds, default 420), and
+# a stage that fails or is missing is recorded and skipped: one hang cannot eat the budget. Stages are ordered by
+# value, so the ones that get skipped when time runs out are the least important.
+#
+# Usage (repository root, on the GPU machine; carry `.whl`):   bash benchmarks/gpu_check.sh
+# What comes back under $OUT (<= 8 files, flat): summary.txt (the table printed last), gpu_info.json,
+#   logs.tar.gz (one log per stage), results.tar.gz (benchmarks/results/ after the run + run folders),
+#   bench_r50.{json,md,png} (dtfast.bench). Record them here with:
+#   python benchmarks/record_gpu_results.py <folder the files came back to>
+# Knobs (environment): GPU_CHECK_BUDGET, BENCH_BATCHES (default [128,256,64]), BENCH_ROWS, BENCH_STEPS,
+#   BENCH_WARMUP, SKIP_STAGES (space-separated stage names).
+set -u -o pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 1
+OUT=${OUT:-$ROOT/gpu_check_out}
+BUDGET=${GPU_CHECK_BUDGET:-420}
+RESERVE=15                                  # kept back for packaging and the summary
+WORK=$(mktemp -d /tmp/dtfast_gpu_check.XXXXXX)
+LOGS=$WORK/logs
+mkdir -p "$OUT" "$LOGS"
+SUMMARY=$WORK/stages.tsv
+: > "$SUMMARY"
+START=$(date +%s)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor_cache
+
+elapsed() { echo $(( $(date +%s) - START )); }
+
+# run_stage NAME MAX_SECONDS COMMAND...: runs COMMAND under timeout, logs to $LOGS/NAME.log, one summary line.
+run_stage() {
+    local name=$1 max=$2; shift 2
+    local left=$(( BUDGET - $(elapsed) - RESERVE ))
+    if [[ " ${SKIP_STAGES:-} " == *" $name "* ]]; then
+        printf '%s\tSKIPPED\t0\tSKIP_STAGES\n' "$name" >> "$SUMMARY"; return 0
+    fi
+    if (( left < 20 )); then
+        printf '%s\tSKIPPED\t0\tbudget spent (%ss)\n' "$name" "$(elapsed)" >> "$SUMMARY"; return 0
+    fi
+    local limit=$(( max < left ? max : left ))
+    echo "=== [$(elapsed)s] stage $name (timeout ${limit}s): $*" | tee -a "$LOGS/$name.log"
+    local t0; t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" >> "$LOGS/$name.log" 2>&1
+    local rc=$? dt=$(( $(date +%s) - t0 )) status
+    if (( rc == 0 )); then status=ok; elif (( rc == 124 || rc == 137 )); then status=TIMEOUT; else status="FAILED($rc)"; fi
+    local last; last=$(grep -v '^\s*$' "$LOGS/$name.log" | tail -n 1 | tr '\t' ' ' | cut -c1-110)
+    printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$dt" "$last" >> "$SUMMARY"
+    echo "=== [$(elapsed)s] stage $name: $status in ${dt}s"
+    return $rc
+}
+
+missing() {  # missing NAME PATH: record a stage whose script is not in the checkout
+    printf '%s\tMISSING\t0\t%s not in the checkout\n' "$1" "$2" >> "$SUMMARY"
+}
+
+# ---- 0. the machine ---------------------------------------------------------------------------------------------
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+CARD=${CARD:-unknown}
+{
+    nvidia-smi 2>&1 | head -n 20
+    $PY -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda",
+torch.version.cuda, "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)' 2>&1
+    $PY -c 'import triton; print("triton", triton.__version__)' 2>&1
+} > "$LOGS/info.log"
+$PY - "$CARD" > "$OUT/gpu_info.json" <<'EOF' || echo "{\"card\": \"$CARD\"}" > "$OUT/gpu_info.json"
+import datetime, json, os, subprocess, sys
+info = {"card": sys.argv[1], "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+try:
+    import torch
+    info.update(torch=torch.__version__, cuda=torch.version.cuda,
+                device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    import triton
+    info["triton"] = triton.__version__
+except Exception as error:  # noqa: BLE001
+    info["error"] = repr(error)
+try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+                          "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+    info["nvidia_smi"] = out
+except Exception:  # noqa: BLE001
+    pass
+try:
+    info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    timeout=10).stdout.strip() or None
+except Exception:  # noqa: BLE001
+    info["commit"] = None
+print(json.dumps(info, indent=1))
+EOF
+echo "gpu_check on $CARD, budget ${BUDGET}s, logs in $LOGS"
+
+# ---- 1. carried wheels (diffusers, deepspeed, ...) ---------------------------------------------------------------
+if compgen -G ".whl/*.whl" > /dev/null; then
+    SITE=$WORK/site
+    if run_stage wheels 90 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+            .whl/*.whl; then
+        export PYTHONPATH="$SITE:$PYTHONPATH"
+    fi
+else
+    missing wheels ".whl/*.whl"
+fi
+
+# ---- 2. the extension (CUDA + C++), built against this machine's torch --------------------------------------------
+run_stage build_ext 180 env MAX_JOBS=16 $PY setup.py build_ext --inplace
+
+# ---- 3. tests that need CUDA ---------------------------------------------------------------------------------------
+run_stage cuda_tests 120 $PY -m pytest -x -q -m needs_cuda tests -p no:cacheprovider
+
+# ---- 4. loss benchmark ---------------------------------------------------------------------------------------------
+if [[ -f benchmarks/loss_bench.py ]]; then
+    run_stage loss_bench 90 $PY benchmarks/loss_bench.py --device cuda
+else
+    missing loss_bench benchmarks/loss_bench.py
+fi
+
+# ---- 5. dtfast.bench: the training step, R50 + ADM-256 at 256x256, bf16, random teacher weights --------------------
+BENCH_OUT=$WORK/bench_r50
+BENCH_MAX=240
+LEFT=$(( BUDGET - $(elapsed) - RESERVE ))
+BENCH_LIMIT=$(( BENCH_MAX < LEFT ? BENCH_MAX : LEFT ))
+# no new (row, batch) measurement starts in the last 100 s: a compiled row needs that long to warm up
+run_stage dtfast_bench "$BENCH_MAX" $PY -m dtfast.bench --config configs/imagenet_r50_adm256.yaml --out "$BENCH_OUT" \
+    "bench.rows=${BENCH_ROWS:-[baseline,optimized-compile,optimized]}" \
+    "bench.batch_sizes=${BENCH_BATCHES:-[128,256,64]}" "bench.warmup=${BENCH_WARMUP:-3}" \
+    "bench.steps=${BENCH_STEPS:-6}" "bench.time_budget_s=$(( BENCH_LIMIT > 130 ? BENCH_LIMIT - 100 : 30 ))"
+for ext in json md png; do
+    [[ -f $BENCH_OUT/bench.$ext ]] && cp "$BENCH_OUT/bench.$ext" "$OUT/bench_r50.$ext"
+done
+
+# ---- 6. teacher benchmark ------------------------------------------------------------------------------------------
+if [[ -f benchmarks/teacher_bench.py ]]; then
+    run_stage teacher_bench 100 $PY benchmarks/teacher_bench.py --device cuda
+else
+    missing teacher_bench benchmarks/teacher_bench.py
+fi
+
+# ---- 7. data benchmark (torchvision nvJPEG path; DALI's wheel cannot travel) ----------------------------------------
+if [[ -f benchmarks/data_bench.py ]]; then
+    run_stage data_bench 60 $PY benchmarks/data_bench.py --device cuda
+else
+    missing data_bench benchmarks/data_bench.py
+fi
+
+# ---- 8. the op test files in full (CPU and CUDA cases), with what time is left -------------------------------------
+if compgen -G "tests/test_ops*.py" > /dev/null; then
+    run_stage op_tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_ops*.py
+else
+    missing op_tests "tests/test_ops*.py"
+fi
+
+# ---- package: <= 8 flat files --------------------------------------------------------------------------------------
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null || echo "FAILED to pack logs"
+RESULT_DIRS=(benchmarks/results)
+for d in runs "$BENCH_OUT"; do [[ -e $d ]] && RESULT_DIRS+=("$d"); done
+tar -czf "$OUT/results.tar.gz" --exclude='*.pt' --exclude='*.safetensors' --exclude='checkpoints' \
+    --exclude='inductor_cache' "${RESULT_DIRS[@]}" 2>/dev/null || echo "FAILED to pack results"
+
+{
+    echo "dtfast gpu_check on $CARD: $(elapsed)s of ${BUDGET}s"
+    if [[ -f $OUT/bench_r50.json ]]; then
+        $PY - "$OUT/bench_r50.json" <<'EOF' || echo "(could not read bench_r50.json)"
+import json, sys
+result = json.load(open(sys.argv[1]))
+flops = result.get("flops", {})
+peak = result["meta"]["peak"]["tflops"]
+print(f"dtfast.bench R50+ADM-256 256px: peak {peak:.0f} TFLOP/s measured; GFLOP/img teacher "
+      f"{(flops.get('teacher_early_exit') or 0) / 1e9:.0f} (early exit) / {(flops.get('teacher_full') or 0) / 1e9:.0f}"
+      f" (full), student fwd+bwd {(flops.get('student_train') or 0) / 1e9:.0f}")
+print(f"{'row':<24}{'batch':>6}{'img/s':>9}{'MFU':>7}{'x base':>8}{'step ms':>9}{'peak GB':>9}")
+for r in result["rows"]:
+    if r.get("status") != "ok":
+        print(f"{r['row']:<24}{r['batch_size']:>6}  {r.get('status')}: {r.get('error', '')[:70]}")
+        continue
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+    speedup = f"{r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else "-"
+    print(f"{r['row']:<24}{r['batch_size']:>6}{r['images_per_s']:>9.1f}{mfu:>7}{speedup:>8}"
+          f"{1e3 * r['step_time_s']['median']:>9.1f}{r['peak_memory_gb']:>9.1f}")
+EOF
+    fi
+    echo
+    printf '%-14s %-11s %6s  %s\n' stage status secs "last log line"
+    while IFS=$'\t' read -r name status secs last; do
+        printf '%-14s %-11s %6s  %s\n' "$name" "$status" "$secs" "$last"
+    done < "$SUMMARY"
+} > "$OUT/summary.txt" 2>&1
+cat "$OUT/summary.txt"
+exit 0

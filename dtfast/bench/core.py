@@ -1,0 +1,141 @@
+"""The benchmark driver: rows x batch sizes measured in ONE process, so every speed-up is a ratio from one run.
+
+Order: batch sizes outer, rows inner; each row's Trainer is built once and kept for the next batch size
+(so ``resident_before_gb`` includes the other rows' models on GPU). Results are written after every
+measurement, so a run stopped by a time limit keeps what it measured. A row that fails (out of memory, a
+backend that is not available) is recorded with its error and the others go on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from typing import Any
+
+import torch
+
+from dtfast.bench import flops as flop_count
+from dtfast.bench import report
+from dtfast.bench.rows import Row, parse_row, split_overrides, sweep_rows
+from dtfast.bench.runner import build_trainer, measure, release
+from dtfast.train.config import ConfigError, load_config
+from dtfast.train.distributed import resolve_device
+
+
+def _check_bench(cfg) -> None:
+    if cfg.bench.steps <= 0:
+        raise ConfigError(f"config key 'bench.steps' must be > 0, got {cfg.bench.steps}")
+    if cfg.bench.warmup < 0:
+        raise ConfigError(f"config key 'bench.warmup' must be >= 0, got {cfg.bench.warmup}")
+    if any(int(b) <= 0 for b in cfg.bench.batch_sizes):
+        raise ConfigError(f"config key 'bench.batch_sizes' must hold positive sizes, got {cfg.bench.batch_sizes}")
+
+
+def _flops_for_row(flops: dict[str, Any], early_exit: bool) -> tuple[int | None, int | None]:
+    """(executed FLOPs per image of this row, model FLOPs per image: early-exit teacher + student)."""
+    teacher = flops.get("teacher_early_exit" if early_exit else "teacher_full")
+    needed, student = flops.get("teacher_early_exit"), flops.get("student_train")
+    executed = teacher + student if teacher is not None and student is not None else None
+    model = needed + student if needed is not None and student is not None else None
+    return executed, model
+
+
+def _teacher_early_exit(trainer) -> bool:
+    return bool(getattr(getattr(trainer.teacher, "options", None), "early_exit", True))
+
+
+def run_benchmark(config_path: str | None, overrides: list[str], out: str | None = None,
+                  argv: list[str] | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
+    cfg = load_config(config_path, overrides)
+    _check_bench(cfg)
+    bench = cfg.bench
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    specs = list(bench.rows) or (sweep_rows(device.type) if bench.sweep else ["config"])
+    rows: list[Row] = [parse_row(str(spec), device.type) for spec in specs]
+    batch_sizes = [int(b) for b in bench.batch_sizes] or [cfg.train.batch_size]
+    out_dir = out or os.path.join(cfg.out, "bench")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: os.path.join(out_dir, f"bench.{ext}") for ext in ("json", "md", "png")}
+    # every batch size is compiled for its own static shape, as a training run with a fixed batch would be
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+    peak = ({"tflops": float(bench.peak_tflops), "source": "bench.peak_tflops"} if bench.peak_tflops > 0
+            else flop_count.measure_peak_tflops(device))
+    command = "python -m dtfast.bench " + " ".join((argv or [])[1:]) if argv else "run_benchmark(...)"
+    result: dict[str, Any] = {
+        "meta": {"machine": report.machine_info(device), "commit": report.git_commit(), "command": command,
+                 "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                 "preset": os.path.splitext(os.path.basename(config_path))[0] if config_path else "defaults",
+                 "config": config_path or "", "overrides": overrides, "data": bench.data,
+                 "image_size": cfg.data.image_size, "warmup": bench.warmup, "steps": bench.steps, "peak": peak,
+                 "rows": specs, "batch_sizes": batch_sizes},
+        "flops": {},
+        "rows": [],
+    }
+    print(f"[bench] {len(rows)} row(s) x {len(batch_sizes)} batch size(s) on {result['meta']['machine']['device_name']}"
+          f"; peak {peak['tflops']:.2f} TFLOP/s ({peak['source']})", flush=True)
+    trainers: dict[str, Any] = {}
+    for batch_size in batch_sizes:
+        for row in rows:
+            entry: dict[str, Any] = {"row": row.name, "batch_size": batch_size, "switches": row.switches,
+                                     "overrides": row.overrides}
+            if bench.time_budget_s and time.perf_counter() - started > bench.time_budget_s:
+                entry.update(status="skipped", error=f"time budget {bench.time_budget_s:.0f} s spent")
+                result["rows"].append(entry)
+                continue
+            try:
+                if row.name not in trainers:
+                    config_items, options = split_overrides(row.overrides)
+                    row_cfg = load_config(config_path, overrides + config_items)
+                    trainers[row.name] = build_trainer(row_cfg, options)
+                trainer = trainers[row.name]
+                if not result["flops"]:
+                    result["flops"] = flop_count.count_flops(trainer, cfg.data.image_size)
+                t0 = time.perf_counter()
+                entry.update(measure(trainer, batch_size, bench.warmup, bench.steps, bench.data, cfg.train.seed))
+                entry["wall_s"] = time.perf_counter() - t0
+                entry["early_exit"] = _teacher_early_exit(trainer)
+                executed, model = _flops_for_row(result["flops"], entry["early_exit"])
+                per_device = entry["images_per_s_per_device"]
+                entry["flops_per_image"], entry["model_flops_per_image"] = executed, model
+                entry["achieved_tflops"] = executed * per_device / 1e12 if executed else None
+                entry["mfu"] = model * per_device / 1e12 / peak["tflops"] if model else None
+                entry["status"] = "ok"
+                print(f"[bench] {row.name} @ {batch_size}: {entry['images_per_s']:.1f} img/s, step "
+                      f"{1e3 * entry['step_time_s']['median']:.1f} ms median ({entry['wall_s']:.0f} s)", flush=True)
+            except Exception as error:  # noqa: BLE001 - one failing row must not lose the others
+                entry.update(status="failed", error=f"{type(error).__name__}: {str(error)[:500]}")
+                print(f"[bench] {row.name} @ {batch_size} FAILED: {entry['error']}", flush=True)
+                trainers.pop(row.name, None)
+                release(device)
+            result["rows"].append(entry)
+            _speedups(result["rows"])
+            report.write_json(result, paths["json"])
+    trainers.clear()
+    release(device)
+    return _finish(result, paths, cfg.bench.results_dir)
+
+
+def _speedups(rows: list[dict[str, Any]]) -> None:
+    baselines = {r["batch_size"]: r["images_per_s"] for r in rows if r["row"] == "baseline" and r.get("status") == "ok"}
+    for r in rows:
+        if r.get("status") == "ok" and r["batch_size"] in baselines:
+            r["speedup_vs_baseline"] = r["images_per_s"] / baselines[r["batch_size"]]
+
+
+def _finish(result: dict[str, Any], paths: dict[str, str], results_dir: str) -> dict[str, Any]:
+    text = report.header(result) + "\n\n" + report.table(result)
+    with open(paths["md"], "w") as fh:
+        fh.write("```\n" + report.header(result) + "\n```\n\n" + report.table(result) + "\n")
+    has_png = report.write_png(result, paths["png"])
+    result["files"] = {"json": paths["json"], "md": paths["md"], "png": paths["png"] if has_png else None}
+    result["files"]["recorded"] = report.record(result, results_dir, paths["png"] if has_png else None)
+    report.write_json(result, paths["json"])
+    print(text, flush=True)
+    print(f"[bench] wrote {paths['json']}, {paths['md']}" + (f", {paths['png']}" if has_png else "")
+          + (f"; recorded in {', '.join(result['files']['recorded'])}" if result["files"]["recorded"] else ""),
+          flush=True)
+    return result

@@ -1,0 +1,190 @@
+"""Measuring one row at one batch size: W warm-up + N timed real training steps of a `Trainer`.
+
+A step is ``trainer.optimizer_step(micro_batches, timer)``: data -> teacher -> student + regressor -> loss ->
+backward -> optimizer, exactly the training loop's step. Step times are host wall clocks with the device
+synchronised at every step boundary; the per-stage breakdown comes from the trainer's own ``timer.section``
+hooks (CUDA events on GPU, synchronised perf_counter on CPU). "other" is the step time the sections do not
+cover (uint8 -> float views, learning-rate bookkeeping, launch gaps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+from unittest import mock
+
+import torch
+
+from dtfast.train.timing import STAGES, StageTimer
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def teacher_options(options: dict[str, Any]):
+    """Pass extra `build_teacher` options (early_exit) while the Trainer builds its teacher."""
+    if not options:
+        yield
+        return
+    from dtfast import teachers
+
+    original = teachers.build_teacher
+
+    def build_teacher(*args, **kwargs):
+        return original(*args, **{**kwargs, **options})
+
+    with mock.patch.object(teachers, "build_teacher", build_teacher):
+        yield
+
+
+def build_trainer(cfg, options: dict[str, Any]):
+    from dtfast.train.trainer import Trainer
+
+    if "early_exit" in options and hasattr(cfg.teacher, "early_exit"):  # the config grew the key: use it
+        cfg.teacher.early_exit = options.pop("early_exit")
+    with teacher_options(options):
+        return Trainer(cfg)
+
+
+class SyntheticBatches:
+    """Random uint8 images already on the device (a few distinct batches, cycled): compute only."""
+
+    def __init__(self, batch_size: int, image_size: int, device: torch.device, distinct: int = 2, seed: int = 0):
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.batches = [
+            (torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8,
+                           generator=generator).to(device),
+             torch.zeros(batch_size, dtype=torch.long, device=device))
+            for _ in range(distinct)
+        ]
+        self.index = 0
+
+    def __next__(self):
+        batch = self.batches[self.index % len(self.batches)]
+        self.index += 1
+        return batch
+
+
+class RealBatches:
+    """The trainer's own loader at this batch size, restarted at epoch ends."""
+
+    def __init__(self, trainer, batch_size: int):
+        trainer.cfg.train.batch_size = batch_size
+        self.trainer = trainer
+        self.iterator = iter(trainer._build_loader(0))
+
+    def __next__(self):
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            self.iterator = iter(self.trainer._build_loader(0))
+            return next(self.iterator)
+
+
+def _micro_batches(source, count: int, timer):
+    for _ in range(count):
+        with timer.section("data"):
+            batch = next(source)
+        yield batch
+
+
+def _peak_memory_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_gb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda max_memory_allocated"
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30, "process peak RSS (whole run)"
+
+
+def summarize(step_times: list[float]) -> dict[str, float]:
+    ordered = sorted(step_times)
+
+    def quantile(q: float) -> float:
+        position = q * (len(ordered) - 1)
+        low = int(position)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+    return {
+        "median": statistics.median(ordered),
+        "mean": statistics.fmean(ordered),
+        "min": ordered[0],
+        "max": ordered[-1],
+        "p10": quantile(0.1),
+        "p90": quantile(0.9),
+        "stdev": statistics.stdev(ordered) if len(ordered) > 1 else 0.0,
+        "total": sum(ordered),
+    }
+
+
+def measure(trainer, batch_size: int, warmup: int, steps: int, data: str, seed: int = 0) -> dict[str, Any]:
+    """Run ``warmup`` + ``steps`` optimizer steps; timings, breakdown and memory of the timed steps."""
+    cfg, device = trainer.cfg, trainer.device
+    grad_accum = cfg.train.grad_accum
+    if data == "synthetic":
+        source = SyntheticBatches(batch_size, cfg.data.image_size, device, seed=seed)
+    else:
+        source = RealBatches(trainer, batch_size)
+    trainer.model.train()
+    warm_timer = StageTimer(device)
+    for _ in range(warmup):
+        trainer.optimizer_step(_micro_batches(source, grad_accum, warm_timer), warm_timer)
+    synchronize(device)
+    gc.collect()
+    _peak_memory_reset(device)
+    resident_gb = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None  # all rows' models
+
+    timer = StageTimer(device)
+    step_times = []
+    parts = None
+    for _ in range(steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        parts = trainer.optimizer_step(_micro_batches(source, grad_accum, timer), timer)
+        synchronize(device)
+        step_times.append(time.perf_counter() - t0)
+    totals = timer.totals()
+    peak_gb, peak_kind = _peak_memory_gb(device)
+
+    world = trainer.dist.world_size
+    images_per_step = batch_size * grad_accum * world
+    timing = summarize(step_times)
+    stages = {name: totals.get(name, 0.0) / steps for name in STAGES}
+    stages["other"] = max(0.0, timing["mean"] - sum(stages.values()))
+    return {
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "world_size": world,
+        "images_per_step": images_per_step,
+        "warmup": warmup,
+        "steps": steps,
+        "step_time_s": timing,
+        "step_times_s": step_times,
+        "images_per_s": images_per_step * steps / timing["total"],
+        "images_per_s_per_device": images_per_step * steps / timing["total"] / world,
+        "stage_s_per_step": stages,
+        "peak_memory_gb": peak_gb,
+        "peak_memory_kind": peak_kind,
+        "resident_before_gb": resident_gb,
+        "loss": float(parts["loss"].detach().float()) if parts is not None else None,
+    }
+
+
+def release(device: torch.device) -> None:
+    """Free what dropped rows left behind (the caller drops its references first) and compiled graphs."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
