@@ -4,18 +4,22 @@
 - ``build_loader(dataset, batch_size, rank, world_size, seed, num_workers, drop_last, start_step)``: one epoch of
   ``(uint8 images (B, 3, H, W), int64 labels)`` from global step ``start_step``.
 - ``to_views(images, mean, std)``: (teacher view in [-1, 1], student view normalised), on the batch's device.
+- ``build_input_pipeline(...)``: endless ``(teacher_images, student_images, labels)`` on the device, decoded by
+  ``data.backend`` = torch (PIL workers) | dali (NVIDIA DALI, GPU or CPU) | nvjpeg (torchvision GPU decode).
 """
 
 from __future__ import annotations
 
 from .folder import IMAGE_EXTENSIONS, DecodeError, ImageFolder
 from .loader import EpochLoader, ResumableDistributedSampler, build_loader, steps_per_epoch
+from .pipeline import BACKENDS, InputPipeline, build_input_pipeline, resolve_backend
 from .procedural import ProceduralImages
 from .transforms import to_views
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "DecodeError", "EpochLoader", "ImageFolder", "ProceduralImages",
-    "ResumableDistributedSampler", "build_dataset", "build_loader", "steps_per_epoch", "to_views",
+    "BACKENDS", "IMAGE_EXTENSIONS", "DecodeError", "EpochLoader", "ImageFolder", "InputPipeline", "ProceduralImages",
+    "ResumableDistributedSampler", "build_dataset", "build_input_pipeline", "build_loader", "resolve_backend",
+    "steps_per_epoch", "to_views",
 ]
 
 

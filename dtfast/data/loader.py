@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["EpochLoader", "ResumableDistributedSampler", "build_loader", "steps_per_epoch"]
+__all__ = ["EpochLoader", "ResumableDistributedSampler", "build_loader", "shard_indices", "steps_per_epoch"]
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -44,6 +44,16 @@ def steps_per_epoch(num_items: int, batch_size: int, world_size: int, drop_last:
     """Batches per rank and epoch under ``DistributedSampler`` sharding."""
     per_rank = num_items // world_size if drop_last else -(-num_items // world_size)
     return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+
+
+def shard_indices(num_items: int, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool = True,
+                  drop_last: bool = True) -> list[int]:
+    """This rank's data-set indices for ``epoch``, in order: exactly what ``ResumableDistributedSampler`` yields
+    (the DALI and nvJPEG backends use it, so every backend sees the same order)."""
+    sampler = DistributedSampler(range(num_items), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last)
+    sampler.set_epoch(epoch)
+    return list(sampler)
 
 
 class _WithSkips(Dataset):

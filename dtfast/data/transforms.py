@@ -26,10 +26,46 @@ def sample_rng(seed: int, epoch: int, index: int, salt: int = 0) -> np.random.Ge
 
 
 def resized_shorter_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """(H, W) after resizing the shorter side to ``size``, keeping the aspect ratio (long side rounded)."""
+    """(H, W) after resizing the shorter side to ``size``, keeping the aspect ratio (long side rounded half up,
+    as DALI's ``resize_shorter`` does)."""
     if height <= width:
-        return size, max(size, round(width * size / height))
-    return max(size, round(height * size / width)), size
+        return size, max(size, math.floor(width * size / height + 0.5))
+    return max(size, math.floor(height * size / width + 0.5)), size
+
+
+@dataclass(frozen=True)
+class ResizeCrop:
+    """Integer plan for backends that resize first: resize to (resized_height, resized_width) (plain recipe) or
+    take the source window (top, left, height, width) (random-resized crops), then crop / resize to the output
+    size and flip."""
+
+    resized_height: int
+    resized_width: int
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+    random_resized: bool
+
+
+def plan_resize_crop(rng: np.random.Generator | None, src_height: int, src_width: int, size: int, train: bool,
+                     random_resized_crop: bool = False, flip: bool = True) -> ResizeCrop:
+    """Draw the crop of one image. Draw order (shared with the DALI pipeline's per-sample inputs): plain
+    recipe: pos_y, pos_x, flip; random-resized: torchvision's window draws, then flip."""
+    augment = train and rng is not None
+    if augment and random_resized_crop:
+        top, left, height, width = _random_resized_window(rng, src_height, src_width)
+        resized_h, resized_w = src_height, src_width
+    else:
+        resized_h, resized_w = resized_shorter_size(src_height, src_width, size)
+        # relative positions in [0, 1], anchor = round(pos * (extent - size)): DALI's crop_pos_x/y convention
+        pos_y, pos_x = (float(rng.random()), float(rng.random())) if augment else (0.5, 0.5)
+        top = math.floor(pos_y * (resized_h - size) + 0.5)
+        left = math.floor(pos_x * (resized_w - size) + 0.5)
+        height = width = size
+    do_flip = bool(augment and flip and rng.random() < 0.5)
+    return ResizeCrop(resized_h, resized_w, top, left, height, width, do_flip, bool(augment and random_resized_crop))
 
 
 @dataclass(frozen=True)
@@ -57,23 +93,16 @@ def plan_crop(
     random_resized_crop: bool = False,
     flip: bool = True,
 ) -> Crop:
-    """Pick the crop window for one image of (src_height, src_width). ``rng=None`` or ``train=False``: centre.
+    """The window in SOURCE pixels of ``plan_resize_crop``'s plan (``rng=None`` or ``train=False``: centre).
 
-    Plain recipe: the window is the resized-shorter-side image's integer crop position mapped back to the
-    source, so a backend that resizes first and then crops integer pixels produces the same pixels.
+    Plain recipe: the resized image's integer crop mapped back to the source, so resizing the window directly
+    to (size, size) gives the pixels of resize-then-crop.
     """
-    if train and rng is not None and random_resized_crop:
-        top, left, height, width = _random_resized_window(rng, src_height, src_width)
-    else:
-        resized_h, resized_w = resized_shorter_size(src_height, src_width, size)
-        # relative positions in [0, 1], anchor = round(pos * (extent - size)): DALI's crop_pos_x/y convention
-        pos_y, pos_x = (float(rng.random()), float(rng.random())) if train and rng is not None else (0.5, 0.5)
-        y = math.floor(pos_y * (resized_h - size) + 0.5)
-        x = math.floor(pos_x * (resized_w - size) + 0.5)
-        scale_y, scale_x = src_height / resized_h, src_width / resized_w
-        top, left, height, width = y * scale_y, x * scale_x, size * scale_y, size * scale_x
-    do_flip = bool(train and flip and rng is not None and rng.random() < 0.5)
-    return Crop(top, left, height, width, do_flip)
+    plan = plan_resize_crop(rng, src_height, src_width, size, train, random_resized_crop, flip)
+    if plan.random_resized:
+        return Crop(plan.top, plan.left, plan.height, plan.width, plan.flip)
+    scale_y, scale_x = src_height / plan.resized_height, src_width / plan.resized_width
+    return Crop(plan.top * scale_y, plan.left * scale_x, size * scale_y, size * scale_x, plan.flip)
 
 
 def _random_resized_window(

@@ -1,0 +1,210 @@
+"""NVIDIA DALI backend: read, decode (GPU "mixed" decoder or CPU), resize, crop and flip in a DALI pipeline.
+
+One ``DaliLoader`` is one epoch from a start step, like ``EpochLoader``; batches are ``(uint8 images
+(B, 3, S, S), int64 labels (B,))`` on the pipeline's device (the GPU for "mixed", else the CPU).
+
+- Order and sharding: the epoch's order is the one ``DistributedSampler`` gives the torch backend (seed +
+  epoch). Every rank lists all ranks' remaining shards (equal lengths) for ``fn.readers.file``, whose
+  ``shard_id``/``num_shards`` (= rank/world size) then pick this rank's, in order, with no reader shuffling.
+  Shards hold whole batches only (the tail is dropped, ``LastBatchPolicy.DROP``), so every rank takes the
+  same number of steps, and a restart at step N reads exactly the samples step N would have read.
+- Crops/flips (plain recipe): per-sample positions and flips come in through ``fn.external_source`` from the
+  same per-sample generator as the torch backend, so both backends crop the same window of the same file.
+  Random-resized crops use DALI's fused ``decoders.image_random_crop`` (DALI's own seeded generator: the same
+  order after a restart, not the same windows).
+- Bad files: the start-up scan is the folder scan (extensions, empty files). A file DALI cannot decode stops
+  the pipeline; the loader then finds the undecodable file(s) of the failing batches with PIL, replaces each
+  by the next decodable file (as the torch backend does), warns with a count and rebuilds the pipeline at the
+  same step. ``strict=True`` raises ``DecodeError`` naming the file instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .folder import DecodeError, ImageFolder
+from .loader import shard_indices, steps_per_epoch
+from .transforms import sample_rng
+
+__all__ = ["DaliLoader", "dali_available"]
+
+
+def dali_available() -> bool:
+    """True when ``nvidia.dali`` (e.g. the ``nvidia-dali-cuda130`` wheel) is importable."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _decodable(path: str) -> bool:
+    """Whether PIL decodes ``path`` completely (the arbiter when DALI fails)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.convert("RGB")
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return False
+
+
+class DaliLoader:
+    """The batches of one epoch from global step ``start_step`` (see the module docstring).
+
+    Args:
+        dataset: an ``ImageFolder`` (its files, labels, split, seed, image size, crop mode, strictness).
+        batch_size, rank, world_size, seed, start_step, shuffle: as ``build_loader``.
+        device: "cuda[:i]" decodes with the "mixed" decoder on that GPU; "cpu" decodes on the CPU
+            (``device_id=None``).
+        num_threads: DALI CPU threads per rank.
+        hw_decoder_load: share of JPEG decoding given to the GPU's hardware decoder (A100/H100), 0..1.
+        prefetch_queue_depth: batches DALI prepares ahead.
+    """
+
+    def __init__(self, dataset: ImageFolder, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 start_step: int = 0, device: str | torch.device = "cpu", num_threads: int = 2,
+                 hw_decoder_load: float = 0.65, prefetch_queue_depth: int = 2, shuffle: bool = True) -> None:
+        if not isinstance(dataset, ImageFolder):
+            raise TypeError("data.backend=dali reads image files: set data.root to an image folder "
+                             f"(got a {type(dataset).__name__})")
+        if not dali_available():
+            raise ImportError("data.backend=dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
+                              "(or use data.backend=torch / nvjpeg)")
+        self.dataset, self.batch_size, self.rank, self.world_size = dataset, int(batch_size), int(rank), int(world_size)
+        self.seed, self.num_threads, self.prefetch = int(seed), int(num_threads), int(prefetch_queue_depth)
+        self.hw_decoder_load = float(hw_decoder_load)
+        self.device = torch.device(device)
+        self.steps_per_epoch = steps_per_epoch(len(dataset), batch_size, world_size, drop_last=True)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"loader: {len(dataset)} images cannot fill one batch of {batch_size} on each of "
+                             f"{world_size} rank(s); use a smaller batch or more images")
+        self.first_step = int(start_step)
+        self.epoch, self._offset = divmod(self.first_step, self.steps_per_epoch)
+        usable = self.steps_per_epoch * self.batch_size
+        self._shards = [shard_indices(len(dataset), r, world_size, self.seed, self.epoch, shuffle)[:usable]
+                        for r in range(world_size)]
+        # index -> decodable replacement, shared by the epochs of this data set object
+        self._replacements: dict[int, int] = dataset.__dict__.setdefault("_dali_replacements", {})
+        self.skipped_files: list[str] = []
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self._offset
+
+    # ------------------------------------------------------------------ pipeline
+    def _resolve(self, index: int) -> int:
+        return self._replacements.get(index, index)
+
+    def _draws(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pos_x, pos_y, flip) of one sample: the draws of ``plan_resize_crop`` in the same order."""
+        data = self.dataset
+        if not data.train:
+            return np.float32(0.5), np.float32(0.5), np.int32(0)
+        rng = sample_rng(data.seed, self.epoch, index)
+        if data.random_resized_crop:
+            return np.float32(0.5), np.float32(0.5), np.int32(rng.random() < 0.5)
+        pos_y, pos_x = rng.random(), rng.random()
+        return np.float32(pos_x), np.float32(pos_y), np.int32(rng.random() < 0.5)
+
+    def _build(self, step: int):
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        data, size, batch = self.dataset, self.dataset.image_size, self.batch_size
+        start = step * batch
+        files, labels = [], []
+        for shard in self._shards:  # all ranks' remaining shards, equal lengths: shard_id picks ours
+            for index in shard[start:]:
+                resolved = self._resolve(index)
+                files.append(data.files[resolved])
+                labels.append(data.labels[resolved])
+        mine = [self._resolve(i) for i in self._shards[self.rank][start:]]
+
+        def draws(info):
+            first = (info.iteration * batch) % len(mine)  # DALI may prefetch past the end: wrap harmlessly
+            columns = [self._draws(mine[(first + j) % len(mine)]) for j in range(batch)]
+            return [np.array([c[k] for c in columns]) for k in range(3)]
+
+        gpu = self.device.type == "cuda"
+        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu \
+            else None
+        pipe = Pipeline(batch_size=batch, num_threads=self.num_threads, device_id=device_id,
+                        seed=(self.seed * 1009 + self.epoch * 17 + step) & 0x7FFFFFFF,
+                        prefetch_queue_depth=self.prefetch)
+        with pipe:
+            encoded, label = fn.readers.file(files=files, labels=labels, shard_id=self.rank,
+                                             num_shards=self.world_size, random_shuffle=False, stick_to_shard=True,
+                                             pad_last_batch=False, name="Reader")
+            pos_x, pos_y, flip = fn.external_source(source=draws, num_outputs=3, batch=True, batch_info=True,
+                                                    dtype=[types.FLOAT, types.FLOAT, types.INT32])
+            decoder = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load} if gpu else {"device": "cpu"}
+            if data.train and data.random_resized_crop:
+                images = fn.decoders.image_random_crop(encoded, output_type=types.RGB, random_area=[0.08, 1.0],
+                                                       random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+                                                       **decoder)
+                images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+                images = fn.crop_mirror_normalize(images, mirror=flip, dtype=types.UINT8, output_layout="CHW")
+            else:
+                images = fn.decoders.image(encoded, output_type=types.RGB, **decoder)
+                # subpixel_scale=False: scale = input / rounded output size per axis, as PIL and torch resize
+                images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_LINEAR, antialias=True,
+                                   subpixel_scale=False)
+                images = fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=pos_x, crop_pos_y=pos_y,
+                                                  mirror=flip, dtype=types.UINT8, output_layout="CHW")
+            pipe.set_outputs(images, label.gpu() if gpu else label)
+        iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader", auto_reset=False,
+                                       last_batch_policy=LastBatchPolicy.DROP)
+        return iterator, mine
+
+    # ------------------------------------------------------------------ bad files
+    def _repair(self, step: int, mine: list[int], error: Exception) -> None:
+        """``mine``: this rank's whole (resolved) shard of the epoch; ``step``: the failing step in the epoch."""
+        """Find undecodable files in the batches DALI may have been working on; replace or raise."""
+        start = step * self.batch_size
+        window = mine[start: start + (self.prefetch + 1) * self.batch_size]
+        bad = [i for i in dict.fromkeys(window) if not _decodable(self.dataset.files[i])]
+        if not bad:
+            raise RuntimeError(f"DALI pipeline failed at step {step} of epoch {self.epoch} and no undecodable file "
+                               f"was found among {len(window)} upcoming files: {error}") from error
+        for index in bad:
+            path = self.dataset.files[index]
+            if self.dataset.strict:
+                raise DecodeError(f"data: cannot decode {path!r} (DALI: {str(error).splitlines()[0][:200]}) "
+                                  "(data.strict=true; set it false to skip such files)") from error
+            for step_ahead in range(1, 17):
+                candidate = (index + step_ahead) % len(self.dataset.files)
+                if candidate not in bad and _decodable(self.dataset.files[candidate]):
+                    self._replacements[index] = candidate
+                    break
+            else:
+                raise DecodeError(f"data: 16 undecodable files in a row after {path!r}") from error
+            self.skipped_files.append(path)
+        warnings.warn(f"data: replaced {len(bad)} undecodable file(s) {[self.dataset.files[i] for i in bad][:3]} "
+                      f"with the next decodable ones ({len(self.skipped_files)} this epoch on this rank)",
+                      stacklevel=3)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        step = self._offset
+        iterator, _ = self._build(step)
+        repairs = 0
+        while step < self.steps_per_epoch:
+            try:
+                out = next(iterator)[0]
+            except StopIteration:
+                return
+            except Exception as error:  # DALI raises RuntimeError with the operator's message
+                repairs += 1
+                if repairs > 64:
+                    raise
+                self._repair(step, [self._resolve(i) for i in self._shards[self.rank]], error)
+                del iterator
+                iterator, _ = self._build(step)
+                continue
+            step += 1
+            yield out["images"], out["labels"].view(-1).to(torch.int64)

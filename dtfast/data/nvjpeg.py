@@ -1,0 +1,172 @@
+"""nvJPEG backend: worker processes read the files' bytes, the GPU decodes them in batches
+(``torchvision.io.decode_jpeg(device="cuda")``) and resizes/crops/flips them on the device.
+
+For machines where DALI is not installed (its wheel is large). Same batch contract, order, sharding, resume
+and crops as the torch backend (``plan_resize_crop`` with the per-sample generator; resizing is bilinear
+with antialiasing in ``torch.nn.functional.interpolate``, so pixels match the PIL path to resampling
+rounding). Non-JPEG files are decoded on the CPU (``decode_image``) and moved to the device. A batch that
+fails to decode is decoded file by file; an undecodable file is replaced by the next decodable file of the
+data set with a counted warning, or raises ``DecodeError`` naming it with ``strict=True``.
+
+``device="cpu"`` runs the same code with the CPU decoder (tests, machines without a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .folder import DecodeError, ImageFolder
+from .loader import ResumableDistributedSampler, steps_per_epoch
+from .transforms import plan_resize_crop, sample_rng
+
+__all__ = ["NvjpegLoader"]
+
+_JPEG_MAGIC = (0xFF, 0xD8)
+
+
+class _EncodedFiles(Dataset):
+    """Worker side: (file bytes as a uint8 tensor, label, index)."""
+
+    def __init__(self, dataset: ImageFolder) -> None:
+        self.files, self.labels = dataset.files, dataset.labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        with open(self.files[index], "rb") as handle:
+            data = torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8)
+        return data, self.labels[index], index
+
+
+def _collate(items):
+    return [item[0] for item in items], torch.tensor([item[1] for item in items], dtype=torch.int64), [
+        item[2] for item in items]
+
+
+@contextlib.contextmanager
+def _quiet_torchvision_io():
+    """torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they are what this backend is for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities",
+                                category=DeprecationWarning)
+        yield
+
+
+def _is_jpeg(data: torch.Tensor) -> bool:
+    return data.numel() > 2 and int(data[0]) == _JPEG_MAGIC[0] and int(data[1]) == _JPEG_MAGIC[1]
+
+
+class NvjpegLoader:
+    """The batches of one epoch from global step ``start_step``: ``(uint8 (B, 3, S, S), int64 (B,))`` on
+    ``device``. Arguments as ``build_loader``; ``num_workers`` processes read files (no decoding)."""
+
+    def __init__(self, dataset: ImageFolder, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 start_step: int = 0, device: str | torch.device = "cuda", num_workers: int = 2,
+                 shuffle: bool = True) -> None:
+        if not isinstance(dataset, ImageFolder):
+            raise TypeError("data.backend=nvjpeg decodes image files: set data.root to an image folder "
+                            f"(got a {type(dataset).__name__})")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("data.backend=nvjpeg needs a CUDA device (use data.backend=torch on this machine)")
+        self.dataset, self.batch_size = dataset, int(batch_size)
+        self.steps_per_epoch = steps_per_epoch(len(dataset), batch_size, world_size, drop_last=True)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"loader: {len(dataset)} images cannot fill one batch of {batch_size} on each of "
+                             f"{world_size} rank(s); use a smaller batch or more images")
+        self.first_step = int(start_step)
+        self.epoch, offset = divmod(self.first_step, self.steps_per_epoch)
+        self.sampler = ResumableDistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed,
+                                                   drop_last=True, start_index=offset * batch_size)
+        self.sampler.set_epoch(self.epoch)
+        self.skipped_files: list[str] = []
+        self.loader = DataLoader(_EncodedFiles(dataset), batch_size=batch_size, sampler=self.sampler,
+                                 num_workers=num_workers, collate_fn=_collate, drop_last=True,
+                                 generator=torch.Generator().manual_seed(seed + self.epoch))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    # ------------------------------------------------------------------ decoding
+    def _decode_one(self, data: torch.Tensor) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+        with _quiet_torchvision_io():
+            if _is_jpeg(data):
+                return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            return decode_image(data, mode=ImageReadMode.RGB).to(self.device, non_blocking=True)
+
+    def _decode_batch(self, datas: list[torch.Tensor], indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """Decoded (3, H, W) uint8 images on the device with the data-set index each came from."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        jpeg_positions = [i for i, data in enumerate(datas) if _is_jpeg(data)]
+        decoded: list[torch.Tensor | None] = [None] * len(datas)
+        try:
+            if jpeg_positions:
+                with _quiet_torchvision_io():
+                    images = decode_jpeg([datas[i] for i in jpeg_positions], mode=ImageReadMode.RGB,
+                                         device=self.device)
+                for position, image in zip(jpeg_positions, images):
+                    decoded[position] = image
+        except RuntimeError:
+            pass  # one bad file fails the batched call: decode one by one below to find it
+        result = []
+        for position, (data, index) in enumerate(zip(datas, indices)):
+            image = decoded[position]
+            if image is None:
+                image, index = self._decode_or_replace(data, index)
+            result.append((image, index))
+        return result
+
+    def _decode_or_replace(self, data: torch.Tensor, index: int) -> tuple[torch.Tensor, int]:
+        files = self.dataset.files
+        for attempt in range(16):
+            current = (index + attempt) % len(files)
+            if attempt:
+                with open(files[current], "rb") as handle:
+                    data = torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8)
+            try:
+                return self._decode_one(data), current
+            except RuntimeError as err:
+                if self.dataset.strict:
+                    raise DecodeError(f"data: cannot decode {files[current]!r}: {err} "
+                                      "(data.strict=true; set it false to skip such files)") from err
+                self.skipped_files.append(files[current])
+                warnings.warn(f"data: replaced undecodable file {files[current]!r} with the next decodable one "
+                              f"({len(self.skipped_files)} this epoch on this rank)", stacklevel=4)
+        raise DecodeError(f"data: 16 undecodable files in a row from {files[index]!r}")
+
+    def _crop(self, image: torch.Tensor, index: int) -> torch.Tensor:
+        data, size = self.dataset, self.dataset.image_size
+        rng = sample_rng(data.seed, self.epoch, index) if data.train else None
+        height, width = image.shape[-2:]
+        plan = plan_resize_crop(rng, height, width, size, data.train, data.random_resized_crop)
+        x = image.unsqueeze(0).float()
+        if plan.random_resized:
+            x = x[..., plan.top:plan.top + plan.height, plan.left:plan.left + plan.width]
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        else:
+            if (plan.resized_height, plan.resized_width) != (height, width):
+                x = F.interpolate(x, size=(plan.resized_height, plan.resized_width), mode="bilinear",
+                                  antialias=True, align_corners=False)
+            x = x[..., plan.top:plan.top + size, plan.left:plan.left + size]
+        if plan.flip:
+            x = x.flip(-1)
+        return x.round_().clamp_(0, 255).to(torch.uint8)[0]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        labels_of = self.dataset.labels
+        for datas, labels, indices in self.loader:
+            decoded = self._decode_batch(datas, indices)
+            images = torch.stack([self._crop(image, index) for image, index in decoded])
+            if any(index != original for (_, index), original in zip(decoded, indices)):
+                labels = torch.tensor([labels_of[index] for _, index in decoded], dtype=torch.int64)
+            yield images, labels.to(self.device, non_blocking=True)

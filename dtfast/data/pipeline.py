@@ -1,0 +1,133 @@
+"""One input pipeline, three decoders: ``data.backend = "auto" | "torch" | "dali" | "nvjpeg"``.
+
+``build_input_pipeline(...)`` returns an endless iterator of ``(teacher_images, student_images, labels)`` on the
+training device, both views derived on the device from ONE decoded uint8 batch (``to_views``): teacher in
+[-1, 1], student normalised with the student's mean/std; labels int64 (-1 for an unlabelled folder).
+
+- ``torch``: PIL decoding in DataLoader worker processes (any data set, including the procedural one).
+- ``dali``: NVIDIA DALI; the GPU "mixed" decoder when ``device`` is CUDA, the CPU decoder otherwise.
+- ``nvjpeg``: torchvision's batched GPU JPEG decoding; workers only read bytes.
+- ``auto``: ``dali`` when DALI is importable and the data are an image folder, else ``torch``.
+
+All backends use the same order (``DistributedSampler``: seed + epoch, sharded by rank), drop the last
+partial batch so every rank takes the same number of steps, and restart at any global step (``start_step``)
+with the samples that step would have seen. Epoch boundaries are crossed inside the iterator.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from .folder import ImageFolder
+from .loader import build_loader
+from .transforms import to_views
+
+__all__ = ["BACKENDS", "InputPipeline", "build_input_pipeline", "resolve_backend"]
+
+BACKENDS = ("auto", "torch", "dali", "nvjpeg")
+
+
+def resolve_backend(backend: str, dataset: Dataset) -> str:
+    """The concrete backend for ``backend`` (see the module docstring); errors say what to change."""
+    from .dali import dali_available
+
+    if backend not in BACKENDS:
+        raise ValueError(f"data.backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "dali" if isinstance(dataset, ImageFolder) and dali_available() else "torch"
+    if backend in ("dali", "nvjpeg") and not isinstance(dataset, ImageFolder):
+        raise ValueError(f"data.backend={backend} decodes image files; the embedded procedural set (empty "
+                         "data.root) needs data.backend=torch or auto")
+    return backend
+
+
+def default_threads() -> int:
+    """CPU threads per rank: the machine's cores shared among the local ranks."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, (os.cpu_count() or 1) // max(1, local))
+
+
+class InputPipeline:
+    """Endless ``(teacher_images, student_images, labels)`` batches from global step ``start_step`` on.
+
+    Attributes: ``backend`` (resolved), ``step`` (global step of the next batch), ``epoch``,
+    ``steps_per_epoch``, ``skipped_files`` (undecodable files replaced so far on this rank).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, mean: Sequence[float], std: Sequence[float],
+                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", backend: str = "auto",
+                 seed: int = 0, num_workers: int = 2, start_step: int = 0, num_threads: int | None = None,
+                 hw_decoder_load: float = 0.65, channels_last: bool = False) -> None:
+        self.dataset, self.batch_size, self.rank, self.world_size = dataset, int(batch_size), int(rank), int(world_size)
+        self.device = torch.device(device)
+        self.backend = resolve_backend(backend, dataset)
+        self.mean, self.std, self.seed, self.num_workers = tuple(mean), tuple(std), int(seed), int(num_workers)
+        self.num_threads = default_threads() if num_threads is None else int(num_threads)
+        self.hw_decoder_load, self.channels_last = float(hw_decoder_load), bool(channels_last)
+        self.step = int(start_step)
+        self.skipped_files: list[str] = []
+        self._loader = self._epoch_loader(self.step)
+        self._iterator: Iterator | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._loader.steps_per_epoch
+
+    def _epoch_loader(self, step: int):
+        common = {"rank": self.rank, "world_size": self.world_size, "seed": self.seed, "start_step": step}
+        if self.backend == "dali":
+            from .dali import DaliLoader
+
+            return DaliLoader(self.dataset, self.batch_size, device=self.device, num_threads=self.num_threads,
+                              hw_decoder_load=self.hw_decoder_load, **common)
+        if self.backend == "nvjpeg":
+            from .nvjpeg import NvjpegLoader
+
+            return NvjpegLoader(self.dataset, self.batch_size, device=self.device, num_workers=self.num_workers,
+                                **common)
+        return build_loader(self.dataset, self.batch_size, num_workers=self.num_workers, drop_last=True,
+                            pin_memory=self.device.type == "cuda", **common)
+
+    def __iter__(self) -> InputPipeline:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._iterator is None:
+            self._iterator = iter(self._loader)
+        try:
+            images, labels = next(self._iterator)
+        except StopIteration:  # epoch boundary: the next epoch's loader starts at the step reached
+            self.skipped_files.extend(self._loader.skipped_files)
+            self._loader = self._epoch_loader(self.step)
+            self._iterator = iter(self._loader)
+            images, labels = next(self._iterator)
+        self.step += 1
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        teacher_images, student_images = to_views(images, self.mean, self.std)
+        return teacher_images, student_images, labels.to(self.device, non_blocking=True)
+
+
+def build_input_pipeline(root: str | None, image_size: int, batch_size: int, *, mean: Sequence[float],
+                         std: Sequence[float], rank: int = 0, world_size: int = 1,
+                         device: str | torch.device = "cpu", backend: str = "auto", seed: int = 0,
+                         split: str = "train", num_workers: int = 2, start_step: int = 0, strict: bool = False,
+                         random_resized_crop: bool = False, num_images: int = 2048, num_threads: int | None = None,
+                         hw_decoder_load: float = 0.65, channels_last: bool = False) -> InputPipeline:
+    """Data set (``build_dataset``) + ``InputPipeline`` in one call; arguments as there."""
+    from . import build_dataset
+
+    dataset = build_dataset(root, image_size, split=split, num_images=num_images, seed=seed, strict=strict,
+                            random_resized_crop=random_resized_crop)
+    return InputPipeline(dataset, batch_size, mean=mean, std=std, rank=rank, world_size=world_size, device=device,
+                         backend=backend, seed=seed, num_workers=num_workers, start_step=start_step,
+                         num_threads=num_threads, hw_decoder_load=hw_decoder_load, channels_last=channels_last)
