@@ -110,6 +110,8 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
                 entry.update(status="failed", error=f"{type(error).__name__}: {str(error)[:500]}")
                 print(f"[bench] {row.name} @ {batch_size} FAILED: {entry['error']}", flush=True)
                 trainers.pop(row.name, None)
+            if entry["status"] == "failed":  # outside the except block: its traceback no longer pins the tensors
+                trainer = None
                 release(device)
             result["rows"].append(entry)
             _speedups(result["rows"])
