@@ -35,12 +35,14 @@ def _extensions():
     force_cuda = os.environ.get("DTFAST_FORCE_CUDA", "0") == "1"
     use_cuda = bool(cuda_sources) and (force_cuda or CUDA_HOME is not None)
     openmp = ["-fopenmp"]
-    cxx_flags = ["-O3", "-std=c++17", *openmp]
+    # -ffp-contract=off: no FMA contraction, so symmetric expressions (qhat_s - qhat_g at s == g) cancel exactly.
+    # torch's build helper adds the -std its headers need.
+    cxx_flags = ["-O3", "-ffp-contract=off", *openmp]
     define_macros = []
     if use_cuda:
         archs = os.environ.get("DTFAST_CUDA_ARCHS", "8.0;9.0")
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
         define_macros.append(("WITH_CUDA", None))
         ext = CUDAExtension(
             "dtfast._C",
