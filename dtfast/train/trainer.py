@@ -93,7 +93,8 @@ class Trainer:
             self.student = self.student.to(memory_format=torch.channels_last)
 
         self.loss_fn = DreamTeacherLoss(at_weight=cfg.loss.at_weight, whiten=cfg.loss.whiten,
-                                        at_mode=cfg.loss.at_mode, backend=cfg.loss.backend)
+                                        at_mode=cfg.loss.at_mode, backend=cfg.loss.backend,
+                                        return_parts=True, check_finite=False)
         self.optimizer = build_optimizer(self.student, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay,
                                          cfg.train.betas)
         self.model = self._wrap(self.student)
@@ -108,7 +109,7 @@ class Trainer:
         model: nn.Module = student
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(student, device_ids=ids, broadcast_buffers=True)
+            model = nn.parallel.DistributedDataParallel(student, device_ids=ids)
         if self.cfg.train.compile:
             model = torch.compile(model)
         return model
@@ -119,7 +120,6 @@ class Trainer:
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state()[1].astype(np.int64),
         }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
@@ -206,7 +206,7 @@ class Trainer:
         with timer.section("loss"):
             # the loss runs in the student's output dtype (bf16 under autocast, fp32 on CPU), accumulating in fp32
             teacher_feats = [t.to(s.dtype) for s, t in zip(student_feats, teacher_feats)]
-            parts = self.loss_fn(student_feats, teacher_feats, return_parts=True)
+            parts = self.loss_fn(student_feats, teacher_feats)
         with timer.section("backward"):
             (parts["loss"] / cfg.train.grad_accum).backward()
         return parts
@@ -250,9 +250,6 @@ class Trainer:
             ckpt.atomic_write_text(os.path.join(cfg.out, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.maybe_resume()
         self._install_signal_handlers()
-        if getattr(self.teacher, "is_random", False):
-            self._print("WARNING: the teacher has RANDOM weights; it teaches nothing. Set teacher.pretrained "
-                        "to a trained diffusers model for real pretraining.")
         global_batch = cfg.train.batch_size * self.dist.world_size * cfg.train.grad_accum
         self._print(f"teacher {cfg.teacher.pretrained or cfg.teacher.arch} (t={cfg.teacher.timestep}), student "
                     f"{cfg.student.arch}, {len(self.dataset)} images, global batch {global_batch}, "

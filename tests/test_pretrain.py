@@ -1,0 +1,111 @@
+"""End to end: the real trainer under torchrun (2 processes, gloo, CPU), resume, and config errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["data.image_size=32", "data.num_images=64", "data.num_workers=0", "student.width=32",
+         "train.batch_size=4", "train.log_every=1", "train.warmup_steps=2", "train.lr=3e-3"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+@pytest.mark.multiproc
+def test_torchrun_two_processes_end_to_end(tmp_path):
+    import timm
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dtfast.pretrain",
+           f"out={out}", "train.max_steps=8", *SMALL]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "backbone.safetensors" in proc.stdout
+    records = _metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for key in ("loss", "mse", "at", "lr", "img_per_s"):
+        assert all(torch.isfinite(torch.tensor(r[key])) for r in records), key
+    losses = [r["loss"] for r in records]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    assert os.path.isfile(os.path.join(out, "config.yaml"))
+
+    path = os.path.join(out, "backbone.safetensors")
+    model = timm.create_model("resnet18", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=path))
+    exported = load_file(path)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in exported.items())
+    fresh = timm.create_model("resnet18", pretrained=False, num_classes=0).state_dict()
+    assert not torch.equal(fresh["conv1.weight"], loaded["conv1.weight"])
+
+
+def _run(out, steps, extra=()):
+    from dtfast.train.config import load_config
+    from dtfast.train.trainer import Trainer
+
+    cfg = load_config(None, [f"out={out}", f"train.max_steps={steps}", "train.save_every=3", "loss.backend=torch",
+                             *SMALL, *extra])
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+
+def test_resume_gives_the_same_curve(tmp_path):
+    torch.set_num_threads(1)
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    _run(full, 6)
+    # a run stopped at step 3 (as if preempted: checkpoint, clean exit), then resumed to 6 with the same schedule
+    from dtfast.train.config import load_config
+    from dtfast.train.trainer import Trainer
+
+    cfg = load_config(None, [f"out={split}", "train.max_steps=6", "train.save_every=3", "loss.backend=torch", *SMALL])
+    trainer = Trainer(cfg)
+    original = trainer.optimizer_step
+
+    def stop_after_three(batches, timer=None):
+        parts = original(batches, timer)
+        if trainer.step == 3:
+            trainer._stop_signal = 15  # what SIGTERM does: checkpoint, then a clean exit
+        return parts
+
+    trainer.optimizer_step = stop_after_three
+    trainer.train()
+    trainer.close()
+    assert [r["step"] for r in _metrics(split)] == [1, 2, 3]
+    _run(split, 6)
+    a, b = _metrics(full), _metrics(split)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6), (ra, rb)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    out = str(tmp_path / "run")
+    _run(out, 3)
+    with pytest.raises(ValueError, match="student.width"):
+        _run(out, 6, ["student.width=16"])
+
+
+def test_cli_reports_bad_keys():
+    proc = subprocess.run([sys.executable, "-m", "dtfast.pretrain", "train.lrr=1"], env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "train.lrr" in proc.stderr and "train.lr" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "dtfast.pretrain", "--help"], env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "teacher.timestep" in proc.stdout and "loss.at_mode" in proc.stdout
