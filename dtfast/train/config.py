@@ -41,6 +41,8 @@ class TeacherConfig:
     compile: bool = _f(False, "torch.compile the teacher (early exit compiled in)")
     channels_last: bool = _f(True, "run the teacher in channels_last memory format")
     dtype: str = _f("auto", "teacher weights/activations: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
+    shard: bool = _f(False, "partition the frozen teacher's weights across ranks with ZeRO-3 (inference only, no "
+                     "optimizer state); for teachers too large to replicate. Needs dist.engine=deepspeed")
 
 
 @dataclass
@@ -82,9 +84,16 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    engine: str = _f("ddp", "distributed engine: ddp (plain torch) | deepspeed")
+    engine: str = _f("ddp", "distributed engine: deepspeed (ZeRO, owns student + regressor) | ddp (plain torch DDP)")
     backend: str = _f("auto", "process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo")
-    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3 (engine=deepspeed)")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage (engine=deepspeed): 0 = replicated like DDP, 1 = optimizer state "
+                         "sharded, 2 = + gradients, 3 = + parameters. LAMB needs 0 (its per-layer trust ratio needs "
+                         "whole tensors)")
+    bf16_mode: str = _f("autocast", "how train.bf16 runs under DeepSpeed on GPU: autocast (torch.autocast, fp32 "
+                        "weights, as with ddp) | params (DeepSpeed bf16: bf16 weights and grads, fp32 master copy)")
+    deepspeed_config: str = _f("", "optional DeepSpeed JSON/YAML merged over the one generated from this config "
+                               "(its values win; batch size, accumulation and clipping must agree with train.*)")
+    timeout_minutes: int = _f(30, "collective timeout: a rank that waits longer on its peers fails instead of hanging")
 
 
 @dataclass
@@ -238,6 +247,7 @@ _CHOICES = {
     "train.optimizer": ("adamw", "lamb"),
     "dist.engine": ("ddp", "deepspeed"),
     "dist.backend": ("auto", "nccl", "gloo"),
+    "dist.bf16_mode": ("autocast", "params"),
     "bench.data": ("synthetic", "real"),
 }
 
@@ -260,12 +270,37 @@ def validate(cfg: PretrainConfig) -> None:
     strides = cfg.teacher.strides
     if not strides or sorted(strides) != list(strides) or len(set(strides)) != len(strides):
         raise ConfigError(f"config key 'teacher.strides' must be strictly ascending, got {strides}")
-    if not 0 <= cfg.dist.zero_stage <= 3:
-        raise ConfigError(f"config key 'dist.zero_stage' must be 0..3, got {cfg.dist.zero_stage}")
+    _validate_dist(cfg)
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"config key 'train.betas' needs two values, got {cfg.train.betas}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be > 0, got {cfg.train.lr}")
+
+
+def _validate_dist(cfg: PretrainConfig) -> None:
+    """The dist.* and teacher.shard keys, and the combinations DeepSpeed cannot run correctly."""
+    if not 0 <= cfg.dist.zero_stage <= 3:
+        raise ConfigError(f"config key 'dist.zero_stage' must be 0..3, got {cfg.dist.zero_stage}")
+    if cfg.dist.timeout_minutes <= 0:
+        raise ConfigError(f"config key 'dist.timeout_minutes' must be > 0, got {cfg.dist.timeout_minutes}")
+    if cfg.dist.deepspeed_config and not os.path.isfile(cfg.dist.deepspeed_config):
+        raise ConfigError(f"config key 'dist.deepspeed_config': file not found: {cfg.dist.deepspeed_config}")
+    if cfg.dist.engine != "deepspeed":
+        if cfg.teacher.shard:
+            raise ConfigError("config key 'teacher.shard' = true needs 'dist.engine' = deepspeed (ZeRO-3 partitions "
+                              f"the teacher), got dist.engine={cfg.dist.engine!r}")
+        if cfg.dist.deepspeed_config:
+            raise ConfigError("config key 'dist.deepspeed_config' is set but 'dist.engine' is "
+                              f"{cfg.dist.engine!r}; set dist.engine=deepspeed")
+        return
+    if cfg.train.optimizer == "lamb" and cfg.dist.zero_stage > 0:
+        raise ConfigError(f"config keys 'train.optimizer' = lamb and 'dist.zero_stage' = {cfg.dist.zero_stage}: ZeRO "
+                          "hands the optimizer flattened shards, so LAMB's per-layer trust ratio would be computed "
+                          "over whole shards; use dist.zero_stage=0 with lamb, or train.optimizer=adamw")
+    if cfg.train.optimizer == "lamb" and cfg.train.bf16 and cfg.dist.bf16_mode == "params":
+        raise ConfigError("config keys 'train.optimizer' = lamb and 'dist.bf16_mode' = params: DeepSpeed's bf16 "
+                          "optimizer flattens the parameters, which breaks LAMB's per-layer trust ratio; use "
+                          "dist.bf16_mode=autocast")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

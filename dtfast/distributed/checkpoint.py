@@ -1,0 +1,168 @@
+"""Atomic, resumable checkpoints for both engines, written by every rank and committed by one.
+
+Layout: ``<out>/checkpoints/step_<N>/`` and ``<out>/checkpoints/latest`` (a text file naming the newest complete
+folder). The commit protocol, the same for both engines:
+
+1. every rank writes its part under ``checkpoints/.tmp_step_<N>/``:
+   - engine=deepspeed: DeepSpeed's own ``save_checkpoint(tag=".tmp_step_<N>")`` (model states, and the ZeRO optimizer
+     partition of each rank); engine=ddp: rank 0 writes ``model.safetensors`` and ``optimizer.pt``;
+   - ``rank_<r>.pt``: that rank's RNG states (torch, CUDA, numpy, python), tensors and plain values only;
+   - rank 0 last: ``meta.json`` (step, config, world size, engine);
+2. barrier: all parts are on disk;
+3. rank 0 renames the folder to ``step_<N>`` (atomic on one filesystem), then replaces ``latest`` atomically
+   (write + fsync + rename), then prunes to the newest ``keep_last`` folders. On a machine whose ranks do not share
+   the filesystem (multi-node without a shared ``out``), the first local rank of every other node does the same.
+
+A crash at any moment leaves ``latest`` naming a complete folder; leftovers ``.tmp_*`` are removed by the next save.
+Loading reads safetensors, ``torch.load(weights_only=True)`` and, for DeepSpeed, DeepSpeed's loader with the safe
+checkpoint engine of ``dtfast.distributed.safe_load``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+
+from dtfast.distributed.safe_load import safe_torch_load
+from dtfast.train import checkpoint as ckpt
+
+META = "meta.json"
+
+
+# ---------------------------------------------------------------------------------------------------- RNG state
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random generators, as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss": py_gauss},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    py_state = state["python"]
+    random.setstate((py_state["version"], tuple(int(v) for v in py_state["state"].tolist()), py_state["gauss"]))
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ---------------------------------------------------------------------------------------------------- save
+def _barrier(world_size: int) -> None:
+    import torch.distributed as dist
+
+    if world_size > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+def _commit(root: str, tmp: str, final: str, step: int, keep_last: int) -> None:
+    if os.path.exists(final):  # the same step saved twice (e.g. a signal right after a periodic save)
+        stale = os.path.join(root, f".tmp_replaced_step_{step}")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+    os.replace(tmp, final)
+    ckpt._fsync_dir(root)
+    ckpt.atomic_write_text(os.path.join(root, ckpt.LATEST), f"step_{step}\n")
+    ckpt._prune(root, keep_last)
+
+
+def save(engine, out: str, step: int, meta: dict[str, Any], dist_info, keep_last: int) -> str:
+    """Write ``<out>/checkpoints/step_<step>`` through ``engine`` (collective: every rank calls it)."""
+    root = ckpt.checkpoint_dir(out)
+    tag = f".tmp_step_{step}"
+    tmp, final = os.path.join(root, tag), os.path.join(root, f"step_{step}")
+    if dist_info.local_rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a write of this step killed midway
+    _barrier(dist_info.world_size)
+    os.makedirs(tmp, exist_ok=True)
+    if engine.name == "deepspeed":
+        engine.engine.save_checkpoint(root, tag=tag, client_state={"dtfast_step": step}, save_latest=False)
+    elif dist_info.is_main:
+        ckpt.save_safetensors_atomic(engine.model_state_dict(), os.path.join(tmp, "model.safetensors"))
+        torch.save(engine.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save(rng_state(dist_info.device), os.path.join(tmp, f"rank_{dist_info.rank}.pt"))
+    if dist_info.is_main:
+        record = {"step": step, "engine": engine.name, "world_size": dist_info.world_size,
+                  "zero_stage": getattr(engine, "zero_stage", None), **meta}
+        with open(os.path.join(tmp, META), "w") as fh:
+            json.dump(record, fh, indent=2, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+    _barrier(dist_info.world_size)
+    if dist_info.is_main:
+        _commit(root, tmp, final, step, keep_last)
+    _barrier(dist_info.world_size)
+    if dist_info.local_rank == 0 and not dist_info.is_main and os.path.isdir(tmp):
+        _commit(root, tmp, final, step, keep_last)  # this node does not share rank 0's filesystem
+    _barrier(dist_info.world_size)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------- load
+def read_meta(path: str) -> dict[str, Any]:
+    meta_path = os.path.join(path, META)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"checkpoint {path} is incomplete or not a dtfast checkpoint: {META} is missing")
+    with open(meta_path) as fh:
+        return json.load(fh)
+
+
+def check_compatible(path: str, meta: dict[str, Any], current_config: dict[str, Any], keys: list[str],
+                     engine, world_size: int) -> None:
+    """ValueError naming every key in which the checkpoint and this run disagree in a way resuming cannot bridge."""
+    diffs = ckpt.compare_configs(meta.get("config", {}), current_config, keys)
+    if meta.get("engine") != engine.name:
+        diffs.append(f"dist.engine: checkpoint has {meta.get('engine')!r}, this run has {engine.name!r}")
+    if engine.name == "deepspeed":
+        if meta.get("zero_stage") != engine.zero_stage:
+            diffs.append(f"dist.zero_stage: checkpoint has {meta.get('zero_stage')!r}, this run has "
+                         f"{engine.zero_stage!r}")
+        if meta.get("world_size") != world_size:
+            diffs.append(f"world size: checkpoint has {meta.get('world_size')!r} processes, this run has "
+                         f"{world_size} (DeepSpeed partitions are per rank)")
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: " + "; ".join(diffs))
+
+
+def load(engine, path: str, dist_info) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG from ``path`` (collective); returns the checkpoint's meta."""
+    meta = read_meta(path)
+    if engine.name == "deepspeed":
+        root, tag = os.path.split(os.path.abspath(path))
+        loaded, _ = engine.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False, load_module_strict=True)
+        if loaded is None:
+            raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {path}")
+    else:
+        from safetensors.torch import load_file
+
+        for name in ("model.safetensors", "optimizer.pt"):
+            if not os.path.isfile(os.path.join(path, name)):
+                raise FileNotFoundError(f"checkpoint {path} is incomplete: {name} is missing")
+        state = load_file(os.path.join(path, "model.safetensors"))
+        missing, unexpected = engine.module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"cannot resume from {path}: model keys differ (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+        engine.optimizer.load_state_dict(safe_torch_load(os.path.join(path, "optimizer.pt"), map_location="cpu"))
+    rank_file = os.path.join(path, f"rank_{dist_info.rank}.pt")
+    if os.path.isfile(rank_file):
+        set_rng_state(safe_torch_load(rank_file, map_location="cpu"), dist_info.device)
+    return meta
