@@ -19,27 +19,41 @@ class BackendUnavailable(RuntimeError):
     """A requested loss backend cannot run here; the message says why and how to get it."""
 
 
+def kernel_module(name: str) -> ModuleType:
+    """``dtfast.kernels.<name>``; in a source checkout used through PYTHONPATH, ``<repo>/kernels/<name>.py``.
+
+    setup.py maps the repository's ``kernels/`` folder to ``dtfast.kernels`` on install; without an install the
+    folder is mapped here the same way. Importing ``dtfast.kernels`` itself does not import Triton.
+    """
+    if "dtfast.kernels" not in sys.modules:
+        try:
+            importlib.import_module("dtfast.kernels")
+        except ModuleNotFoundError as exc:
+            if exc.name != "dtfast.kernels":
+                raise
+            root = Path(__file__).resolve().parents[2] / "kernels"
+            if not (root / "__init__.py").exists():
+                raise BackendUnavailable("dtfast.kernels is missing from this installation; reinstall dtfast "
+                                         "(`pip install -e .`)") from exc
+            spec = importlib.util.spec_from_file_location("dtfast.kernels", root / "__init__.py",
+                                                          submodule_search_locations=[str(root)])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["dtfast.kernels"] = module
+            spec.loader.exec_module(module)
+    return importlib.import_module(f"dtfast.kernels.{name}")
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_kernels() -> ModuleType | str:
     try:
         import triton  # noqa: F401
     except ImportError as exc:
         return f"Triton is not importable ({exc}); install it with `pip install triton` (Linux, CUDA GPUs)"
-    try:
-        return importlib.import_module("dtfast.kernels.dreamteacher_loss")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("dtfast.kernels", "dtfast.kernels.dreamteacher_loss"):
-            raise
-    # a source checkout used through PYTHONPATH: setup.py maps <repo>/kernels to dtfast.kernels on install
-    root = Path(__file__).resolve().parents[2] / "kernels"
-    if not (root / "dreamteacher_loss.py").exists():
-        return "dtfast.kernels is missing from this installation; reinstall dtfast (`pip install -e .`)"
-    spec = importlib.util.spec_from_file_location("dtfast.kernels", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["dtfast.kernels"] = module
-    spec.loader.exec_module(module)
-    return importlib.import_module("dtfast.kernels.dreamteacher_loss")
+    return kernel_module("dreamteacher_loss")
+
+
+def triton_available() -> bool:
+    return not isinstance(_triton_kernels(), str)
 
 
 def triton_kernels() -> ModuleType:

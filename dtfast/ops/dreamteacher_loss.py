@@ -1,6 +1,19 @@
-"""DreamTeacher loss: validation, backend dispatch (one place) and the scalar composition.
+"""DreamTeacher loss: validation, backend dispatch (in one place) and the fused ops as torch custom ops.
 
-Backends: "torch" (the reference in ``dtfast.ops.reference``). Fused backends arrive behind the same argument.
+Backends (``backend=`` argument):
+
+- ``"torch"``: the pure-PyTorch reference (``dtfast.ops.reference``), any device and dtype.
+- ``"triton"``: ``dtfast.kernels.dreamteacher_loss`` on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``),
+  float32/bfloat16/float16.
+- ``"cuda"`` / ``"cpu"``: ``torch.ops.dtfast.dreamteacher_loss_fwd/_bwd`` from the ``dtfast._C`` extension.
+- ``"auto"`` (default): Triton on CUDA tensors (the CUDA C++ kernel where Triton is unavailable), the C++ kernel
+  on CPU tensors, the reference otherwise (and for dtypes a fused kernel does not take). The environment variable
+  ``DTFAST_BACKEND`` replaces ``"auto"``; an explicitly named backend wins over it.
+
+The fused backends run behind two custom ops, ``dtfast_ops::dreamteacher_loss_fwd`` (-> mse[L], at[L], saved) and
+``dtfast_ops::dreamteacher_loss_bwd``, with fake implementations and a registered autograd formula, so
+``torch.compile(fullgraph=True)`` sees through them and the backward saves only the inputs plus the O(B*H*W)
+per-level statistics the kernels return.
 """
 
 from __future__ import annotations
@@ -11,18 +24,143 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _validate
+from . import _backends, _validate
+from ._backends import BackendUnavailable
 from .reference import dreamteacher_loss_parts
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
+WHITEN_CODE = {"channel": 0, "sample": 1}
+AT_MODE_CODE = {"paper": 0, "code": 1}
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+EXTENSION_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend for ``backend`` (or the DTFAST_BACKEND environment override) on this device."""
-    requested = os.environ.get("DTFAST_BACKEND", "") or backend
-    if requested not in BACKENDS:
-        raise ValueError(f"dreamteacher_loss: unknown backend {requested!r}; choose one of {BACKENDS}")
-    return "torch"
+    """The concrete backend ("torch", "triton", "cuda" or "cpu") for maps of this device and dtype.
+
+    Raises ValueError for an unknown name and BackendUnavailable (a RuntimeError saying why and how to get it)
+    for a named backend that cannot run these maps here. Under torch.compile it runs once at trace time.
+    """
+    if backend == "auto":
+        backend = os.environ.get("DTFAST_BACKEND", "") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"dreamteacher_loss: unknown backend {backend!r}; choose one of {BACKENDS} "
+                         "(DTFAST_BACKEND takes the same names)")
+    device = torch.device(device)
+    if backend == "auto":
+        if device.type == "cuda":
+            if dtype in TRITON_DTYPES and _backends.triton_available():
+                return "triton"
+            if dtype in EXTENSION_DTYPES and _backends.extension_has("cuda"):
+                return "cuda"
+        elif device.type == "cpu" and dtype in EXTENSION_DTYPES and _backends.extension_has("cpu"):
+            return "cpu"
+        return "torch"
+    if backend == "triton":
+        _backends.triton_kernels()
+        if device.type != "cuda" and not (device.type == "cpu" and _backends.triton_interpreting()):
+            raise BackendUnavailable(f"dreamteacher_loss: the Triton backend needs CUDA tensors (got {device}); "
+                                     "CPU tensors run only under TRITON_INTERPRET=1 (slow, for tests)")
+        if dtype not in TRITON_DTYPES:
+            raise BackendUnavailable(f"dreamteacher_loss: the Triton backend takes {TRITON_DTYPES}, got {dtype}; "
+                                     "use backend='torch' (or 'cpu'/'cuda') for it")
+    elif backend in ("cpu", "cuda"):
+        _backends.extension_ops()
+        if device.type != backend:
+            raise BackendUnavailable(f"dreamteacher_loss: backend {backend!r} needs {backend} tensors, got {device}")
+        if not _backends.extension_has(backend):
+            raise BackendUnavailable(f"dreamteacher_loss: dtfast._C was built without its {backend.upper()} kernel; "
+                                     + ("rebuild where nvcc is found (or DTFAST_FORCE_CUDA=1)" if backend == "cuda"
+                                        else "rebuild it with `pip install --no-build-isolation -e .`"))
+        if dtype not in EXTENSION_DTYPES:
+            raise BackendUnavailable(f"dreamteacher_loss: backend {backend!r} takes {EXTENSION_DTYPES}, got {dtype}")
+    return backend
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused backends as custom ops
+
+
+def _grad_like(s: Tensor) -> Tensor:
+    """Gradient buffer in the layout the Triton kernels process a map in (NCHW or channels_last, else NCHW)."""
+    if s.is_contiguous() or s.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty_like(s)
+    return s.new_empty(s.shape)
+
+
+@torch.library.custom_op("dtfast_ops::dreamteacher_loss_fwd", mutates_args=())
+def fused_forward(student: list[Tensor], teacher: list[Tensor], whiten: int, at_mode: int,
+                  backend: str) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """(mse[L], at[L], saved) of a fused backend ("triton", "cpu" or "cuda"); see docs/ARCHITECTURE.md."""
+    if backend == "triton":
+        return _backends.triton_kernels().dreamteacher_loss_forward(student, teacher, whiten, at_mode)
+    fwd, _ = _backends.extension_ops()
+    mse, at, saved = fwd(student, teacher, whiten, at_mode)
+    return mse, at, list(saved)
+
+
+@fused_forward.register_fake
+def _fused_forward_fake(student, teacher, whiten, at_mode, backend):
+    if backend == "triton":
+        pix, samp = _backends.kernel_module("_loss_meta").saved_sizes([tuple(s.shape) for s in student], whiten)
+        new = student[0].new_empty
+        f32 = torch.float32
+        return (new(len(student), dtype=f32), new(len(student), dtype=f32),
+                [new(pix, dtype=f32), new(samp, dtype=f32)])
+    # dtfast._C registers Meta kernels for its ops: they give the exact output shapes and layouts
+    fwd, _ = _backends.extension_ops()
+    mse, at, saved = fwd(student, teacher, whiten, at_mode)
+    return mse, at, list(saved)
+
+
+@torch.library.custom_op("dtfast_ops::dreamteacher_loss_bwd", mutates_args=())
+def fused_backward(grad_mse: Tensor, grad_at: Tensor, student: list[Tensor], teacher: list[Tensor],
+                   saved: list[Tensor], whiten: int, at_mode: int, backend: str) -> list[Tensor]:
+    """Gradient of sum_l grad_mse[l] * mse_l + grad_at[l] * at_l w.r.t. each student map (fused backend)."""
+    if backend == "triton":
+        return _backends.triton_kernels().dreamteacher_loss_backward(grad_mse, grad_at, student, teacher, saved,
+                                                                     whiten, at_mode)
+    _, bwd = _backends.extension_ops()
+    return list(bwd(grad_mse, grad_at, student, teacher, saved, whiten, at_mode))
+
+
+@fused_backward.register_fake
+def _fused_backward_fake(grad_mse, grad_at, student, teacher, saved, whiten, at_mode, backend):
+    if backend == "triton":
+        return [_grad_like(s) for s in student]
+    _, bwd = _backends.extension_ops()
+    return list(bwd(grad_mse, grad_at, student, teacher, saved, whiten, at_mode))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    student, teacher, whiten, at_mode, backend = inputs
+    _, _, saved = output
+    ctx.mark_non_differentiable(*saved)
+    ctx.save_for_backward(*student, *teacher, *saved)
+    ctx.options = (len(student), whiten, at_mode, backend)
+
+
+def _backward(ctx, grad_mse: Tensor | None, grad_at: Tensor | None, _grad_saved):
+    num_levels, whiten, at_mode, backend = ctx.options
+    tensors = ctx.saved_tensors
+    student, teacher = list(tensors[:num_levels]), list(tensors[num_levels:2 * num_levels])
+    saved = list(tensors[2 * num_levels:])
+    ref = tensors[2 * num_levels]
+    if grad_mse is None:
+        grad_mse = ref.new_zeros(num_levels)
+    if grad_at is None:
+        grad_at = ref.new_zeros(num_levels)
+    grads = fused_backward(grad_mse.contiguous(), grad_at.contiguous(), student, teacher, saved, whiten, at_mode,
+                           backend)
+    return list(grads), [None] * num_levels, None, None, None
+
+
+fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point used by dtfast.ops.dreamteacher_loss
 
 
 def dreamteacher_loss_terms(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], *,
@@ -31,9 +169,20 @@ def dreamteacher_loss_terms(student_feats: Sequence[Tensor], teacher_feats: Sequ
     """Validated per-level terms (mse: Tensor[L], at: Tensor[L]) from the chosen backend."""
     _validate.check_options(whiten, at_mode)
     _validate.check_feature_lists(student_feats, teacher_feats)
-    teacher_feats = [g.detach() for g in teacher_feats]
-    resolve_backend(backend, student_feats[0].device, student_feats[0].dtype)
-    mse, at = dreamteacher_loss_parts(list(student_feats), teacher_feats, whiten, at_mode)
+    student = list(student_feats)
+    teacher = [g.detach() for g in teacher_feats]
+    dtype = student[0].dtype
+    if any(s.dtype != dtype for s in student):
+        chosen = "torch" if backend == "auto" else resolve_backend(backend, student[0].device, dtype)
+        if chosen != "torch":
+            raise ValueError(f"dreamteacher_loss: backend {chosen!r} needs one dtype for all levels, got "
+                             f"{[s.dtype for s in student]}")
+    else:
+        chosen = resolve_backend(backend, student[0].device, dtype)
+    if chosen == "torch":
+        mse, at = dreamteacher_loss_parts(student, teacher, whiten, at_mode)
+    else:
+        mse, at, _ = fused_forward(student, teacher, WHITEN_CODE[whiten], AT_MODE_CODE[at_mode], chosen)
     if check_finite and not torch.compiler.is_compiling():
-        _validate.check_finite(mse, at, student_feats, teacher_feats)
+        _validate.check_finite(mse, at, student, teacher)
     return mse, at

@@ -1,0 +1,214 @@
+"""Backend dispatch of dtfast.ops.dreamteacher_loss: choice, errors, every available fused backend through the
+public API, torch.compile(fullgraph=True), torch.library.opcheck and the memory the backward keeps."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from dtfast.ops import DreamTeacherLoss, dreamteacher_loss
+from dtfast.ops import _backends
+from dtfast.ops.dreamteacher_loss import BackendUnavailable, fused_backward, fused_forward, resolve_backend
+from dtfast.ops.reference import dreamteacher_loss_parts
+from tests.conftest import cpu_and_cuda
+
+HAS_CPU_EXT = _backends.extension_has("cpu")
+NO_EXT = "dtfast._C (C++ kernels) not built: `pip install --no-build-isolation -e .` builds it"
+COMBOS = [(w, a) for w in ("channel", "sample") for a in ("paper", "code")]
+SHAPES = [(3, 37, 13, 13), (3, 16, 8, 8), (3, 8, 3, 5)]
+
+
+def fused_backends(device):
+    """(backend, device) params for every fused backend, skipped with the reason where it cannot run."""
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    triton_ok = _backends.triton_available() and (device == "cuda" or interp)
+    ext_ok = _backends.extension_has(device) if device in ("cpu", "cuda") else False
+    return [
+        pytest.param("triton", marks=pytest.mark.skipif(not triton_ok, reason="Triton needs CUDA or TRITON_INTERPRET=1")),
+        pytest.param(device, marks=pytest.mark.skipif(not ext_ok, reason=NO_EXT + f" (with its {device} kernel)")),
+    ]
+
+
+def make_levels(device, dtype=torch.float32, seed=0, channels_last=False, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(seed)
+    student, teacher = [], []
+    for shape in shapes:
+        s = torch.randn(shape, generator=gen, dtype=torch.float64)
+        g = 2.0 + 3.0 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        student.append(s.to(device, dtype).contiguous(memory_format=fmt).requires_grad_())
+        teacher.append(g.to(device, dtype).contiguous(memory_format=fmt))
+    return student, teacher
+
+
+def test_resolve_backend_choices_and_errors(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, torch.float32) == ("cpu" if HAS_CPU_EXT else "torch")
+    assert resolve_backend("torch", cpu, torch.float32) == "torch"
+    monkeypatch.setenv("DTFAST_BACKEND", "torch")
+    assert resolve_backend("auto", cpu, torch.float32) == "torch"  # the environment replaces "auto"
+    monkeypatch.setenv("DTFAST_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+        resolve_backend("auto", cpu, torch.float32)
+    assert resolve_backend("torch", cpu, torch.float32) == "torch"  # an explicit argument wins
+    monkeypatch.delenv("DTFAST_BACKEND")
+    with pytest.raises(BackendUnavailable, match="needs cuda tensors|not built|without its CUDA"):
+        resolve_backend("cuda", cpu, torch.float32)
+    if _backends.triton_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(BackendUnavailable, match="needs CUDA tensors"):
+            resolve_backend("triton", cpu, torch.float32)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        with pytest.raises(BackendUnavailable, match="takes"):
+            resolve_backend("triton", cpu, torch.float64)
+
+
+@pytest.mark.skipif(HAS_CPU_EXT, reason="the extension is built here")
+def test_missing_extension_is_a_clear_error():
+    with pytest.raises(BackendUnavailable, match="pip install --no-build-isolation"):
+        dreamteacher_loss(*make_levels("cpu"), backend="cpu")
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("whiten,at_mode", COMBOS)
+def test_fused_backends_match_float64_reference(device, whiten, at_mode):
+    for param in fused_backends(device):
+        backend = param.values[0]
+        if any(m.args and m.args[0] for m in param.marks):
+            continue
+        student, teacher = make_levels(device, seed=hash((whiten, at_mode)) % 100, channels_last=at_mode == "code")
+        out = dreamteacher_loss(student, teacher, at_weight=4.0, whiten=whiten, at_mode=at_mode, backend=backend,
+                                return_parts=True)
+        scale = 0.731
+        (out["loss"] * scale).backward()
+        s64 = [s.detach().double().requires_grad_() for s in student]
+        mse, at = dreamteacher_loss_parts(s64, [g.double() for g in teacher], whiten, at_mode)
+        ((mse + 4.0 * at).mean() * scale).backward()
+        torch.testing.assert_close(out["mse"].double(), mse, rtol=2e-5, atol=1e-7)
+        torch.testing.assert_close(out["at"].double(), at, rtol=2e-4, atol=1e-6)
+        for a, b in zip(student, s64):
+            torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-3, atol=1e-5 * b.grad.abs().max().item())
+
+
+@pytest.mark.skipif(not HAS_CPU_EXT, reason=NO_EXT)
+def test_cpu_backend_float64_to_1e10():
+    student, teacher = make_levels("cpu", dtype=torch.float64, seed=4)
+    out = dreamteacher_loss(student, teacher, backend="cpu", return_parts=True)
+    out["loss"].backward()
+    s64 = [s.detach().clone().requires_grad_() for s in student]
+    ref = dreamteacher_loss(s64, teacher, backend="torch", return_parts=True)
+    ref["loss"].backward()
+    torch.testing.assert_close(out["loss"], ref["loss"], rtol=1e-10, atol=1e-12)
+    for a, b in zip(student, s64):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+class TinyStudent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.loss = DreamTeacherLoss(at_weight=2.0)
+
+    def forward(self, x, teacher_feats, backend: str):
+        a = torch.relu(self.stem(x))
+        b = self.down(a)
+        self.loss.backend = backend
+        return self.loss([a, b], teacher_feats)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_torch_compile_fullgraph_with_the_loss(backend, compiler):
+    """fullgraph capture + AOT autograd through the custom ops (aot_eager in CI; inductor behind -m slow)."""
+    if backend == "cpu" and not HAS_CPU_EXT:
+        pytest.skip(NO_EXT)
+    if backend == "triton" and not (_backends.triton_available() and os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    model = TinyStudent()
+    x = torch.randn(2, 3, 10, 10)
+    teacher = [torch.randn(2, 8, 10, 10), torch.randn(2, 12, 5, 5)]
+    eager = model(x, teacher, backend)
+    eager.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    loss = compiled(x, teacher, backend)
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck_fused_ops(backend):
+    if backend == "cpu" and not HAS_CPU_EXT:
+        pytest.skip(NO_EXT)
+    if backend == "triton" and not (_backends.triton_available() and os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    student, teacher = make_levels("cpu", seed=2, shapes=[(2, 5, 3, 3), (2, 4, 2, 3)])
+    teacher = [g.detach() for g in teacher]
+    for whiten, at_mode in [(0, 0), (1, 1)]:
+        torch.library.opcheck(fused_forward, (student, teacher, whiten, at_mode, backend))
+        mse, at, saved = fused_forward(student, teacher, whiten, at_mode, backend)
+        args = (torch.rand(2), torch.rand(2), [s.detach() for s in student], teacher, saved, whiten, at_mode, backend)
+        torch.library.opcheck(fused_backward, args)
+
+
+def saved_bytes_beyond_inputs(fn, inputs):
+    """Bytes that autograd keeps for backward, not counting tensors that share storage with ``inputs``."""
+    input_storages = {t.untyped_storage().data_ptr() for t in inputs}
+    total = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in input_storages:
+            total.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(total)
+
+
+@pytest.mark.parametrize("whiten", ["channel", "sample"])
+def test_fused_backward_keeps_only_per_pixel_statistics(whiten):
+    backends = [b for b in ("cpu", "triton") if (b == "cpu" and HAS_CPU_EXT) or (
+        b == "triton" and _backends.triton_available() and os.environ.get("TRITON_INTERPRET") == "1")]
+    if not backends:
+        pytest.skip("no fused backend runs on CPU tensors here")
+    student, teacher = make_levels("cpu", seed=5)
+    pixels = sum(b * h * w for b, _, h, w in SHAPES)
+    samples = sum(b for b, *_ in SHAPES)
+    inputs = student + teacher
+    ref = saved_bytes_beyond_inputs(lambda: dreamteacher_loss(student, teacher, whiten=whiten, backend="torch"),
+                                    inputs)
+    for backend in backends:
+        fused = saved_bytes_beyond_inputs(
+            lambda: dreamteacher_loss(student, teacher, whiten=whiten, backend=backend), inputs)
+        # at most 4 floats per pixel and 8 per sample, i.e. O(B*H*W), against the reference's (B, C, H, W) maps
+        assert fused <= 4 * (4 * pixels + 8 * samples), (backend, fused)
+        assert ref > 5 * fused, (backend, ref, fused)
+
+
+def test_fused_path_reports_non_finite_inputs():
+    backend = "cpu" if HAS_CPU_EXT else None
+    if backend is None and _backends.triton_available() and os.environ.get("TRITON_INTERPRET") == "1":
+        backend = "triton"
+    if backend is None:
+        pytest.skip("no fused backend runs on CPU tensors here")
+    student, teacher = make_levels("cpu", seed=6)
+    with torch.no_grad():
+        teacher[2][0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="level 2: teacher map"):
+        dreamteacher_loss(student, teacher, backend=backend)
+
+
+def test_mixed_dtypes_across_levels_use_the_reference():
+    student, teacher = make_levels("cpu", seed=7)
+    student[1], teacher[1] = student[1].detach().double().requires_grad_(), teacher[1].double()
+    loss = dreamteacher_loss(student, teacher)
+    loss.backward()
+    assert student[1].grad.dtype == torch.float64
