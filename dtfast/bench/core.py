@@ -2,7 +2,9 @@
 
 Order: batch sizes outer, rows inner; each row's Trainer is built once and kept for the next batch size
 (so ``resident_before_gb`` includes the other rows' models on GPU). Results are written after every
-measurement, so a run stopped by a time limit keeps what it measured. A row that fails (out of memory, a
+measurement, so a run stopped by a time limit keeps what it measured; with ``bench.time_budget_s`` a row is
+skipped when the time it took at the previous batch size no longer fits (a compiled row recompiles for each
+batch size), so the cheap rows still get measured. A row that fails (out of memory, a
 backend that is not available) is recorded with its error and the others go on.
 """
 
@@ -78,14 +80,19 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
     print(f"[bench] {len(rows)} row(s) x {len(batch_sizes)} batch size(s) on {result['meta']['machine']['device_name']}"
           f"; peak {peak['tflops']:.2f} TFLOP/s ({peak['source']})", flush=True)
     trainers: dict[str, Any] = {}
+    estimates: dict[str, float] = {}  # seconds each row took at the previous batch size (warm-up and compile included)
     for batch_size in batch_sizes:
         for row in rows:
             entry: dict[str, Any] = {"row": row.name, "batch_size": batch_size, "switches": row.switches,
                                      "overrides": row.overrides}
-            if bench.time_budget_s and time.perf_counter() - started > bench.time_budget_s:
-                entry.update(status="skipped", error=f"time budget {bench.time_budget_s:.0f} s spent")
+            left = bench.time_budget_s - (time.perf_counter() - started)
+            if bench.time_budget_s and left < estimates.get(row.name, 0.0):
+                entry.update(status="skipped", error=f"time budget: {left:.0f} s left, this row took "
+                             f"{estimates[row.name]:.0f} s at the previous batch size" if left > 0 else
+                             f"time budget {bench.time_budget_s:.0f} s spent")
                 result["rows"].append(entry)
                 continue
+            t_row = time.perf_counter()
             try:
                 if row.name not in trainers:
                     config_items, options = split_overrides(row.overrides)
@@ -104,6 +111,7 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
                 entry["achieved_tflops"] = executed * per_device / 1e12 if executed else None
                 entry["mfu"] = model * per_device / 1e12 / peak["tflops"] if model else None
                 entry["status"] = "ok"
+                estimates[row.name] = time.perf_counter() - t_row  # a larger batch (or a recompile) takes longer
                 print(f"[bench] {row.name} @ {batch_size}: {entry['images_per_s']:.1f} img/s, step "
                       f"{1e3 * entry['step_time_s']['median']:.1f} ms median ({entry['wall_s']:.0f} s)", flush=True)
             except Exception as error:  # noqa: BLE001 - one failing row must not lose the others
