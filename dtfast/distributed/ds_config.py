@@ -67,13 +67,18 @@ def build_ds_config(cfg, world_size: int, device_type: str) -> dict[str, Any]:
     return generated
 
 
-def teacher_ds_config(world_size: int, bf16: bool) -> dict[str, Any]:
-    """ZeRO-3 inference config for the frozen teacher: partitioned weights, gathered module by module."""
+def teacher_ds_config(world_size: int, dtype: str = "fp32") -> dict[str, Any]:
+    """ZeRO-3 inference config for the frozen teacher (``dtype``: bf16 | fp16 | fp32, the teacher's weights):
+    partitioned weights, gathered module by module, no optimizer."""
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise DeepSpeedConfigError(f"teacher dtype {dtype!r}: expected bf16, fp16 or fp32")
     return {
         "train_micro_batch_size_per_gpu": 1,
         "train_batch_size": int(world_size),
+        # every parameter is partitioned (threshold 0): a sharded teacher is one too large to replicate
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": False},
-        "bf16": {"enabled": bool(bf16)},
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }

@@ -110,6 +110,12 @@ class DeepSpeedEngine:
         if cfg.train.compile:
             log.warning("train.compile is ignored with dist.engine=deepspeed (use DeepSpeed's own compile "
                         "through dist.deepspeed_config)")
+        # DeepSpeed broadcasts and flattens weights as plain contiguous buffers: channels_last weights go back to
+        # NCHW (the inputs stay channels_last, and convolutions follow their input's memory format)
+        for param in student.parameters():
+            # is_contiguous() ignores size-1 dimensions (1x1 convolutions); DeepSpeed's byte views do not
+            if param.data.stride() != torch.empty(param.shape, device="meta").stride():
+                param.data = torch.empty(param.shape, dtype=param.dtype, device=param.device).copy_(param.data)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=student, optimizer=optimizer, config=self.config, dist_init_required=False)
         install_safe_checkpoint_engine(self.engine)

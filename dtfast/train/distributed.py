@@ -64,6 +64,16 @@ def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    """Rank ``src``'s ``obj`` (picklable, small) on every rank: decisions one rank makes for all (e.g. which
+    checkpoint to resume from)."""
+    if not (info.enabled and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=info.device if dist.get_backend() == "nccl" else None)
+    return box[0]
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank if ``flag`` is true on any rank (used for preemption signals)."""
     if not (info.enabled and dist.is_initialized()):

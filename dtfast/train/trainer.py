@@ -1,8 +1,11 @@
 """The DreamTeacher pretraining loop: data -> frozen teacher -> student + regressor -> loss -> optimizer.
 
-Models are built first; parallelism (DDP), memory format and torch.compile are applied afterwards, in
-``_wrap`` only. The teacher is frozen and never wrapped. Checkpoints are atomic and resumable; SIGTERM/SIGINT
-write a checkpoint and exit cleanly.
+Models are built first; parallelism, precision and the optimizer's distribution are applied afterwards, in one
+place: ``dtfast.distributed.build_engine`` (``dist.engine`` = deepspeed: ZeRO 0-3; ddp: torch DDP). The teacher is
+frozen and never wrapped: replicated, or partitioned with ZeRO-3 (``teacher.shard``). Checkpoints are atomic and
+resumable (``dtfast.distributed.checkpoint``); SIGTERM/SIGINT on any rank write a checkpoint and stop every rank
+cleanly, after which ``exit_code`` is 128 + the signal number so that ``torchrun --max-restarts`` or a scheduler
+restarts the job, which resumes with ``train.resume=auto``.
 """
 
 from __future__ import annotations
@@ -13,16 +16,24 @@ import os
 import random
 import signal
 import time
-from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
+from dtfast.distributed import checkpoint as dist_ckpt
+from dtfast.distributed.engine import build_engine
 from dtfast.train import checkpoint as ckpt
 from dtfast.train.config import PretrainConfig, to_dict
-from dtfast.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
-from dtfast.train.optim import build_optimizer, lr_at, set_lr
+from dtfast.train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    any_rank,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    shutdown,
+)
+from dtfast.train.optim import build_optimizer, lr_at
 from dtfast.train.timing import NullTimer
 
 log = logging.getLogger("dtfast.train")
@@ -41,9 +52,11 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
 class Trainer:
     def __init__(self, cfg: PretrainConfig, dist_info: DistInfo | None = None):
         self.cfg = cfg
-        self.dist = dist_info or init_distributed(cfg.device, cfg.dist.backend)
-        self.device = self.dist.device
         self._stop_signal: int | None = None
+        self._install_signal_handlers()  # before the (slow) set-up: a signal then still ends in a clean stop
+        self.dist = dist_info or init_distributed(cfg.device, cfg.dist.backend, cfg.dist.timeout_minutes)
+        self.device = self.dist.device
+        self._micro_index = 0
         self._set_threads()
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
@@ -70,16 +83,25 @@ class Trainer:
 
         cfg = self.cfg
         size = cfg.data.image_size
+        options = {"compile": cfg.teacher.compile, "channels_last": cfg.teacher.channels_last}
+        if cfg.teacher.shard:
+            from dtfast.distributed.teacher import SHARD_OPTIONS
+
+            options.update(SHARD_OPTIONS)
         self.teacher = build_teacher(
             arch=cfg.teacher.arch or None,
             pretrained=cfg.teacher.pretrained or None,
             timestep=cfg.teacher.timestep,
             strides=tuple(cfg.teacher.strides),
-            device=self.device,
+            # a sharded teacher is built on the CPU and partitioned onto the device one parameter at a time
+            device=torch.device("cpu") if cfg.teacher.shard else self.device,
             dtype=self._teacher_dtype(),
-            compile=cfg.teacher.compile,
-            channels_last=cfg.teacher.channels_last,
+            **options,
         )
+        if cfg.teacher.shard:
+            from dtfast.distributed.teacher import shard_teacher
+
+            self.teacher = shard_teacher(self.teacher, self.device, cfg.dist.timeout_minutes)
         self.student = build_student(cfg.student.arch, self.teacher.channels, strides=tuple(cfg.teacher.strides),
                                      width=cfg.student.width, pretrained=cfg.student.pretrained).to(self.device)
         # shapes are checked once, before the first step: a mismatch is a configuration error
@@ -97,7 +119,10 @@ class Trainer:
                                         return_parts=True, check_finite=False)
         self.optimizer = build_optimizer(self.student, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay,
                                          cfg.train.betas)
-        self.model = self._wrap(self.student)
+        # the one place where parallelism, precision and the optimizer's distribution are applied
+        self.engine = build_engine(self.student, self.optimizer, cfg, self.dist)
+        self.optimizer = self.engine.optimizer
+        self.model = self.engine.model if cfg.dist.engine == "ddp" else self.engine.engine
         self.dataset = build_dataset(cfg.data.root or None, size, num_images=cfg.data.num_images,
                                      seed=cfg.train.seed, strict=cfg.data.strict,
                                      random_resized_crop=cfg.data.random_resized_crop)
@@ -105,56 +130,28 @@ class Trainer:
             self.dataset, cfg.train.batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
             seed=cfg.train.seed, num_workers=cfg.data.num_workers, drop_last=True, start_step=start_step)
 
-    def _wrap(self, student: nn.Module) -> nn.Module:
-        model: nn.Module = student
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(student, device_ids=ids)
-        if self.cfg.train.compile:
-            model = torch.compile(model)
-        return model
-
     # ------------------------------------------------------------------ checkpoints
-    def _train_state(self) -> dict[str, Any]:
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def save(self) -> str | None:
-        path = None
-        if self.dist.is_main:
-            meta = {"config": to_dict(self.cfg), "world_size": self.dist.world_size}
-            path = ckpt.save_checkpoint(self.cfg.out, self.step, self.student.state_dict(), self._train_state(), meta,
-                                        keep_last=self.cfg.train.keep_last)
-            self._print(f"checkpoint: {path}")
-        barrier(self.dist)
+    def save(self) -> str:
+        """Checkpoint ``step_<N>`` (collective: every rank writes its part; see dtfast.distributed.checkpoint)."""
+        path = dist_ckpt.save(self.engine, self.cfg.out, self.step, {"config": to_dict(self.cfg)}, self.dist,
+                              keep_last=self.cfg.train.keep_last)
+        self._print(f"checkpoint: {path}")
         return path
 
     def maybe_resume(self) -> None:
         mode = self.cfg.train.resume
         if mode in ("never", ""):
             return
-        path = ckpt.read_latest(self.cfg.out) if mode == "auto" else mode
+        # rank 0 decides, so that every rank loads the same checkpoint (or none)
+        path = broadcast_object(ckpt.read_latest(self.cfg.out) if mode == "auto" else mode, self.dist)
         if path is None:
             return
-        model_state, train_state, meta = ckpt.load_checkpoint(path)
-        diffs = ckpt.compare_configs(meta.get("config", {}), to_dict(self.cfg), RESUME_KEYS)
-        if diffs:
-            raise ValueError(f"cannot resume from {path}: its config differs in " + "; ".join(diffs))
-        missing, unexpected = self.student.load_state_dict(model_state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"cannot resume from {path}: model keys differ (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
-        self.optimizer.load_state_dict(train_state["optimizer"])
-        torch.set_rng_state(train_state["torch_rng"])
-        if "cuda_rng" in train_state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(train_state["cuda_rng"], self.device)
-        self.step = int(train_state["step"])
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"train.resume={mode}: no checkpoint folder at {path}")
+        meta = dist_ckpt.read_meta(path)
+        dist_ckpt.check_compatible(path, meta, to_dict(self.cfg), RESUME_KEYS, self.engine, self.dist.world_size)
+        dist_ckpt.load(self.engine, path, self.dist)
+        self.step = int(meta["step"])
         self._truncate_metrics(self.step)
         self._print(f"resumed from {path} at step {self.step}")
 
@@ -174,8 +171,15 @@ class Trainer:
         if self.dist.is_main:
             print(f"[dtfast] {msg}", flush=True)
 
-    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         self._stop_signal = signum
+
+    @property
+    def exit_code(self) -> int:
+        """0 after a finished run; 128 + signal number after a signal stopped it (the job is not done)."""
+        return 128 + int(self._stop_signal) if self._stop_signal is not None else 0
 
     def _install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -194,21 +198,20 @@ class Trainer:
         teacher_images, student_images = to_views(images, self.student.mean, self.student.std)
         if cfg.student.channels_last:
             student_images = student_images.contiguous(memory_format=torch.channels_last)
-        # noise depends only on (seed, rank, step): a resumed run draws the same noise as an uninterrupted one
+        # noise depends only on (seed, rank, micro-batch): a resumed run draws the same noise as an uninterrupted one
         generator = torch.Generator(device=self.device).manual_seed(
-            _rank_seed(cfg.train.seed, self.dist.rank, self.step))
+            _rank_seed(cfg.train.seed, self.dist.rank, self.step * cfg.train.grad_accum + self._micro_index))
+        self._micro_index += 1
         with timer.section("teacher"), torch.no_grad():
             teacher_feats = self.teacher(teacher_images.to(self._teacher_dtype()), generator=generator)
-        autocast = self.device.type == "cuda" and cfg.train.bf16
-        with timer.section("student"), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
-                                                       enabled=autocast):
-            student_feats = self.model(student_images)
+        with timer.section("student"):  # the engine applies the precision (autocast or bf16 weights)
+            student_feats = self.engine.forward(student_images)
         with timer.section("loss"):
             # the loss runs in the student's output dtype (bf16 under autocast, fp32 on CPU), accumulating in fp32
             teacher_feats = [t.to(s.dtype) for s, t in zip(student_feats, teacher_feats)]
             parts = self.loss_fn(student_feats, teacher_feats)
         with timer.section("backward"):
-            (parts["loss"] / cfg.train.grad_accum).backward()
+            self.engine.backward(parts["loss"])  # the engine divides by train.grad_accum
         return parts
 
     def optimizer_step(self, batches, timer=None) -> dict[str, torch.Tensor]:
@@ -217,26 +220,27 @@ class Trainer:
         cfg = self.cfg
         lr = lr_at(self.step, peak=cfg.train.lr, min_lr=cfg.train.min_lr, warmup_steps=cfg.train.warmup_steps,
                    max_steps=cfg.train.max_steps)
-        set_lr(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.set_lr(lr)
+        self.engine.zero_grad()
+        self._micro_index = 0
         for batch in batches:
             parts = self.forward_backward(batch, timer)
-        with timer.section("optimizer"):
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.train.grad_clip)
-            self.optimizer.step()
+        with timer.section("optimizer"):  # gradient reduction (ZeRO/DDP), clipping, optimizer step
+            self.engine.step()
         self.step += 1
         parts["lr"] = lr
+        if self.engine.last_grad_norm is not None:
+            parts["grad_norm"] = self.engine.last_grad_norm
         return parts
 
     def _micro_batches(self, state: dict):
         """Yields ``grad_accum`` batches, restarting the loader at epoch ends; counts time spent waiting."""
-        for _ in range(self.cfg.train.grad_accum):
+        for micro in range(self.cfg.train.grad_accum):
             t0 = time.perf_counter()
             try:
                 batch = next(state["loader"])
             except StopIteration:
-                state["loader"] = iter(self._build_loader(self.step * self.cfg.train.grad_accum))
+                state["loader"] = iter(self._build_loader(self.step * self.cfg.train.grad_accum + micro))
                 batch = next(state["loader"])
             state["data_wait"] += time.perf_counter() - t0
             yield batch
@@ -249,7 +253,6 @@ class Trainer:
 
             ckpt.atomic_write_text(os.path.join(cfg.out, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.maybe_resume()
-        self._install_signal_handlers()
         global_batch = cfg.train.batch_size * self.dist.world_size * cfg.train.grad_accum
         self._print(f"teacher {cfg.teacher.pretrained or cfg.teacher.arch} (t={cfg.teacher.timestep}), student "
                     f"{cfg.student.arch}, {len(self.dataset)} images, global batch {global_batch}, "
@@ -268,6 +271,8 @@ class Trainer:
             if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
                 self.save()
             if stop:
+                if self._stop_signal is None:  # another rank got the signal: this one stops for the same reason
+                    self._stop_signal = signal.SIGTERM
                 self._print(f"stopped by signal at step {self.step}; resume with train.resume=auto")
                 return None
         if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
@@ -286,6 +291,8 @@ class Trainer:
                   "img_per_s": window_images / elapsed, "data_wait_frac": min(1.0, window_data / elapsed),
                   "mse_per_level": [float(v) for v in parts["mse"].detach().float().tolist()],
                   "at_per_level": [float(v) for v in parts["at"].detach().float().tolist()]}
+        if "grad_norm" in parts:
+            record["grad_norm"] = parts["grad_norm"]
         if self.dist.is_main:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -295,8 +302,9 @@ class Trainer:
 
     def export(self) -> str | None:
         path = os.path.join(self.cfg.out, "backbone.safetensors")
+        state = self.engine.backbone_state_dict()  # collective under ZeRO-3: gathers the shards on every rank
         if self.dist.is_main:
-            ckpt.save_safetensors_atomic(self.student.backbone_state_dict(), path,
+            ckpt.save_safetensors_atomic(state, path,
                                          metadata={"arch": self.cfg.student.arch, "step": str(self.step)})
             self._print(f"backbone weights ({self.cfg.student.arch}, timm naming): {os.path.abspath(path)}")
             self._print(f"load with timm.create_model('{self.cfg.student.arch}', pretrained=True, num_classes=0, "
