@@ -68,22 +68,28 @@ def test_dali_resume_and_sharding(tmp_path):
 
 
 def _bad_folder(tmp_path):
+    """8 images: ant/01.jpg truncated (in the first batch), bee/02.jpg garbage with a JPEG start marker."""
     smooth_folder(tmp_path, per_class=4)
-    garbage = tmp_path / "bee" / "02.jpg"
+    truncated, garbage = tmp_path / "ant" / "01.jpg", tmp_path / "bee" / "02.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:200])
     garbage.write_bytes(b"\xff\xd8 this is not a jpeg" * 20)
-    return str(garbage)
+    return [str(truncated), str(garbage)]
 
 
 @needs_dali
 def test_dali_skips_or_fails_on_undecodable_files(tmp_path):
-    garbage = _bad_folder(tmp_path)
+    bad = _bad_folder(tmp_path)
     data = ImageFolder(str(tmp_path), 16, split="val")
     loader = DaliLoader(data, 2, seed=0, num_threads=1, shuffle=False)
     batches, messages = collect(loader)
-    assert len(batches) == 4 and loader.skipped_files == [garbage]
-    assert any("replaced 1 undecodable" in m for m in messages)
+    assert len(batches) == 4 and loader.skipped_files == bad
+    assert sum("replaced 1 undecodable" in m for m in messages) == 2
+    # the replacement is the next file of the data set, as in the torch backend
+    reference, _ = collect(build_loader(data, 2, num_workers=0, shuffle=False))
+    for (a, la), (b, lb) in zip(batches, reference):
+        assert torch.equal(la, lb) and (a.int() - b.int()).abs().float().mean() < 0.5
     strict = ImageFolder(str(tmp_path), 16, split="val", strict=True)
-    with pytest.raises(DecodeError, match="bee/02.jpg"):
+    with pytest.raises(DecodeError, match="ant/01.jpg"):
         list(DaliLoader(strict, 2, seed=0, num_threads=1, shuffle=False))
 
 
@@ -99,12 +105,12 @@ def test_nvjpeg_code_path_matches_torch_backend_on_cpu(tmp_path, fmt):
 
 
 def test_nvjpeg_skips_or_fails_on_undecodable_files(tmp_path):
-    garbage = _bad_folder(tmp_path)
+    bad = _bad_folder(tmp_path)
     loader = NvjpegLoader(ImageFolder(str(tmp_path), 16, split="val"), 2, device="cpu", num_workers=1, shuffle=False)
     batches, messages = collect(loader)
-    assert len(batches) == 4 and loader.skipped_files == [garbage] and messages
+    assert len(batches) == 4 and loader.skipped_files == bad and len(messages) == 2
     strict = ImageFolder(str(tmp_path), 16, split="val", strict=True)
-    with pytest.raises(DecodeError, match="bee/02.jpg"):
+    with pytest.raises(DecodeError, match="ant/01.jpg"):
         list(NvjpegLoader(strict, 2, device="cpu", num_workers=0, shuffle=False))
 
 

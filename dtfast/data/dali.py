@@ -190,11 +190,11 @@ class DaliLoader:
                       stacklevel=3)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        step = self._offset
-        iterator, _ = self._build(step)
-        repairs = 0
+        step, iterator, repairs = self._offset, None, 0
         while step < self.steps_per_epoch:
             try:
+                if iterator is None:
+                    iterator, _ = self._build(step)  # DALI's iterator runs the first batch already
                 out = next(iterator)[0]
             except StopIteration:
                 return
@@ -202,9 +202,8 @@ class DaliLoader:
                 repairs += 1
                 if repairs > 64:
                     raise
+                iterator = None
                 self._repair(step, [self._resolve(i) for i in self._shards[self.rank]], error)
-                del iterator
-                iterator, _ = self._build(step)
                 continue
             step += 1
             yield out["images"], out["labels"].view(-1).to(torch.int64)
