@@ -234,3 +234,20 @@ def test_gpu_check_script_survives_missing_pieces(tmp_path):
     assert last[-1].split()[0] == "op_tests" and any(line.startswith("dtfast_bench") for line in last)
     assert {p.name for p in tmp_path.iterdir()} >= {"summary.txt", "gpu_info.json", "logs.tar.gz", "results.tar.gz"}
     assert json.loads((tmp_path / "gpu_info.json").read_text())["card"]
+
+
+def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path):
+    """loss.backend=cuda cannot run on CPU: the `config` row fails with that error, `baseline` (torch loss) runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_benchmark(TINY, ["bench.warmup=1", "bench.steps=1", "bench.rows=[config,baseline]",
+                                      "train.batch_size=2", "data.num_images=16", "loss.backend=cuda",
+                                      "bench.results_dir=", "bench.peak_tflops=1.0"], out=str(tmp_path))
+    finally:
+        torch.set_num_threads(threads)
+    config_row, baseline = result["rows"]
+    assert config_row["status"] == "failed" and "cuda" in config_row["error"].lower()
+    assert baseline["status"] == "ok" and baseline["images_per_s"] > 0
+    assert result["meta"]["peak"] == {"tflops": 1.0, "source": "bench.peak_tflops"}
+    assert "failed" in (tmp_path / "bench.md").read_text()

@@ -1,8 +1,10 @@
 """The benchmark driver: rows x batch sizes measured in ONE process, so every speed-up is a ratio from one run.
 
-Order: batch sizes outer, rows inner; each row's Trainer is built once and kept for the next batch size
-(so ``resident_before_gb`` includes the other rows' models on GPU). Results are written after every
-measurement, so a run stopped by a time limit keeps what it measured; with ``bench.time_budget_s`` a row is
+Order: batch sizes outer; at each batch size every row is built (once: its Trainer is kept for the next batch
+size, so ``resident_before_gb`` includes the other rows' models on GPU) and warmed up, then the timed steps
+run interleaved across the rows (row A step 1, row B step 1, ...), so that the slow drifts of a shared machine
+hit every row alike. Results are written after every batch size, so a run stopped by a time limit keeps what it
+measured; with ``bench.time_budget_s`` a row is
 skipped when the time it took at the previous batch size no longer fits (a compiled row recompiles for each
 batch size), so the cheap rows still get measured. A row that fails (out of memory, a
 backend that is not available) is recorded with its error and the others go on.
@@ -20,7 +22,7 @@ import torch
 from dtfast.bench import flops as flop_count
 from dtfast.bench import report
 from dtfast.bench.rows import Row, parse_row, split_overrides, sweep_rows
-from dtfast.bench.runner import build_trainer, measure, release
+from dtfast.bench.runner import Measurement, build_trainer, release
 from dtfast.train.config import ConfigError, load_config
 from dtfast.train.distributed import resolve_device
 
@@ -82,15 +84,16 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
     trainers: dict[str, Any] = {}
     estimates: dict[str, float] = {}  # seconds each row took at the previous batch size (warm-up and compile included)
     for batch_size in batch_sizes:
+        active = []  # (entry, measurement, seconds of build + warm-up)
         for row in rows:
             entry: dict[str, Any] = {"row": row.name, "batch_size": batch_size, "switches": row.switches,
                                      "overrides": row.overrides}
+            result["rows"].append(entry)
             left = bench.time_budget_s - (time.perf_counter() - started)
             if bench.time_budget_s and left < estimates.get(row.name, 0.0):
                 entry.update(status="skipped", error=f"time budget: {left:.0f} s left, this row took "
                              f"{estimates[row.name]:.0f} s at the previous batch size" if left > 0 else
                              f"time budget {bench.time_budget_s:.0f} s spent")
-                result["rows"].append(entry)
                 continue
             t_row = time.perf_counter()
             try:
@@ -98,35 +101,53 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
                     config_items, options = split_overrides(row.overrides)
                     row_cfg = load_config(config_path, overrides + config_items)
                     trainers[row.name] = build_trainer(row_cfg, options)
-                trainer = trainers[row.name]
                 if not result["flops"]:
-                    result["flops"] = flop_count.count_flops(trainer, cfg.data.image_size)
-                t0 = time.perf_counter()
-                entry.update(measure(trainer, batch_size, bench.warmup, bench.steps, bench.data, cfg.train.seed))
-                entry["wall_s"] = time.perf_counter() - t0
-                entry["early_exit"] = _teacher_early_exit(trainer)
-                executed, model = _flops_for_row(result["flops"], entry["early_exit"])
-                per_device = entry["images_per_s_per_device"]
-                entry["flops_per_image"], entry["model_flops_per_image"] = executed, model
-                entry["achieved_tflops"] = executed * per_device / 1e12 if executed else None
-                entry["mfu"] = model * per_device / 1e12 / peak["tflops"] if model else None
-                entry["status"] = "ok"
-                estimates[row.name] = time.perf_counter() - t_row  # a larger batch (or a recompile) takes longer
-                print(f"[bench] {row.name} @ {batch_size}: {entry['images_per_s']:.1f} img/s, step "
-                      f"{1e3 * entry['step_time_s']['median']:.1f} ms median ({entry['wall_s']:.0f} s)", flush=True)
+                    result["flops"] = flop_count.count_flops(trainers[row.name], cfg.data.image_size)
+                measurement = Measurement(trainers[row.name], batch_size, bench.data, cfg.train.seed)
+                measurement.warmup(bench.warmup)
+                active.append((entry, measurement, time.perf_counter() - t_row))
+                print(f"[bench] {row.name} @ {batch_size}: built and warmed up in {active[-1][2]:.0f} s", flush=True)
             except Exception as error:  # noqa: BLE001 - one failing row must not lose the others
-                entry.update(status="failed", error=f"{type(error).__name__}: {str(error)[:500]}")
-                print(f"[bench] {row.name} @ {batch_size} FAILED: {entry['error']}", flush=True)
-                trainers.pop(row.name, None)
-            if entry["status"] == "failed":  # outside the except block: its traceback no longer pins the tensors
-                trainer = None
+                _fail(entry, error, trainers)
+            if entry.get("status") == "failed":  # outside the except block: its traceback no longer pins tensors
+                measurement = None
                 release(device)
-            result["rows"].append(entry)
-            _speedups(result["rows"])
-            report.write_json(result, paths["json"])
+        # timed steps, interleaved across rows: a shared machine's slow drifts hit every row alike
+        for _ in range(bench.steps):
+            for item in list(active):
+                try:
+                    item[1].step()
+                except Exception as error:  # noqa: BLE001
+                    _fail(item[0], error, trainers)
+                    active.remove(item)
+                if item[0].get("status") == "failed":
+                    item[1].trainer = item[1].source = None  # let the failed row's models go
+                    release(device)
+        for entry, measurement, setup_s in active:
+            entry.update(measurement.result())
+            entry["setup_s"] = setup_s
+            estimates[entry["row"]] = setup_s + entry["step_time_s"]["total"]
+            entry["early_exit"] = _teacher_early_exit(measurement.trainer)
+            executed, model = _flops_for_row(result["flops"], entry["early_exit"])
+            per_device = entry["images_per_s_per_device"]
+            entry["flops_per_image"], entry["model_flops_per_image"] = executed, model
+            entry["achieved_tflops"] = executed * per_device / 1e12 if executed else None
+            entry["mfu"] = model * per_device / 1e12 / peak["tflops"] if model else None
+            entry["status"] = "ok"
+            print(f"[bench] {entry['row']} @ {batch_size}: {entry['images_per_s']:.1f} img/s, step "
+                  f"{1e3 * entry['step_time_s']['median']:.1f} ms median", flush=True)
+        active.clear()
+        _speedups(result["rows"])
+        report.write_json(result, paths["json"])
     trainers.clear()
     release(device)
     return _finish(result, paths, cfg.bench.results_dir)
+
+
+def _fail(entry: dict[str, Any], error: Exception, trainers: dict[str, Any]) -> None:
+    entry.update(status="failed", error=f"{type(error).__name__}: {str(error)[:500]}")
+    print(f"[bench] {entry['row']} @ {entry['batch_size']} FAILED: {entry['error']}", flush=True)
+    trainers.pop(entry["row"], None)
 
 
 def _speedups(rows: list[dict[str, Any]]) -> None:

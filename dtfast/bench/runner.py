@@ -129,57 +129,83 @@ def summarize(step_times: list[float]) -> dict[str, float]:
     }
 
 
-def measure(trainer, batch_size: int, warmup: int, steps: int, data: str, seed: int = 0) -> dict[str, Any]:
-    """Run ``warmup`` + ``steps`` optimizer steps; timings, breakdown and memory of the timed steps."""
-    cfg, device = trainer.cfg, trainer.device
-    grad_accum = cfg.train.grad_accum
-    if data == "synthetic":
-        source = SyntheticBatches(batch_size, cfg.data.image_size, device, seed=seed)
-    else:
-        source = RealBatches(trainer, batch_size)
-    trainer.model.train()
-    warm_timer = StageTimer(device)
-    for _ in range(warmup):
-        trainer.optimizer_step(_micro_batches(source, grad_accum, warm_timer), warm_timer)
-    synchronize(device)
-    gc.collect()
-    _peak_memory_reset(device)
-    resident_gb = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None  # all rows' models
+class Measurement:
+    """One row at one batch size: ``warmup()`` once, then ``step()`` N times (interleaved with other rows'
+    steps by the driver, so that slow drifts of a shared machine hit every row alike), then ``result()``."""
 
-    timer = StageTimer(device)
-    step_times = []
-    parts = None
-    for _ in range(steps):
-        synchronize(device)
+    def __init__(self, trainer, batch_size: int, data: str, seed: int = 0):
+        self.trainer, self.batch_size, self.device = trainer, batch_size, trainer.device
+        self.grad_accum = trainer.cfg.train.grad_accum
+        if data == "synthetic":
+            self.source = SyntheticBatches(batch_size, trainer.cfg.data.image_size, self.device, seed=seed)
+        else:
+            self.source = RealBatches(trainer, batch_size)
+        self.timer = StageTimer(self.device)
+        self.step_times: list[float] = []
+        self.peak_gb = 0.0
+        self.resident_gb: float | None = None
+        self.parts = None
+        self.warmup_steps = 0
+        self.peak_kind = ""
+
+    def _step(self, timer) -> None:
+        self.parts = self.trainer.optimizer_step(_micro_batches(self.source, self.grad_accum, timer), timer)
+
+    def warmup(self, steps: int) -> None:
+        self.trainer.model.train()
+        timer = StageTimer(self.device)
+        for _ in range(steps):
+            self._step(timer)
+        synchronize(self.device)
+        self.warmup_steps = steps
+
+    def step(self) -> None:
+        """One timed step, the device synchronised before and after it."""
+        if self.device.type == "cuda":
+            self.resident_gb = torch.cuda.memory_allocated(self.device) / 2**30  # all rows' models
+        synchronize(self.device)
+        _peak_memory_reset(self.device)
         t0 = time.perf_counter()
-        parts = trainer.optimizer_step(_micro_batches(source, grad_accum, timer), timer)
-        synchronize(device)
-        step_times.append(time.perf_counter() - t0)
-    totals = timer.totals()
-    peak_gb, peak_kind = _peak_memory_gb(device)
+        self._step(self.timer)
+        synchronize(self.device)
+        self.step_times.append(time.perf_counter() - t0)
+        peak_gb, self.peak_kind = _peak_memory_gb(self.device)
+        self.peak_gb = max(self.peak_gb, peak_gb)
 
-    world = trainer.dist.world_size
-    images_per_step = batch_size * grad_accum * world
-    timing = summarize(step_times)
-    stages = {name: totals.get(name, 0.0) / steps for name in STAGES}
-    stages["other"] = max(0.0, timing["mean"] - sum(stages.values()))
-    return {
-        "batch_size": batch_size,
-        "grad_accum": grad_accum,
-        "world_size": world,
-        "images_per_step": images_per_step,
-        "warmup": warmup,
-        "steps": steps,
-        "step_time_s": timing,
-        "step_times_s": step_times,
-        "images_per_s": images_per_step * steps / timing["total"],
-        "images_per_s_per_device": images_per_step * steps / timing["total"] / world,
-        "stage_s_per_step": stages,
-        "peak_memory_gb": peak_gb,
-        "peak_memory_kind": peak_kind,
-        "resident_before_gb": resident_gb,
-        "loss": float(parts["loss"].detach().float()) if parts is not None else None,
-    }
+    def result(self) -> dict[str, Any]:
+        steps = len(self.step_times)
+        totals = self.timer.totals()
+        world = self.trainer.dist.world_size
+        images_per_step = self.batch_size * self.grad_accum * world
+        timing = summarize(self.step_times)
+        stages = {name: totals.get(name, 0.0) / steps for name in STAGES}
+        stages["other"] = max(0.0, timing["mean"] - sum(stages.values()))
+        return {
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "world_size": world,
+            "images_per_step": images_per_step,
+            "warmup": self.warmup_steps,
+            "steps": steps,
+            "step_time_s": timing,
+            "step_times_s": list(self.step_times),
+            "images_per_s": images_per_step * steps / timing["total"],
+            "images_per_s_per_device": images_per_step * steps / timing["total"] / world,
+            "stage_s_per_step": stages,
+            "peak_memory_gb": self.peak_gb,
+            "peak_memory_kind": self.peak_kind,
+            "resident_before_gb": self.resident_gb,
+            "loss": float(self.parts["loss"].detach().float()) if self.parts is not None else None,
+        }
+
+
+def measure(trainer, batch_size: int, warmup: int, steps: int, data: str, seed: int = 0) -> dict[str, Any]:
+    """One row alone: ``warmup`` + ``steps`` optimizer steps; timings, breakdown and memory of the timed steps."""
+    measurement = Measurement(trainer, batch_size, data, seed)
+    measurement.warmup(warmup)
+    for _ in range(steps):
+        measurement.step()
+    return measurement.result()
 
 
 def release(device: torch.device) -> None:
