@@ -154,3 +154,33 @@ def test_pipeline_crosses_epochs_and_resumes(tmp_path, backend):
     expected = (pixels / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     torch.testing.assert_close(student, expected, rtol=0, atol=1e-4)
     assert not torch.equal(run[0][0], run[2][0])  # epoch 1 is a new order / new crops
+
+
+@pytest.mark.parametrize("backend", ["nvjpeg", pytest.param("dali", marks=needs_dali)])
+def test_cmyk_and_grayscale_jpegs_decode_like_pil(tmp_path, backend):
+    """Valid but unusual JPEGs (ImageNet has a few CMYK and grayscale ones) are images, not bad files."""
+    smooth_folder(tmp_path, classes=("a",), per_class=2)
+    with Image.open(tmp_path / "a" / "00.jpg") as image:
+        image.convert("CMYK").save(tmp_path / "a" / "00.jpg", "JPEG", quality=95)
+    with Image.open(tmp_path / "a" / "01.jpg") as image:
+        image.convert("L").save(tmp_path / "a" / "01.jpg", "JPEG", quality=95)
+    data = ImageFolder(str(tmp_path), 24, split="val")
+    if backend == "dali":
+        loader = DaliLoader(data, 2, num_threads=1, shuffle=False)
+    else:
+        loader = NvjpegLoader(data, 2, device="cpu", num_workers=0, shuffle=False)
+    (images, _), = collect(loader)[0]
+    assert loader.skipped_files == []
+    (reference, _), = collect(build_loader(data, 2, num_workers=0, shuffle=False))[0]
+    difference = (images.int() - reference.int()).abs().float()
+    assert difference.mean() < 1.0, difference.mean()
+
+
+@needs_dali
+def test_dali_random_resized_crops(tmp_path):
+    smooth_folder(tmp_path, per_class=3)
+    data = ImageFolder(str(tmp_path), 24, random_resized_crop=True)
+    batches, _ = collect(DaliLoader(data, 3, num_threads=1))
+    assert len(batches) == 2 and all(images.shape == (3, 3, 24, 24) for images, _ in batches)
+    plain, _ = collect(DaliLoader(ImageFolder(str(tmp_path), 24), 3, num_threads=1))
+    assert not torch.equal(batches[0][0], plain[0][0])

@@ -143,7 +143,9 @@ class DaliLoader:
                                              pad_last_batch=False, name="Reader")
             pos_x, pos_y, flip = fn.external_source(source=draws, num_outputs=3, batch=True, batch_info=True,
                                                     dtype=[types.FLOAT, types.FLOAT, types.INT32])
+            # EXIF orientation is ignored, as by PIL's Image.open and torchvision's decode_jpeg (same pixels)
             decoder = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load} if gpu else {"device": "cpu"}
+            decoder["adjust_orientation"] = False
             if data.train and data.random_resized_crop:
                 images = fn.decoders.image_random_crop(encoded, output_type=types.RGB, random_area=[0.08, 1.0],
                                                        random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,

@@ -17,6 +17,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -95,13 +96,31 @@ class NvjpegLoader:
         return len(self.loader)
 
     # ------------------------------------------------------------------ decoding
-    def _decode_one(self, data: torch.Tensor) -> torch.Tensor:
+    def _decode_one(self, data: torch.Tensor, path: str) -> torch.Tensor:
+        """One file: the device decoder, then torchvision's CPU decoder, then PIL (CMYK and other JPEGs that
+        nvJPEG rejects are valid images); raises only when all fail."""
         from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+        errors = []
         with _quiet_torchvision_io():
-            if _is_jpeg(data):
-                return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-            return decode_image(data, mode=ImageReadMode.RGB).to(self.device, non_blocking=True)
+            if _is_jpeg(data) and self.device.type == "cuda":
+                try:
+                    return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+                except RuntimeError as err:
+                    errors.append(f"nvJPEG: {err}")
+            try:
+                return decode_image(data, mode=ImageReadMode.RGB).to(self.device, non_blocking=True)
+            except RuntimeError as err:
+                errors.append(f"torchvision: {err}")
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+            return pixels.to(self.device, non_blocking=True)
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+            errors.append(f"PIL: {type(err).__name__}: {err}")
+            raise DecodeError("; ".join(errors)) from err
 
     def _decode_batch(self, datas: list[torch.Tensor], indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         """Decoded (3, H, W) uint8 images on the device with the data-set index each came from."""
@@ -134,8 +153,8 @@ class NvjpegLoader:
                 with open(files[current], "rb") as handle:
                     data = torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8)
             try:
-                return self._decode_one(data), current
-            except RuntimeError as err:
+                return self._decode_one(data, files[current]), current
+            except DecodeError as err:
                 if self.dataset.strict:
                     raise DecodeError(f"data: cannot decode {files[current]!r}: {err} "
                                       "(data.strict=true; set it false to skip such files)") from err
