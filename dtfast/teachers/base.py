@@ -204,8 +204,9 @@ class FrozenDiffusionTeacher(nn.Module):
         """Freeze, resolve the automatic switches for `device`, go channels_last, wrap `_encode` (compile/graph)."""
         self._freeze()
         self.options = self.options.resolved(device)
-        if self.options.channels_last:
-            nn.Module.to(self, memory_format=torch.channels_last)  # 4-D weights only
+        # the option owns the memory format of the 4-D weights, either way
+        memory_format = torch.channels_last if self.options.channels_last else torch.contiguous_format
+        nn.Module.to(self, memory_format=memory_format)
         fn: EncodeFn = self._encode
         if self.options.compile:
             fn = torch.compile(
