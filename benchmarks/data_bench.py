@@ -148,7 +148,8 @@ def main() -> None:
 
     stamp = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "commit": commit(), "machine": machine(args.device), "torch": torch.__version__,
-             "mean_jpeg_kib": None if mean_kib is None else round(mean_kib, 1), "num_images": len(dataset)}
+             "mean_jpeg_kib": None if mean_kib is None else round(mean_kib, 1), "num_images": len(dataset),
+             "load_avg_1m": round(os.getloadavg()[0], 2)}  # other work on the machine skews CPU figures
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "a") as handle:
         for row in rows:

@@ -106,11 +106,11 @@ class NvjpegLoader:
             if _is_jpeg(data) and self.device.type == "cuda":
                 try:
                     return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-                except RuntimeError as err:
+                except (RuntimeError, ValueError) as err:
                     errors.append(f"nvJPEG: {err}")
             try:
                 return decode_image(data, mode=ImageReadMode.RGB).to(self.device, non_blocking=True)
-            except RuntimeError as err:
+            except (RuntimeError, ValueError) as err:
                 errors.append(f"torchvision: {err}")
         from PIL import Image
 
@@ -135,7 +135,7 @@ class NvjpegLoader:
                                          device=self.device)
                 for position, image in zip(jpeg_positions, images):
                     decoded[position] = image
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             pass  # one bad file fails the batched call: decode one by one below to find it
         result = []
         for position, (data, index) in enumerate(zip(datas, indices)):
