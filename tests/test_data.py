@@ -108,6 +108,21 @@ def test_flat_folder_is_unlabelled(tmp_path):
     assert data.classes == [] and data.labels == [-1, -1, -1]
 
 
+def test_file_list(tmp_path):
+    written = write_folder(tmp_path / "images", classes=("a", "b"), per_class=2)
+    paths = sorted(written)
+    lines = ["# path label", "images/a/000.jpg 3", "", f"{paths[3]} 1", "images/a/missing.jpg 0", "images/b/000.jpg"]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match="skipped 1 missing"):
+        data = build_dataset(str(tmp_path / "list.txt"), 16)
+    assert [os.path.relpath(p, tmp_path) for p in data.files] == ["images/a/000.jpg", "images/b/001.jpg",
+                                                                     "images/b/000.jpg"]
+    assert data.labels == [3, 1, -1] and data[0][1] == 3
+    (tmp_path / "bad.txt").write_text("images/a/000.jpg three\n")
+    with pytest.raises(ValueError, match="line 1"):
+        build_dataset(str(tmp_path / "bad.txt"), 16)
+
+
 def test_centre_crop_equals_resize_then_crop(tmp_path):
     write_folder(tmp_path, classes=("a",), per_class=1, size=(500, 375), fmt="PNG")
     data = ImageFolder(str(tmp_path), 256, split="val")
@@ -152,7 +167,7 @@ def test_non_image_and_empty_files_are_skipped_with_a_count(tmp_path):
     write_folder(tmp_path, classes=("a", "b"), per_class=2)
     (tmp_path / "a" / "readme.txt").write_text("x")
     (tmp_path / "b" / "empty.jpg").write_bytes(b"")
-    with pytest.warns(UserWarning, match="skipped 2 non-image or empty"):
+    with pytest.warns(UserWarning, match="skipped 2 missing, non-image or empty"):
         data = build_dataset(str(tmp_path), 16)
     assert len(data) == 4 and sorted(os.path.basename(p) for p in data.skipped_at_scan) == ["empty.jpg", "readme.txt"]
 

@@ -3,7 +3,7 @@
 Layout: ``root/<class>/<image>``; classes are the sorted sub-folder names, labels their positions. If
 ``root/<split>`` exists (``root/train``, ``root/val``) it is used for that split, so both an ImageNet root and
 its ``train`` folder work. A folder with images directly in it and no class folders is one unlabelled set
-(label -1).
+(label -1). ``root`` may also be a file list (``path label`` per line, see ``scan_file_list``).
 
 Start-up check (cheap: one directory walk, no file opened): a missing or empty root, or class folders with
 no images, raise ``ValueError``/``FileNotFoundError`` naming them; files without an image extension and
@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 
 from .transforms import Crop, plan_crop, sample_rng
 
-__all__ = ["IMAGE_EXTENSIONS", "DecodeError", "ImageFolder", "resolve_split_root", "scan_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "DecodeError", "ImageFolder", "resolve_split_root", "scan_file_list",
+           "scan_image_folder"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 _MAX_CONSECUTIVE_BAD = 16
@@ -34,11 +35,14 @@ class DecodeError(RuntimeError):
 
 
 def resolve_split_root(root: str, split: str | None) -> str:
-    """``root/split`` when that folder exists, else ``root``; errors name a missing root."""
+    """``root/split`` when that folder exists, else ``root`` (a folder or a file list); errors name a missing
+    root."""
     if not root:
         raise ValueError("data root is empty")
+    if os.path.isfile(root):
+        return root
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"data root {root!r} does not exist or is not a folder")
+        raise FileNotFoundError(f"data root {root!r} does not exist (expected an image folder or a file list)")
     if split and os.path.isdir(os.path.join(root, split)):
         return os.path.join(root, split)
     return root
@@ -91,6 +95,36 @@ def scan_image_folder(root: str) -> tuple[list[str], list[str], list[int], list[
     return classes, files, labels, skipped
 
 
+def scan_file_list(list_path: str) -> tuple[list[str], list[str], list[int], list[str]]:
+    """A text file with one ``relative/or/absolute/path [integer label]`` per line (DALI's file_list format;
+    relative paths are relative to the list's folder; no label = -1; blank lines and ``#`` comments are
+    ignored): (classes=[], files, labels, skipped). Missing, non-image and empty files are skipped."""
+    base = os.path.dirname(os.path.abspath(list_path))
+    files: list[str] = []
+    labels: list[int] = []
+    skipped: list[str] = []
+    with open(list_path) as handle:
+        for number, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            path, _, label = line.rpartition(" ") if " " in line else (line, "", "-1")
+            try:
+                label_value = int(label)
+            except ValueError:
+                raise ValueError(f"file list {list_path!r} line {number}: expected 'path label', got {line!r}") from None
+            path = path.strip() if os.path.isabs(path.strip()) else os.path.join(base, path.strip())
+            if not _is_image(path) or not os.path.isfile(path) or os.path.getsize(path) == 0:
+                skipped.append(path)
+                continue
+            files.append(path)
+            labels.append(label_value)
+    if not files:
+        raise ValueError(f"file list {list_path!r} names no existing image files ({len(skipped)} skipped, e.g. "
+                         f"{skipped[:3]})")
+    return [], files, labels, skipped
+
+
 def decode_crop(path: str, crop_fn, size: int) -> np.ndarray:
     """Decode ``path`` with PIL (RGB), crop/resize/flip as ``crop_fn(height, width) -> Crop`` says.
 
@@ -127,10 +161,11 @@ class ImageFolder(Dataset):
         self.image_size, self.split, self.seed, self.strict = int(image_size), split, int(seed), bool(strict)
         self.train = (split == "train") if train is None else bool(train)
         self.random_resized_crop = bool(random_resized_crop)
-        self.classes, self.files, self.labels, skipped = scan_image_folder(self.root)
+        scan = scan_file_list if os.path.isfile(self.root) else scan_image_folder
+        self.classes, self.files, self.labels, skipped = scan(self.root)
         self.skipped_at_scan = skipped
         if skipped:
-            warnings.warn(f"data: skipped {len(skipped)} non-image or empty file(s) under {self.root!r}, "
+            warnings.warn(f"data: skipped {len(skipped)} missing, non-image or empty file(s) in {self.root!r}, "
                           f"e.g. {skipped[:3]}", stacklevel=2)
         self.epoch = 0
         self.bad_files: list[str] = []  # decode failures seen by THIS process (workers keep their own)
