@@ -88,10 +88,26 @@ class LevelPlan:
                     grp.align = 1
 
     def meta_tensor(self) -> Tensor:
-        meta = torch.tensor(self.rows, dtype=torch.int64)
-        if self.device.type == "cuda":
-            return meta.pin_memory().to(self.device, non_blocking=True)
-        return meta.to(self.device)
+        """The rows as an int64 tensor on the maps' device (cached: same rows -> same tensor, no new copy)."""
+        key = (str(self.device), tuple(tuple(r) for r in self.rows))
+        meta = _META_CACHE.pop(key, None)
+        if meta is None:
+            meta = torch.tensor(self.rows, dtype=torch.int64)
+            if self.device.type == "cuda":
+                # pinned + non_blocking: no host sync in the training step
+                meta = meta.pin_memory().to(self.device, non_blocking=True)
+            else:
+                meta = meta.to(self.device)
+        _META_CACHE[key] = meta
+        while len(_META_CACHE) > _META_CACHE_SIZE:
+            _META_CACHE.pop(next(iter(_META_CACHE)))
+        return meta
+
+
+# The rows hold element offsets between maps; the caching allocator tends to hand the same addresses out step after
+# step, so a few recent metadata tensors are kept on the device (keyed by their full contents).
+_META_CACHE: dict = {}
+_META_CACHE_SIZE = 32
 
 
 def _elem_offset(x: Tensor, base: Tensor) -> int:

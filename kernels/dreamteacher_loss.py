@@ -153,7 +153,7 @@ def _fwd_main_kernel(s_ptr, g_ptr, meta_ptr, pix_ptr, part_ptr, num_levels, grou
                 c = c0 + u * BLOCK_C + cv
                 s = tl.load(s_ptr + _offs_2d(s_base, c, p, C, HW, True, ALIGN), mask=pm2, other=0.0).to(tl.float32)
                 g = tl.load(g_ptr + _offs_2d(g_base, c, p, C, HW, G_CL, ALIGN), mask=pm2, other=0.0).to(tl.float32)
-                n, mean_g, m2_g, mean_s, co_sg, ss_s, ss_g = _chan(s, g, cv < BLOCK_C, float(BLOCK_C), n, mean_g,
+                n, mean_g, m2_g, mean_s, co_sg, ss_s, ss_g = _chan(s, g, cv < BLOCK_C, BLOCK_C * 1.0, n, mean_g,
                                                                    m2_g, mean_s, co_sg, ss_s, ss_g)
         for c0 in range(c_main, C, BLOCK_C):
             c = c0 + cv

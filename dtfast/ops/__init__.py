@@ -13,10 +13,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from ._backends import BackendUnavailable
 from .dreamteacher_loss import dreamteacher_loss_terms, resolve_backend
 from .reference import attention_map, whiten
 
-__all__ = ["attention_map", "whiten", "dreamteacher_loss", "DreamTeacherLoss", "resolve_backend"]
+__all__ = ["attention_map", "whiten", "dreamteacher_loss", "DreamTeacherLoss", "resolve_backend", "BackendUnavailable"]
 
 
 def dreamteacher_loss(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], *, at_weight: float = 10.0,

@@ -1,0 +1,289 @@
+"""How fast is the DreamTeacher loss on each backend, and how close to the memory floor?
+
+Times forward, backward and forward+backward of ``dtfast.ops.dreamteacher_loss`` for the PyTorch reference (eager),
+``torch.compile`` of the reference, and every fused backend available here, in one run, at the ADM-256 teacher level
+shapes (C x H x W: 512x64x64, 512x32x32, 1024x16x16, 1024x8x8). Also reports the bytes autograd keeps between
+forward and backward ("saved", beyond the inputs), the CUDA peak memory, and the byte floor: the bytes that must
+move (forward reads s and g; backward reads s and g and writes ds) divided by the copy bandwidth measured in the
+same run, with each variant's achieved fraction of it (floor time / measured time).
+
+    python benchmarks/loss_bench.py                     # CPU, float32, batch 8
+    python benchmarks/loss_bench.py --device cuda       # GPU, bfloat16, batch 64, triton.testing.do_bench
+    python benchmarks/loss_bench.py --quick --no-record # smoke run on tiny shapes
+
+Appends one JSON row per run to benchmarks/results/loss_bench.jsonl and a table to loss_bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dtfast.ops import dreamteacher_loss  # noqa: E402
+from dtfast.ops import _backends  # noqa: E402
+
+ADM256_LEVELS = "512x64x64,512x32x32,1024x16x16,1024x8x8"
+QUICK_LEVELS = "32x16x16,64x8x8,64x4x4"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--batch", type=int, help="default: 8 on CPU, 64 on CUDA (2 with --quick)")
+    p.add_argument("--levels", default=None, help=f"comma-separated CxHxW (default {ADM256_LEVELS})")
+    p.add_argument("--whiten", default="channel", choices=["channel", "sample"])
+    p.add_argument("--at-mode", default="paper", choices=["paper", "code"])
+    p.add_argument("--channels-last", action="store_true", help="student and teacher maps in channels_last")
+    p.add_argument("--backends", default="all", help="comma list of torch,compile,triton,cpu,cuda (default: all here)")
+    p.add_argument("--triton-on-cpu", action="store_true", help="also run Triton under TRITON_INTERPRET (very slow)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions on CPU (median; default 5, quick 3)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions: a smoke run")
+    p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results")
+    p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    args.dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
+    args.batch = args.batch or (2 if args.quick else (8 if args.device == "cpu" else 64))
+    args.levels = args.levels or (QUICK_LEVELS if args.quick else ADM256_LEVELS)
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    return args
+
+
+def make_inputs(args):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    student, teacher = [], []
+    for spec in args.levels.split(","):
+        c, h, w = (int(v) for v in spec.lower().split("x"))
+        shape = (args.batch, c, h, w)
+        s = torch.randn(shape, generator=gen).to(args.device, args.dtype).contiguous(memory_format=fmt)
+        g = torch.randn(shape, generator=gen).to(args.device, args.dtype).contiguous(memory_format=fmt)
+        student.append(s.requires_grad_())
+        teacher.append(g)
+    return student, teacher
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, repeats, grad_to_none=None):
+    """Median milliseconds of fn(): triton.testing.do_bench on CUDA, perf_counter on CPU."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    for _ in range(2):  # warm-up
+        fn()
+    times = []
+    for _ in range(repeats):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, nbytes, repeats) -> float:
+    """Best measured device copy bandwidth in bytes/s (bytes read + bytes written per copy)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="min")
+    else:
+        dst.copy_(src)
+        ms = float("inf")
+        for _ in range(max(repeats, 5)):
+            start = time.perf_counter()
+            dst.copy_(src)
+            ms = min(ms, (time.perf_counter() - start) * 1e3)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def saved_bytes(fn, inputs) -> int:
+    """Bytes autograd keeps for backward beyond (storages of) the inputs."""
+    input_storages = {t.untyped_storage().data_ptr() for t in inputs}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in input_storages:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def variants(args):
+    """name -> loss closure; skipped variants map to the reason."""
+    chosen = None if args.backends == "all" else set(args.backends.split(","))
+    opts = dict(whiten=args.whiten, at_mode=args.at_mode, check_finite=False)
+    out = {}
+
+    def want(name):
+        return chosen is None or name in chosen
+
+    if want("torch"):
+        out["torch (eager reference)"] = lambda s, g: dreamteacher_loss(s, g, backend="torch", **opts)
+    if want("compile"):
+        out["torch.compile(reference)"] = torch.compile(
+            lambda s, g: dreamteacher_loss(s, g, backend="torch", **opts))
+    if want("triton"):
+        if not _backends.triton_available():
+            out["triton"] = "Triton not importable"
+        elif args.device == "cpu" and not (args.triton_on_cpu and _backends.triton_interpreting()):
+            out["triton"] = "skipped on CPU tensors (--triton-on-cpu with TRITON_INTERPRET=1 to force)"
+        else:
+            out["triton"] = lambda s, g: dreamteacher_loss(s, g, backend="triton", **opts)
+    ext = args.device
+    if want(ext):
+        if _backends.extension_has(ext):
+            out[f"{ext} (dtfast._C)"] = lambda s, g: dreamteacher_loss(s, g, backend=ext, **opts)
+        else:
+            out[f"{ext} (dtfast._C)"] = "dtfast._C not built with this kernel"
+    return out
+
+
+def bench_variant(fn, student, teacher, args, floor_ms):
+    device = args.device
+    inputs = student + teacher
+
+    def forward():
+        return fn(student, teacher)
+
+    def full():
+        forward().backward()
+
+    full()  # compile / autotune / warm caches
+    sync(device)
+    fwd_ms = time_ms(forward, device, args.repeats)
+    full_ms = time_ms(full, device, args.repeats, grad_to_none=student)
+    try:
+        loss = forward()
+        bwd_ms = time_ms(lambda: loss.backward(retain_graph=True), device, args.repeats, grad_to_none=student)
+    except RuntimeError:
+        bwd_ms = max(full_ms - fwd_ms, 0.0)
+    row = {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_bwd_ms": full_ms,
+           "saved_MB": saved_bytes(forward, inputs) / 2**20,
+           "floor_fraction_fwd": floor_ms["fwd"] / max(fwd_ms, 1e-9),
+           "floor_fraction_bwd": floor_ms["bwd"] / max(bwd_ms, 1e-9),
+           "floor_fraction_fwd_bwd": floor_ms["fwd_bwd"] / max(full_ms, 1e-9)}
+    if device == "cuda":
+        for s in student:
+            s.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        full()
+        torch.cuda.synchronize()
+        row["peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return row
+
+
+def machine_name(device) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dtfast", "kernels", "csrc", "benchmarks"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def format_table(results, floor_ms) -> str:
+    lines = ["| variant | fwd ms | bwd ms | fwd+bwd ms | floor fraction (fwd+bwd) | saved MB | peak MB |",
+             "|---|---|---|---|---|---|---|",
+             f"| byte floor | {floor_ms['fwd']:.3f} | {floor_ms['bwd']:.3f} | {floor_ms['fwd_bwd']:.3f} | 1.00 | | |"]
+    for name, row in results.items():
+        if isinstance(row, str):
+            lines.append(f"| {name} | {row} | | | | | |")
+            continue
+        peak = f"{row['peak_MB']:.1f}" if "peak_MB" in row else "n/a"
+        lines.append(f"| {name} | {row['fwd_ms']:.3f} | {row['bwd_ms']:.3f} | {row['fwd_bwd_ms']:.3f} | "
+                     f"{row['floor_fraction_fwd_bwd']:.2f} | {row['saved_MB']:.1f} | {peak} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("loss_bench: --device cuda but CUDA is not available")
+    student, teacher = make_inputs(args)
+    elements = sum(s.numel() for s in student)
+    esize = student[0].element_size()
+    moved = {"fwd": 2 * elements * esize, "bwd": 3 * elements * esize, "fwd_bwd": 5 * elements * esize}
+    copy_bytes = max(2 * elements * esize, 64 << 20)
+    bandwidth = copy_bandwidth(args.device, copy_bytes, args.repeats)
+    floor_ms = {k: v / bandwidth * 1e3 for k, v in moved.items()}
+    results = {}
+    for name, fn in variants(args).items():
+        if isinstance(fn, str):
+            results[name] = fn
+            continue
+        try:
+            results[name] = bench_variant(fn, student, teacher, args, floor_ms)
+        except Exception as exc:  # a backend failing must not hide the others' figures
+            results[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        print(f"  {name}: {results[name]}", file=sys.stderr)
+    table = format_table(results, floor_ms)
+    shapes = [tuple(s.shape) for s in student]
+    header = (f"DreamTeacher loss on {machine_name(args.device)} | {str(args.dtype).replace('torch.', '')} | "
+              f"levels {shapes} | whiten={args.whiten} at_mode={args.at_mode} channels_last={args.channels_last} | "
+              f"copy bandwidth {bandwidth / 1e9:.1f} GB/s | bytes moved fwd+bwd {moved['fwd_bwd'] / 2**20:.0f} MiB")
+    print(header)
+    print(table)
+    record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine_name(args.device), "device": args.device, "commit": git_commit(),
+              "command": "python benchmarks/loss_bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+              "torch": torch.__version__, "dtype": str(args.dtype).replace("torch.", ""), "levels": shapes,
+              "whiten": args.whiten, "at_mode": args.at_mode, "channels_last": args.channels_last,
+              "copy_GBps": bandwidth / 1e9, "bytes_moved": moved, "floor_ms": floor_ms, "results": results}
+    if not args.no_record:
+        out = Path(args.results_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "loss_bench.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        with open(out / "loss_bench.md", "a") as f:
+            f.write(f"\n### {record['date']} commit {record['commit']}\n`{record['command']}`\n\n{header}\n\n"
+                    f"{table}\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
