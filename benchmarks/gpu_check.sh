@@ -13,7 +13,7 @@
 #   bench_r50.{json,md,png} (dtfast.bench). Record them here with:
 #   python benchmarks/record_gpu_results.py <folder the files came back to>
 # Knobs (environment): GPU_CHECK_BUDGET, BENCH_BATCHES (default [128,256,64]), BENCH_ROWS, BENCH_STEPS,
-#   BENCH_WARMUP, SKIP_STAGES (space-separated stage names).
+#   BENCH_WARMUP, BENCH_ENGINE (default ddp), SKIP_STAGES (space-separated stage names).
 set -u -o pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -123,12 +123,15 @@ BENCH_OUT=$WORK/bench_r50
 BENCH_MAX=240
 LEFT=$(( BUDGET - $(elapsed) - RESERVE ))
 BENCH_LIMIT=$(( BENCH_MAX < LEFT ? BENCH_MAX : LEFT ))
+# One process, one GPU: dist.engine=ddp is the plain module there (no wrapper, no process group); DeepSpeed would
+# need a launcher's environment. BENCH_ENGINE=deepspeed measures its single-GPU engine instead.
 # bench.time_budget_s: a row is skipped at the next batch size when the time it took at the previous one no longer
 # fits (a compiled row recompiles per batch size), so the cheap rows still run; the stage timeout is the backstop
 run_stage dtfast_bench "$BENCH_MAX" $PY -m dtfast.bench --config configs/imagenet_r50_adm256.yaml --out "$BENCH_OUT" \
     "bench.rows=${BENCH_ROWS:-[baseline,optimized,optimized-compile]}" \
     "bench.batch_sizes=${BENCH_BATCHES:-[128,256,64]}" "bench.warmup=${BENCH_WARMUP:-3}" \
-    "bench.steps=${BENCH_STEPS:-6}" "bench.time_budget_s=$(( BENCH_LIMIT > 60 ? BENCH_LIMIT - 25 : 30 ))"
+    "bench.steps=${BENCH_STEPS:-6}" "bench.time_budget_s=$(( BENCH_LIMIT > 60 ? BENCH_LIMIT - 25 : 30 ))" \
+    "dist.engine=${BENCH_ENGINE:-ddp}"
 for ext in json md png; do
     [[ -f $BENCH_OUT/bench.$ext ]] && cp "$BENCH_OUT/bench.$ext" "$OUT/bench_r50.$ext"
 done
