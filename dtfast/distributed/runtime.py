@@ -41,6 +41,8 @@ def join_process_group(deepspeed, timeout_minutes: int) -> None:
 
     import torch.distributed as dist
 
+    for key, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)  # DeepSpeed reads these; torchrun sets them, a plain `python -m` does not
     if not dist.is_initialized():
         # a single process (python -m dtfast.pretrain): DeepSpeed still needs a process group; a one-rank group in
         # memory needs no rendezvous address

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import nn
+
+log = logging.getLogger("dtfast.train")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -22,6 +25,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas) -> torch.optim.Optimizer:
+    """AdamW (fused on GPU) or LAMB (DeepSpeed's fused LAMB on GPU when its op builds, timm's LAMB otherwise), over
+    ``param_groups`` (no decay on norms and biases). Clipping is the engine's job (``train.grad_clip``), never the
+    optimizer's: timm's LAMB would otherwise clip the global norm at 1.0 on its own."""
     groups = param_groups(model, weight_decay)
     betas = tuple(float(b) for b in betas)
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
@@ -31,14 +37,20 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if name == "lamb":
         if on_cuda:
             try:
-                from deepspeed.ops.lamb import FusedLamb  # noqa: F401 - needs DeepSpeed's built op
-
-                return FusedLamb(groups, lr=lr, betas=betas)
-            except Exception:  # DeepSpeed's fused op needs a build; timm's LAMB is the portable fallback
-                pass
+                from deepspeed.ops.lamb import FusedLamb
+            except ImportError:
+                FusedLamb = None
+            if FusedLamb is not None:
+                try:
+                    optimizer = FusedLamb(groups, lr=lr, betas=betas, max_grad_norm=0.0)
+                    log.info("optimizer: DeepSpeed FusedLamb")
+                    return optimizer
+                except (RuntimeError, OSError, ImportError) as exc:  # the op is a JIT build: nvcc/ninja needed
+                    log.warning("optimizer: DeepSpeed's FusedLamb op is unavailable (%s); using timm's Lamb", exc)
         from timm.optim import Lamb
 
-        return Lamb(groups, lr=lr, betas=betas)
+        log.info("optimizer: timm Lamb")
+        return Lamb(groups, lr=lr, betas=betas, max_grad_norm=None)
     raise ValueError(f"train.optimizer: unknown optimizer {name!r} (expected adamw or lamb)")
 
 
