@@ -99,25 +99,35 @@ def test_sdpa_processor_is_restored():
 
 
 # ----- CUDA (run by the GPU check script) ---------------------------------------------------------------------------
+# Kept to one inductor compile (tiny): the GPU check runs every needs_cuda test of the project in ~2 minutes.
 @pytest.mark.needs_cuda
-@pytest.mark.parametrize("arch,strides,size", [("tiny", (4, 8, 16, 32), 64), ("tiny-sd", (8, 16, 32, 64), 128)])
-def test_cuda_defaults_bf16_compiled_match_eager(arch, strides, size):
-    eager = build_teacher(arch, strides=strides, device="cuda", compile=False, channels_last=False)
-    fast = build_teacher(arch, strides=strides, device="cuda")  # defaults: bf16, channels_last, compile
-    assert fast.options.compile and fast.options.channels_last and fast.unet.conv_in.weight.dtype == torch.bfloat16
+@pytest.mark.parametrize(
+    "arch,strides,size,compile", [("tiny", (4, 8, 16, 32), 64, True), ("tiny-sd", (8, 16, 32, 64), 128, False)]
+)
+def test_cuda_defaults_bf16_match_eager(arch, strides, size, compile):
+    """The fast path's error against fp32 is at most ~2x that of plain eager bf16 (flash-attention's rule)."""
+    common = {"strides": strides, "device": "cuda", "channels_last": False, "compile": False}
+    reference = build_teacher(arch, dtype=torch.float32, **common)
+    eager_bf16 = build_teacher(arch, **common)
+    fast = build_teacher(arch, strides=strides, device="cuda", compile=compile)  # bf16 + channels_last by default
+    assert fast.options.compile == compile and fast.options.channels_last
+    assert fast.unet.conv_in.weight.dtype == torch.bfloat16
     processors = attention_processors(fast.unet)
     assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
     x = images(4, size, device="cuda")
-    want = eager(x, torch.Generator("cuda").manual_seed(0))
-    got = fast(x, torch.Generator("cuda").manual_seed(0))
-    assert_features_close(got, want, torch.bfloat16)
+    want, base, got = (t(x, torch.Generator("cuda").manual_seed(0)) for t in (reference, eager_bf16, fast))
+    for w, b, g in zip(want, base, got):
+        assert g.dtype == torch.bfloat16 and g.shape == w.shape
+        scale = w.abs().max()
+        base_error = (b.float() - w).abs().max() / scale
+        fast_error = (g.float() - w).abs().max() / scale
+        assert fast_error <= 2 * base_error + 1e-3, (fast_error, base_error)
 
 
 @pytest.mark.needs_cuda
-@pytest.mark.parametrize("compile", [False, True])
-def test_cuda_graph_replay_matches_and_other_shapes_fall_back(compile):
+def test_cuda_graph_replay_matches_and_other_shapes_fall_back():
     eager = build_teacher("tiny", device="cuda", compile=False)
-    graphed = build_teacher("tiny", device="cuda", compile=compile, cuda_graph=True)
+    graphed = build_teacher("tiny", device="cuda", compile=False, cuda_graph=True)
     for seed in (0, 1):  # capture, then replay with new inputs
         x = images(4, 64, seed=seed, device="cuda")
         got = graphed(x, torch.Generator("cuda").manual_seed(seed))
