@@ -13,7 +13,8 @@
 #   bench_r50.{json,md,png} (dtfast.bench). Record them here with:
 #   python benchmarks/record_gpu_results.py <folder the files came back to>
 # Knobs (environment): GPU_CHECK_BUDGET, BENCH_BATCHES (default [128,256,64]), BENCH_ROWS, BENCH_STEPS,
-#   BENCH_WARMUP, BENCH_ENGINE (default ddp), SKIP_STAGES (space-separated stage names).
+#   BENCH_WARMUP, BENCH_ENGINE (default ddp), BENCH_CONFIG (default configs/imagenet_r50_adm256.yaml), SKIP_STAGES
+#   (space-separated stage names).
 set -u -o pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -127,11 +128,12 @@ BENCH_LIMIT=$(( BENCH_MAX < LEFT ? BENCH_MAX : LEFT ))
 # need a launcher's environment. BENCH_ENGINE=deepspeed measures its single-GPU engine instead.
 # bench.time_budget_s: a row is skipped at the next batch size when the time it took at the previous one no longer
 # fits (a compiled row recompiles per batch size), so the cheap rows still run; the stage timeout is the backstop
-run_stage dtfast_bench "$BENCH_MAX" $PY -m dtfast.bench --config configs/imagenet_r50_adm256.yaml --out "$BENCH_OUT" \
+run_stage dtfast_bench "$BENCH_MAX" $PY -m dtfast.bench --config "${BENCH_CONFIG:-configs/imagenet_r50_adm256.yaml}" \
+    --out "$BENCH_OUT" \
     "bench.rows=${BENCH_ROWS:-[baseline,optimized,optimized-compile]}" \
     "bench.batch_sizes=${BENCH_BATCHES:-[128,256,64]}" "bench.warmup=${BENCH_WARMUP:-3}" \
     "bench.steps=${BENCH_STEPS:-6}" "bench.time_budget_s=$(( BENCH_LIMIT > 60 ? BENCH_LIMIT - 25 : 30 ))" \
-    "dist.engine=${BENCH_ENGINE:-ddp}"
+    "dist.engine=${BENCH_ENGINE:-ddp}" "bench.results_dir="   # recorded from bench_r50.json by record_gpu_results.py
 for ext in json md png; do
     [[ -f $BENCH_OUT/bench.$ext ]] && cp "$BENCH_OUT/bench.$ext" "$OUT/bench_r50.$ext"
 done
@@ -172,7 +174,9 @@ import json, sys
 result = json.load(open(sys.argv[1]))
 flops = result.get("flops", {})
 peak = result["meta"]["peak"]["tflops"]
-print(f"dtfast.bench R50+ADM-256 256px: peak {peak:.0f} TFLOP/s measured; GFLOP/img teacher "
+meta = result["meta"]
+print(f"dtfast.bench {meta['preset']} at {meta['image_size']}px: peak {peak:.1f} TFLOP/s ({meta['peak']['source']}); "
+      f"GFLOP/img teacher "
       f"{(flops.get('teacher_early_exit') or 0) / 1e9:.0f} (early exit) / {(flops.get('teacher_full') or 0) / 1e9:.0f}"
       f" (full), student fwd+bwd {(flops.get('student_train') or 0) / 1e9:.0f}")
 print(f"{'row':<24}{'batch':>6}{'img/s':>9}{'MFU':>7}{'x base':>8}{'step ms':>9}{'peak GB':>9}")
