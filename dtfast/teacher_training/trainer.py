@@ -1,0 +1,306 @@
+"""DDPM training of a diffusers ``UNet2DModel`` teacher, with EMA weights, atomic checkpoints and resume.
+
+epsilon-prediction objective (Ho et al. 2020): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with t ~ U{0..T-1}
+and eps ~ N(0, I); loss = mean (eps_theta(x_t, t) - eps)^2. The exported model is the EMA of the weights,
+written with ``save_pretrained`` as ``<out>/teacher/{unet,scheduler}/`` (the layout that
+``dtfast.teachers.build_teacher(pretrained=...)`` and ``teacher.pretrained=`` read).
+
+Timesteps and noise of step n come from a generator seeded by (seed, rank, n), so a resumed run draws exactly
+what an uninterrupted one would. One process or ``torchrun`` (DDP, gloo on CPU / nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dtfast.teacher_training.config import TeacherTrainConfig, to_dict
+from dtfast.train import checkpoint as ckpt
+from dtfast.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
+from dtfast.train.optim import build_optimizer, lr_at, set_lr
+
+# keys that must agree between a checkpoint and the run resuming from it
+RESUME_KEYS = ["model", "diffusion", "data.image_size"]
+EXPORT_DIR = "teacher"
+TEACHER_INFO = "dtfast_teacher.json"
+
+
+def unet_config(cfg: TeacherTrainConfig) -> dict[str, Any]:
+    """The UNet2DModel config: the named arch, at the training size, with the overrides of ``cfg.model``."""
+    from dtfast.teachers.archs import pixel_arch
+
+    config = pixel_arch(cfg.model.arch)
+    config["sample_size"] = cfg.data.image_size
+    if cfg.model.block_out_channels:
+        if len(cfg.model.block_out_channels) != len(config["block_out_channels"]):
+            raise ValueError(f"model.block_out_channels needs {len(config['block_out_channels'])} values for arch "
+                             f"{cfg.model.arch!r}, got {cfg.model.block_out_channels}")
+        config["block_out_channels"] = tuple(int(c) for c in cfg.model.block_out_channels)
+    if cfg.model.layers_per_block > 0:
+        config["layers_per_block"] = cfg.model.layers_per_block
+    if cfg.model.norm_num_groups > 0:
+        config["norm_num_groups"] = cfg.model.norm_num_groups
+    if cfg.model.attention_head_dim > 0:
+        config["attention_head_dim"] = cfg.model.attention_head_dim
+    attention = [c for c, kind in zip(config["block_out_channels"], config["down_block_types"]) if "Attn" in kind]
+    if any(c % config["attention_head_dim"] for c in attention):
+        raise ValueError(f"model.attention_head_dim={config['attention_head_dim']} does not divide the attention "
+                         f"widths {attention}")
+    bad = [c for c in config["block_out_channels"] if c % config["norm_num_groups"]]
+    if bad:
+        raise ValueError(f"model.norm_num_groups={config['norm_num_groups']} does not divide the widths {bad}")
+    config["dropout"] = cfg.model.dropout
+    return config
+
+
+def build_scheduler(cfg: TeacherTrainConfig):
+    from diffusers import DDPMScheduler
+
+    d = cfg.diffusion
+    return DDPMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
+                         beta_start=d.beta_start, beta_end=d.beta_end, prediction_type="epsilon")
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers, decay min(decay, (1 + n) / (10 + n))."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = float(decay)
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for shadow, live in zip(self.model.parameters(), model.parameters()):
+            shadow.lerp_(live.detach(), 1.0 - decay)
+        for shadow, live in zip(self.model.buffers(), model.buffers()):
+            shadow.copy_(live)
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 10_007 + step + 7) % (2**63 - 1)
+
+
+class TeacherTrainer:
+    def __init__(self, cfg: TeacherTrainConfig, dist_info: DistInfo | None = None):
+        from diffusers import UNet2DModel
+
+        from dtfast.data import build_dataset, build_loader
+
+        self.cfg = cfg
+        self.dist = dist_info or init_distributed(cfg.device)
+        self.device = self.dist.device
+        self._stop_signal: int | None = None
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        self.step = 0
+        self.unet = UNet2DModel(**unet_config(cfg)).to(self.device)
+        self.scheduler = build_scheduler(cfg)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.ema = EMA(self.unet, cfg.train.ema_decay)
+        self.optimizer = build_optimizer(self.unet, "adamw", cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+        self.model: nn.Module = self.unet
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.unet, device_ids=ids)
+        self.dataset = build_dataset(cfg.data.root or None, cfg.data.image_size, split="train",
+                                     num_images=cfg.data.num_images, seed=cfg.data.seed)
+        self._build_loader = lambda start_step: build_loader(
+            self.dataset, cfg.train.batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
+            seed=cfg.train.seed, num_workers=cfg.data.num_workers, drop_last=True, start_step=start_step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        state = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
+        state.update({f"ema.{k}": v for k, v in self.ema.model.state_dict().items()})
+        return state
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            train_state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                           "ema_updates": self.ema.num_updates, "torch_rng": torch.get_rng_state()}
+            path = ckpt.save_checkpoint(self.cfg.out, self.step, self._model_state(), train_state,
+                                        {"config": to_dict(self.cfg), "kind": "teacher"},
+                                        keep_last=self.cfg.train.keep_last)
+            self._print(f"checkpoint: {path}")
+        barrier(self.dist)
+
+    def maybe_resume(self) -> None:
+        mode = self.cfg.train.resume
+        if mode in ("never", ""):
+            return
+        path = ckpt.read_latest(self.cfg.out) if mode == "auto" else mode
+        if path is None:
+            return
+        model_state, train_state, meta = ckpt.load_checkpoint(path)
+        diffs = ckpt.compare_configs(meta.get("config", {}), to_dict(self.cfg), RESUME_KEYS)
+        if diffs:
+            raise ValueError(f"cannot resume from {path}: its config differs in " + "; ".join(diffs))
+        for prefix, module in (("unet.", self.unet), ("ema.", self.ema.model)):
+            part = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+            module.load_state_dict(part, strict=True)
+        self.optimizer.load_state_dict(train_state["optimizer"])
+        self.ema.num_updates = int(train_state["ema_updates"])
+        torch.set_rng_state(train_state["torch_rng"])
+        self.step = int(train_state["step"])
+        self._truncate_metrics(self.step)
+        self._print(f"resumed from {path} at step {self.step}")
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = os.path.join(self.cfg.out, "metrics.jsonl")
+        if not self.dist.is_main or not os.path.isfile(path):
+            return
+        with open(path) as fh:
+            lines = [line for line in fh if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            ckpt.atomic_write_text(path, "".join(kept))
+
+    # ------------------------------------------------------------------ loop
+    def _print(self, msg: str) -> None:
+        if self.dist.is_main:
+            print(f"[dtfast.train_teacher] {msg}", flush=True)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def diffusion_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Epsilon-prediction MSE of a uint8 batch (B, 3, H, W) at uniformly drawn timesteps."""
+        x0 = images.to(self.device).float() / 127.5 - 1.0
+        steps = torch.randint(0, len(self.alphas_cumprod), (x0.shape[0],), generator=generator, device=self.device)
+        noise = torch.randn(x0.shape, generator=generator, device=self.device)
+        abar = self.alphas_cumprod[steps].view(-1, 1, 1, 1)
+        noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        prediction = self.model(noisy, steps).sample
+        return torch.mean((prediction.float() - noise) ** 2)
+
+    def train(self) -> str | None:
+        cfg = self.cfg
+        if self.dist.is_main:
+            import yaml
+
+            os.makedirs(cfg.out, exist_ok=True)
+            ckpt.atomic_write_text(os.path.join(cfg.out, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.maybe_resume()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+        params = sum(p.numel() for p in self.unet.parameters())
+        global_batch = cfg.train.batch_size * self.dist.world_size
+        self._print(f"UNet2DModel {cfg.model.arch} ({params / 1e6:.2f}M parameters) at {cfg.data.image_size}px, "
+                    f"{len(self.dataset)} images ({cfg.data.root or 'embedded procedural set'}), global batch "
+                    f"{global_batch}, {self.dist.world_size} process(es) on {self.device.type}, "
+                    f"steps {self.step}->{cfg.train.max_steps}")
+        metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+        loader = iter(self._build_loader(self.step))
+        start = window_start = time.perf_counter()
+        window_images, window_loss, window_n = 0, torch.zeros((), device=self.device), 0
+        self.model.train()
+        while self.step < cfg.train.max_steps:
+            try:
+                images, _ = next(loader)
+            except StopIteration:
+                loader = iter(self._build_loader(self.step))
+                images, _ = next(loader)
+            lr = lr_at(self.step, peak=cfg.train.lr, min_lr=cfg.train.min_lr, warmup_steps=cfg.train.warmup_steps,
+                       max_steps=cfg.train.max_steps)
+            set_lr(self.optimizer, lr)
+            generator = torch.Generator(device=self.device).manual_seed(
+                _rank_seed(cfg.train.seed, self.dist.rank, self.step))
+            loss = self.diffusion_loss(images, generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.train.grad_clip)
+            self.optimizer.step()
+            self.ema.update(self.unet)
+            self.step += 1
+            window_images += global_batch
+            window_loss += loss.detach()
+            window_n += 1
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                mean_loss = float(all_reduce_mean(window_loss / window_n, self.dist))
+                if not np.isfinite(mean_loss):
+                    raise FloatingPointError(f"loss is {mean_loss} at step {self.step}: lower train.lr")
+                now = time.perf_counter()
+                rate = window_images / max(now - window_start, 1e-9)
+                eta = (cfg.train.max_steps - self.step) * global_batch / max(rate, 1e-9)
+                record = {"step": self.step, "loss": mean_loss, "lr": lr, "img_per_s": rate,
+                          "elapsed_s": now - start}
+                if self.dist.is_main:
+                    with open(metrics_path, "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                self._print(f"step {self.step:>6}/{cfg.train.max_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  "
+                            f"{rate:.1f} img/s  eta {eta / 60:.1f} min")
+                window_start, window_images, window_loss, window_n = now, 0, torch.zeros((), device=self.device), 0
+            out_of_time = cfg.train.max_minutes > 0 and time.perf_counter() - start > 60 * cfg.train.max_minutes
+            stop = any_rank(self._stop_signal is not None or out_of_time, self.dist)
+            if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
+                self.save()
+            if stop and self._stop_signal is not None:
+                self._print(f"stopped by signal at step {self.step}; resume with train.resume=auto")
+                return None
+            if stop:
+                self._print(f"train.max_minutes={cfg.train.max_minutes} reached at step {self.step}; exporting")
+                break
+        if not (cfg.train.save_every and self.step % cfg.train.save_every == 0) or self.step < cfg.train.max_steps:
+            self.save()
+        return self.export()
+
+    def export(self) -> str | None:
+        """Write the EMA UNet + scheduler as a diffusers folder ``<out>/teacher`` (atomically) and check it loads."""
+        folder = os.path.join(self.cfg.out, EXPORT_DIR)
+        if self.dist.is_main:
+            export_teacher(self.ema.model, self.scheduler, folder, info={
+                "arch": self.cfg.model.arch, "image_size": self.cfg.data.image_size, "steps": self.step,
+                "data": self.cfg.data.root or "embedded procedural set", "config": to_dict(self.cfg)})
+            self._print(f"teacher (EMA weights, diffusers layout): {os.path.abspath(folder)}")
+            self._print(f"use it with: python -m dtfast.pretrain teacher.pretrained={os.path.abspath(folder)} "
+                        f"data.image_size={self.cfg.data.image_size}")
+        barrier(self.dist)
+        return folder
+
+    def close(self) -> None:
+        shutdown(self.dist)
+
+
+def export_teacher(unet: nn.Module, scheduler, folder: str, info: dict[str, Any]) -> None:
+    """``folder/unet`` (safetensors), ``folder/scheduler``, ``folder/dtfast_teacher.json``; replaces ``folder``
+    only once everything is written, then loads it back with ``build_teacher`` as a check."""
+    from dtfast.teachers import build_teacher
+
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp_teacher_")
+    try:
+        unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
+        scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+        with open(os.path.join(tmp, TEACHER_INFO), "w") as fh:
+            json.dump(info, fh, indent=2, default=str)
+        teacher = build_teacher(pretrained=tmp, timestep=50)
+        size = int(info["image_size"])
+        teacher.feature_shapes(size, size)  # raises if the folder is not a usable teacher at this size
+        old = folder + ".old"
+        if os.path.exists(folder):
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,57 @@
+"""Train a small pixel-space diffusion teacher (DDPM, EMA) for DreamTeacher distillation.
+
+    python -m dtfast.train_teacher out=runs/teacher [data.root=/data/images] [train.max_steps=2000] [key=value ...]
+    torchrun --nproc_per_node 2 -m dtfast.train_teacher out=runs/teacher
+
+Writes ``<out>/teacher/`` (diffusers UNet2DModel + DDPMScheduler, EMA weights): pass it as
+``python -m dtfast.pretrain teacher.pretrained=<out>/teacher``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
+    from dtfast.teacher_training.config import TeacherTrainConfig, help_text
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dtfast.train_teacher",
+        description="DDPM training of a diffusers UNet2DModel teacher on an image folder or the embedded set.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (override any with key.sub=value):\n" + help_text(TeacherTrainConfig),
+    )
+    parser.add_argument("--config", default=None, help="YAML file with any of the keys below")
+    parser.add_argument("--resume", default=None, help="shorthand for train.resume=VALUE (auto | never | path)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the YAML file")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"train.resume={args.resume}")
+    return args.config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dtfast.teacher_training.config import ConfigError, load_teacher_config
+
+    config_path, overrides = parse_args(argv)
+    try:
+        cfg = load_teacher_config(config_path, overrides)
+    except ConfigError as exc:
+        print(f"dtfast.train_teacher: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from dtfast.teacher_training.trainer import TeacherTrainer
+
+    trainer = TeacherTrainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
