@@ -93,10 +93,7 @@ def _grad_like(s: Tensor) -> Tensor:
 def fused_forward(student: list[Tensor], teacher: list[Tensor], whiten: int, at_mode: int,
                   backend: str) -> tuple[Tensor, Tensor, list[Tensor]]:
     """(mse[L], at[L], saved) of a fused backend ("triton", "cpu" or "cuda"); see docs/ARCHITECTURE.md."""
-    if backend == "triton":
-        return _backends.triton_kernels().dreamteacher_loss_forward(student, teacher, whiten, at_mode)
-    fwd, _ = _backends.extension_ops()
-    mse, at, saved = fwd(student, teacher, whiten, at_mode)
+    mse, at, saved = _kernel_forward(student, teacher, whiten, at_mode, backend)
     return mse, at, list(saved)
 
 
@@ -118,11 +115,7 @@ def _fused_forward_fake(student, teacher, whiten, at_mode, backend):
 def fused_backward(grad_mse: Tensor, grad_at: Tensor, student: list[Tensor], teacher: list[Tensor],
                    saved: list[Tensor], whiten: int, at_mode: int, backend: str) -> list[Tensor]:
     """Gradient of sum_l grad_mse[l] * mse_l + grad_at[l] * at_l w.r.t. each student map (fused backend)."""
-    if backend == "triton":
-        return _backends.triton_kernels().dreamteacher_loss_backward(grad_mse, grad_at, student, teacher, saved,
-                                                                     whiten, at_mode)
-    _, bwd = _backends.extension_ops()
-    return list(bwd(grad_mse, grad_at, student, teacher, saved, whiten, at_mode))
+    return list(_kernel_backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode, backend))
 
 
 @fused_backward.register_fake
@@ -159,6 +152,43 @@ def _backward(ctx, grad_mse: Tensor | None, grad_at: Tensor | None, _grad_saved)
 fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _kernel_forward(student, teacher, whiten, at_mode, backend):
+    if backend == "triton":
+        return _backends.triton_kernels().dreamteacher_loss_forward(student, teacher, whiten, at_mode)
+    fwd, _ = _backends.extension_ops()
+    return fwd(student, teacher, whiten, at_mode)
+
+
+def _kernel_backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode, backend):
+    if backend == "triton":
+        return _backends.triton_kernels().dreamteacher_loss_backward(grad_mse, grad_at, student, teacher, saved,
+                                                                     whiten, at_mode)
+    _, bwd = _backends.extension_ops()
+    return bwd(grad_mse, grad_at, student, teacher, saved, whiten, at_mode)
+
+
+class _EagerFusedLoss(torch.autograd.Function):
+    """The eager path of the fused ops: same kernels and autograd formula as the custom ops, without their
+    per-call Python overhead (the custom ops are what torch.compile traces)."""
+
+    @staticmethod
+    def forward(ctx, whiten: int, at_mode: int, backend: str, num_levels: int, *maps: Tensor):
+        student, teacher = list(maps[:num_levels]), list(maps[num_levels:])
+        mse, at, saved = _kernel_forward(student, teacher, whiten, at_mode, backend)
+        ctx.save_for_backward(*student, *teacher, *saved)
+        ctx.options = (num_levels, whiten, at_mode, backend)
+        return mse, at
+
+    @staticmethod
+    def backward(ctx, grad_mse: Tensor, grad_at: Tensor):
+        num_levels, whiten, at_mode, backend = ctx.options
+        tensors = ctx.saved_tensors
+        student, teacher = list(tensors[:num_levels]), list(tensors[num_levels:2 * num_levels])
+        grads = _kernel_backward(grad_mse.contiguous(), grad_at.contiguous(), student, teacher,
+                                 list(tensors[2 * num_levels:]), whiten, at_mode, backend)
+        return (None, None, None, None, *grads, *([None] * num_levels))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Entry point used by dtfast.ops.dreamteacher_loss
 
@@ -181,8 +211,11 @@ def dreamteacher_loss_terms(student_feats: Sequence[Tensor], teacher_feats: Sequ
         chosen = resolve_backend(backend, student[0].device, dtype)
     if chosen == "torch":
         mse, at = dreamteacher_loss_parts(student, teacher, whiten, at_mode)
-    else:
+    elif torch.compiler.is_compiling():
         mse, at, _ = fused_forward(student, teacher, WHITEN_CODE[whiten], AT_MODE_CODE[at_mode], chosen)
+    else:
+        mse, at = _EagerFusedLoss.apply(WHITEN_CODE[whiten], AT_MODE_CODE[at_mode], chosen, len(student), *student,
+                                        *teacher)
     if check_finite and not torch.compiler.is_compiling():
         _validate.check_finite(mse, at, student, teacher)
     return mse, at
