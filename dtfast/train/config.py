@@ -84,7 +84,8 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    engine: str = _f("deepspeed", "distributed engine: deepspeed (ZeRO, owns student + regressor) | ddp (plain torch DDP)")
+    engine: str = _f("deepspeed", "distributed engine: deepspeed (ZeRO, owns student + regressor) | ddp (plain "
+                     "torch DDP)")
     backend: str = _f("auto", "process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo")
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage (engine=deepspeed): 0 = replicated like DDP, 1 = optimizer state "
                          "sharded, 2 = + gradients, 3 = + parameters. LAMB needs 0 (its per-layer trust ratio needs "
