@@ -93,9 +93,27 @@ def test_rows_parse_to_switches_and_overrides():
     assert parse_row("config", "cpu").overrides == {}
     assert parse_row("config-early_exit", "cpu").overrides == {"teacher.early_exit": False}
     assert sweep_rows("cuda")[:2] == ["baseline", "optimized"] and "optimized-compile" in sweep_rows("cuda")
+    assert "optimized-data_backend" not in sweep_rows("cpu") and "optimized-data_backend" in sweep_rows("cpu", "real")
     for bad in ("fastest", "optimized+warp_drive", "baseline compile"):
         with pytest.raises(ValueError, match="bench row"):
             parse_row(bad, "cpu")
+
+
+@pytest.mark.parametrize("preset", ["imagenet_r50_adm256", "imagenet_convnextb_adm256"])
+def test_imagenet_presets_fit(preset):
+    """The preset's student regresses exactly the ADM-256 teacher's maps at 256x256 (built without weights)."""
+    from dtfast.students import build_student
+    from dtfast.teachers import build_teacher
+    from dtfast.train.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", f"{preset}.yaml"))
+    assert (cfg.teacher.arch, cfg.data.image_size, cfg.teacher.timestep, cfg.train.optimizer) == ("adm256", 256, 150,
+                                                                                                  "lamb")
+    teacher = build_teacher(arch=cfg.teacher.arch, strides=tuple(cfg.teacher.strides), device="meta", compile=False)
+    assert teacher.feature_shapes(256, 256) == [(512, 64, 64), (512, 32, 32), (1024, 16, 16), (1024, 8, 8)]
+    student = build_student(cfg.student.arch, teacher.channels, strides=tuple(cfg.teacher.strides),
+                            width=cfg.student.width)
+    assert student.feature_shapes(256, 256) == teacher.feature_shapes(256, 256)
 
 
 def test_summarize_quantiles():

@@ -56,7 +56,7 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
     _check_bench(cfg)
     bench = cfg.bench
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    specs = list(bench.rows) or (sweep_rows(device.type) if bench.sweep else ["config"])
+    specs = list(bench.rows) or (sweep_rows(device.type, bench.data) if bench.sweep else ["config"])
     rows: list[Row] = [parse_row(str(spec), device.type) for spec in specs]
     batch_sizes = [int(b) for b in bench.batch_sizes] or [cfg.train.batch_size]
     out_dir = out or os.path.join(cfg.out, "bench")

@@ -79,11 +79,12 @@ def parse_row(spec: str, device_type: str) -> Row:
     return Row(spec.strip(), switches, overrides)
 
 
-def sweep_rows(device_type: str) -> list[str]:
-    """baseline, optimized, and optimized without each of its switches (what each one buys)."""
+def sweep_rows(device_type: str, data: str = "synthetic") -> list[str]:
+    """baseline, optimized, and optimized without each of its switches (what each one buys); the data backend
+    switch only with real data (synthetic batches are already on the device)."""
     device_type = "cuda" if device_type == "cuda" else "cpu"
     on = [name for name in SWITCHES if name in _ON["optimized"][device_type]]
-    return ["baseline", "optimized"] + [f"optimized-{name}" for name in on if name != "data_backend"]
+    return ["baseline", "optimized"] + [f"optimized-{name}" for name in on if name != "data_backend" or data == "real"]
 
 
 def split_overrides(overrides: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
