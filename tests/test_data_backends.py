@@ -184,3 +184,20 @@ def test_dali_random_resized_crops(tmp_path):
     assert len(batches) == 2 and all(images.shape == (3, 3, 24, 24) for images, _ in batches)
     plain, _ = collect(DaliLoader(ImageFolder(str(tmp_path), 24), 3, num_threads=1))
     assert not torch.equal(batches[0][0], plain[0][0])
+
+
+def test_prefetching_pipeline_gives_the_same_batches_and_reraises(tmp_path):
+    smooth_folder(tmp_path, per_class=4)
+    kwargs = {"mean": MEAN, "std": STD, "backend": "torch", "seed": 1, "num_workers": 0}
+    plain = build_input_pipeline(str(tmp_path), 16, 3, prefetch=0, **kwargs)
+    ahead = build_input_pipeline(str(tmp_path), 16, 3, prefetch=2, **kwargs)
+    for _ in range(5):  # crosses two epoch boundaries
+        for a, b in zip(next(plain), next(ahead)):
+            assert torch.equal(a, b)
+    assert ahead.step == plain.step == 5
+    ahead.close()
+    (tmp_path / "bee" / "00.jpg").write_bytes(b"broken")
+    strict = build_input_pipeline(str(tmp_path), 16, 8, prefetch=1, strict=True, **kwargs)
+    with pytest.raises(DecodeError, match="bee/00.jpg"):
+        next(strict)
+    assert strict._thread is None  # stopped after handing the error over

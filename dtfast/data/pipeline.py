@@ -17,6 +17,8 @@ with the samples that step would have seen. Epoch boundaries are crossed inside 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -55,23 +57,32 @@ class InputPipeline:
     """Endless ``(teacher_images, student_images, labels)`` batches from global step ``start_step`` on.
 
     Attributes: ``backend`` (resolved), ``step`` (global step of the next batch), ``epoch``,
-    ``steps_per_epoch``, ``skipped_files`` (undecodable files replaced so far on this rank).
+    ``steps_per_epoch``, ``skipped_files`` (undecodable files replaced so far on this rank), ``prefetch``
+    (batches a background thread prepares ahead; default 2 on CUDA, 0 on the CPU). Call ``close()`` when done
+    with a prefetching pipeline.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, mean: Sequence[float], std: Sequence[float],
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", backend: str = "auto",
                  seed: int = 0, num_workers: int = 2, start_step: int = 0, num_threads: int | None = None,
-                 hw_decoder_load: float = 0.65, channels_last: bool = False) -> None:
+                 hw_decoder_load: float = 0.65, channels_last: bool = False, prefetch: int | None = None) -> None:
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, int(batch_size), int(rank), int(world_size)
         self.device = torch.device(device)
         self.backend = resolve_backend(backend, dataset)
         self.mean, self.std, self.seed, self.num_workers = tuple(mean), tuple(std), int(seed), int(num_workers)
         self.num_threads = default_threads() if num_threads is None else int(num_threads)
         self.hw_decoder_load, self.channels_last = float(hw_decoder_load), bool(channels_last)
-        self.step = int(start_step)
+        # batches prepared ahead by a background thread (on a side CUDA stream on GPUs), so that decoding on the
+        # device (nvjpeg) and the host-to-device copy overlap the training step
+        self.prefetch = (2 if self.device.type == "cuda" else 0) if prefetch is None else int(prefetch)
+        self.step = int(start_step)  # global step of the next batch handed out
+        self._produced = int(start_step)  # global step of the next batch the loader makes
         self.skipped_files: list[str] = []
-        self._loader = self._epoch_loader(self.step)
+        self._loader = self._epoch_loader(self._produced)
         self._iterator: Iterator | None = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
 
     @property
     def epoch(self) -> int:
@@ -99,22 +110,78 @@ class InputPipeline:
     def __iter__(self) -> InputPipeline:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _produce(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._iterator is None:
             self._iterator = iter(self._loader)
         try:
             images, labels = next(self._iterator)
         except StopIteration:  # epoch boundary: the next epoch's loader starts at the step reached
             self.skipped_files.extend(self._loader.skipped_files)
-            self._loader = self._epoch_loader(self.step)
+            self._loader = self._epoch_loader(self._produced)
             self._iterator = iter(self._loader)
             images, labels = next(self._iterator)
-        self.step += 1
+        self._produced += 1
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         teacher_images, student_images = to_views(images, self.mean, self.std)
         return teacher_images, student_images, labels.to(self.device, non_blocking=True)
+
+    def _worker(self) -> None:
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        try:
+            while not self._stop.is_set():
+                if cuda:
+                    with torch.cuda.device(self.device), torch.cuda.stream(stream):
+                        batch = self._produce()
+                        ready = torch.cuda.Event()
+                        ready.record(stream)
+                else:
+                    batch, ready = self._produce(), None
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put((batch, ready, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except Exception as error:  # noqa: BLE001 - handed to the consumer and re-raised there
+            self._queue.put((None, None, error))
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.prefetch <= 0:
+            batch = self._produce()
+        else:
+            if self._thread is None:
+                self._queue = queue.Queue(maxsize=self.prefetch)
+                self._thread = threading.Thread(target=self._worker, name="dtfast-input-prefetch", daemon=True)
+                self._thread.start()
+            batch, ready, error = self._queue.get()
+            if error is not None:
+                self.close()
+                raise error
+            if ready is not None:  # make the consumer's stream wait for the side stream, keep memory alive
+                consumer = torch.cuda.current_stream(self.device)
+                consumer.wait_event(ready)
+                for tensor in batch:
+                    tensor.record_stream(consumer)
+        self.step += 1
+        return batch
+
+    def close(self) -> None:
+        """Stop the prefetch thread (idempotent)."""
+        self._stop.set()
+        if self._thread is not None:
+            while self._queue is not None and not self._queue.empty():
+                self._queue.get_nowait()
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown: nothing left to clean up
+            pass
 
 
 def build_input_pipeline(root: str | None, image_size: int, batch_size: int, *, mean: Sequence[float],
@@ -122,7 +189,8 @@ def build_input_pipeline(root: str | None, image_size: int, batch_size: int, *, 
                          device: str | torch.device = "cpu", backend: str = "auto", seed: int = 0,
                          split: str = "train", num_workers: int = 2, start_step: int = 0, strict: bool = False,
                          random_resized_crop: bool = False, num_images: int = 2048, num_threads: int | None = None,
-                         hw_decoder_load: float = 0.65, channels_last: bool = False) -> InputPipeline:
+                         hw_decoder_load: float = 0.65, channels_last: bool = False,
+                         prefetch: int | None = None) -> InputPipeline:
     """Data set (``build_dataset``) + ``InputPipeline`` in one call; arguments as there."""
     from . import build_dataset
 
@@ -130,4 +198,5 @@ def build_input_pipeline(root: str | None, image_size: int, batch_size: int, *, 
                             random_resized_crop=random_resized_crop)
     return InputPipeline(dataset, batch_size, mean=mean, std=std, rank=rank, world_size=world_size, device=device,
                          backend=backend, seed=seed, num_workers=num_workers, start_step=start_step,
-                         num_threads=num_threads, hw_decoder_load=hw_decoder_load, channels_last=channels_last)
+                         num_threads=num_threads, hw_decoder_load=hw_decoder_load, channels_last=channels_last,
+                         prefetch=prefetch)
