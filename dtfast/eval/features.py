@@ -1,0 +1,112 @@
+"""Backbones to evaluate and their frozen, pooled features on labelled, non-augmented images."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["load_backbone", "load_images", "pooled_features", "probe_datasets", "stage_indices"]
+
+STRIDES = (4, 8, 16, 32)
+
+
+def load_backbone(arch: str, weights: str = "random", seed: int = 0) -> nn.Module:
+    """A headless timm model (``num_classes=0``) in eval mode.
+
+    weights: "random" (timm's init under ``torch.manual_seed(seed)``), "timm" (timm's pretrained weights, from
+    the hub or its cache) or a safetensors file in timm naming (what dtfast.pretrain exports); every key must match.
+    """
+    import timm
+
+    if weights == "timm":
+        return timm.create_model(arch, pretrained=True, num_classes=0).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+    if weights != "random":
+        from safetensors.torch import load_file
+
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"backbone weights {weights!r}: no such file")
+        state = load_file(weights)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"backbone weights {weights!r} do not fit timm {arch!r} (num_classes=0): missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]}; was it exported for another arch?")
+    return model.eval()
+
+
+def stage_indices(model: nn.Module, which: str) -> list[int]:
+    """Indices for ``forward_intermediates``: the last tap at each stride 4..32 ("all") or only stride 32 ("last")."""
+    info = [int(f["reduction"]) for f in model.feature_info]
+    strides = STRIDES if which == "all" else STRIDES[-1:]
+    indices = []
+    for stride in strides:
+        matches = [i for i, reduction in enumerate(info) if reduction == stride]
+        if not matches:
+            raise ValueError(f"{type(model).__name__} has no feature map at stride {stride} (has {sorted(set(info))})")
+        indices.append(matches[-1])
+    return indices
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, images: torch.Tensor, which: str = "last", batch_size: int = 250,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """Global-average-pooled stage outputs of uint8 images (N, 3, H, W), normalised with the model's mean/std.
+
+    Returns float32 (N, D): D = channels of the last stage ("last") or the sum over C2..C5 ("all").
+    """
+    import timm.data
+
+    config = timm.data.resolve_model_data_config(model)
+    mean = torch.tensor(config["mean"], device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(config["std"], device=device).view(1, 3, 1, 1) * 255.0
+    model = model.to(device).eval()
+    indices = stage_indices(model, which)
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = (images[start:start + batch_size].to(device).float() - mean) / std
+        maps = model.forward_intermediates(x, indices=indices, intermediates_only=True)
+        out.append(torch.cat([m.float().mean(dim=(2, 3)) for m in maps], dim=1).cpu())
+    return torch.cat(out)
+
+
+def probe_datasets(root: str, image_size: int, num_train: int = 5000, num_val: int = 2000, num_classes: int = 10,
+                   seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(train, val) without augmentation: ``root/train`` and ``root/val`` (centre crops), or the procedural splits."""
+    from dtfast.data import ImageFolder, ProceduralImages
+
+    if not root:
+        train = ProceduralImages(num_train, image_size, num_classes=num_classes, seed=seed, split="train")
+        train.train = False  # the probe sees the images as rendered: no flips
+        return train, ProceduralImages(num_val, image_size, num_classes=num_classes, seed=seed, split="val")
+    missing = [s for s in ("train", "val") if not os.path.isdir(os.path.join(root, s))]
+    if missing:
+        raise FileNotFoundError(f"evaluation data {root!r} needs {root}/train/<class>/ and {root}/val/<class>/; "
+                                f"missing: {missing}")
+    train = ImageFolder(root, image_size, split="train", train=False)
+    val = ImageFolder(root, image_size, split="val", train=False)
+    if train.classes != val.classes:
+        raise ValueError(f"{root}: train and val have different classes ({train.classes[:5]} vs {val.classes[:5]})")
+    if not train.classes:
+        raise ValueError(f"{root}/train has no class folders: a linear probe needs labels")
+    return train, val
+
+
+def load_images(dataset: Dataset, num_workers: int = 1, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    """All items of a data set as one uint8 tensor (N, 3, H, W) and int64 labels (N,), in index order."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate)
+    images, labels = [], []
+    for x, y in loader:
+        images.append(x)
+        labels.append(y)
+    return torch.cat(images), torch.cat(labels)
+
+
+def _collate(items: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([i[0] for i in items]), torch.tensor([int(i[1]) for i in items], dtype=torch.int64)

@@ -1,0 +1,95 @@
+"""``evaluate(cfg)``: load a backbone and labelled data, extract frozen features once, linear probe + k-NN."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dtfast.eval.config import EvalConfig, to_dict
+from dtfast.eval.features import load_backbone, load_images, pooled_features, probe_datasets
+from dtfast.eval.probe import knn_top1, linear_probe
+
+__all__ = ["ProbeData", "evaluate", "evaluate_model", "load_probe_data", "resolve_device"]
+
+
+@dataclass
+class ProbeData:
+    """Decoded, non-augmented labelled images: uint8 (N, 3, S, S) and int64 labels, per split."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    description: str
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.train_labels.max(), self.val_labels.max())) + 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_probe_data(cfg: EvalConfig) -> ProbeData:
+    d = cfg.data
+    train, val = probe_datasets(d.root, d.image_size, d.num_train, d.num_val, d.num_classes, d.seed)
+    train_images, train_labels = load_images(train, d.num_workers)
+    val_images, val_labels = load_images(val, d.num_workers)
+    what = d.root or f"procedural(seed={d.seed}, classes={d.num_classes})"
+    return ProbeData(train_images, train_labels, val_images, val_labels, f"{what} at {d.image_size}px")
+
+
+def evaluate_model(model: nn.Module, data: ProbeData, cfg: EvalConfig) -> dict:
+    """Linear-probe and k-NN top-1 of a headless timm model's frozen pooled features on ``data``."""
+    device = resolve_device(cfg.device)
+    start = time.perf_counter()
+    train_x = pooled_features(model, data.train_images, cfg.probe.features, cfg.batch_size, device)
+    val_x = pooled_features(model, data.val_images, cfg.probe.features, cfg.batch_size, device)
+    extracted = time.perf_counter()
+    if not (torch.isfinite(train_x).all() and torch.isfinite(val_x).all()):
+        raise FloatingPointError("backbone features are not finite; the weights are broken")
+    p = cfg.probe
+    result = linear_probe(train_x, data.train_labels, val_x, data.val_labels, p.weight_decays, p.holdout,
+                          p.max_iter, p.seed)
+    result = {"linear_top1": result.pop("top1"), **{f"linear_{k}": v for k, v in result.items()}}
+    if p.knn_k > 0:
+        result["knn_top1"] = knn_top1(train_x, data.train_labels, val_x, data.val_labels, p.knn_k,
+                                      p.knn_temperature)
+    result.update({"feature_dim": int(train_x.shape[1]), "num_train": int(train_x.shape[0]),
+                   "num_val": int(val_x.shape[0]), "num_classes": data.num_classes, "data": data.description,
+                   "extract_s": extracted - start, "probe_s": time.perf_counter() - extracted})
+    return result
+
+
+def default_out(cfg: EvalConfig) -> str:
+    if cfg.out:
+        return cfg.out
+    if cfg.backbone in ("random", "timm"):
+        return "eval.json"
+    return os.path.join(os.path.dirname(os.path.abspath(cfg.backbone)), "eval.json")
+
+
+def evaluate(cfg: EvalConfig, data: ProbeData | None = None, write: bool = True) -> dict:
+    """Evaluate ``cfg.backbone``; print a summary and (``write``) save the JSON. ``data`` may be reused."""
+    data = data or load_probe_data(cfg)
+    model = load_backbone(cfg.arch, cfg.backbone, cfg.seed)
+    result = {"backbone": cfg.backbone, "arch": cfg.arch, **evaluate_model(model, data, cfg), "config": to_dict(cfg)}
+    knn = f", k-NN (k={cfg.probe.knn_k}) top-1 {100 * result['knn_top1']:.2f}%" if "knn_top1" in result else ""
+    print(f"[dtfast.evaluate] {cfg.arch} ({cfg.backbone}) on {data.description}: linear-probe top-1 "
+          f"{100 * result['linear_top1']:.2f}% (features {cfg.probe.features}, dim {result['feature_dim']}, "
+          f"L2 {result['linear_weight_decay']:g}){knn}", flush=True)
+    if write:
+        from dtfast.train.checkpoint import atomic_write_text
+
+        path = default_out(cfg)
+        atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
+        print(f"[dtfast.evaluate] results: {os.path.abspath(path)}", flush=True)
+    return result
