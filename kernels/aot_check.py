@@ -30,7 +30,7 @@ else:
     from ._loss_meta import tile_config
 
 
-def compile_kernel(fn, dtype: str, constexprs: dict, arch: int):
+def compile_kernel(fn, dtype: str, constexprs: dict, arch: int, num_warps: int = K.NUM_WARPS):
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -46,7 +46,7 @@ def compile_kernel(fn, dtype: str, constexprs: dict, arch: int):
         if name.endswith("_ptr"):  # what the launcher's specialisation gives 16-byte aligned tensors
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": K.NUM_WARPS})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 
 def ptxas_info(ptx: str, arch: int) -> str:
@@ -81,7 +81,7 @@ def variants():
     for whiten in (0, 1):
         for at_mode in (0, 1):
             yield (f"sample whiten={whiten} at={at_mode}", K._fwd_sample_kernel, "fp32",
-                   dict(WHITEN=whiten, AT_MODE=at_mode, BLOCK=256, LP=4, EPS=1e-6, NORM_EPS=1e-12), False)
+                   dict(WHITEN=whiten, AT_MODE=at_mode, BLOCK=2048, BLOCK_T=32, LP=4, EPS=1e-6, NORM_EPS=1e-12), False)
     yield "level", K._fwd_level_kernel, "fp32", dict(AT_MODE=0, BLOCK=128), False
 
 
@@ -98,7 +98,8 @@ def main(argv=None) -> int:
         if args.quick and not (dtype == "bf16" and want_vector) and not name.startswith(("sample", "level")):
             continue
         try:
-            kernel = compile_kernel(fn, dtype, constexprs, args.arch)
+            warps = 8 if constexprs.get("BLOCK", 0) >= 1024 else K.NUM_WARPS
+            kernel = compile_kernel(fn, dtype, constexprs, args.arch, warps)
         except Exception as exc:  # report every variant
             failures += 1
             print(f"FAIL {name}: {type(exc).__name__}: {exc}")

@@ -9,10 +9,14 @@ offsets of each map relative to a base map, B, C, HW, buffer offsets) lives in o
 number of launches does not depend on L: forward = one main launch per layout group + 2 small reductions,
 backward = one launch per layout group (a group = levels sharing dtype and student/teacher memory format; one
 group in practice).
-- Forward main: streams s and g once. Per (pixel, channel lane) it runs a Welford update of the teacher mean/M2,
-  the student mean and the student-teacher co-moment, plus sum s^2; lanes are merged (Chan) at the end. From
-  these moments, per pixel: sum_c (s - W(g))^2 = S_ss - 2 r C_sg + r^2 M2_g, q_s = S_ss, q_g = M2_g + C mu^2.
-  Channel mode stores (q_s, q_g, mu, rstd) per pixel; sample mode stores (q_s, q_g) and per-tile moments.
+- Forward main: streams s and g once, in fp32. NCHW: each program owns BLOCK_P contiguous pixels and walks the
+  channels (UNROLL rows per iteration, vector loads along the pixels), with an exact per-pixel Welford update of
+  the teacher mean/M2, the student mean and the student-teacher co-moment, plus sum s^2 and sum g^2.
+  channels_last: one pixel per thread, BLOCK_C contiguous channels per vector load, chunks merged with Chan's
+  formulas in registers (no cross-thread reductions in the loop). From these moments, per pixel:
+  sum_c (s - W(g))^2 = S_ss - 2 r C_sg + r^2 M2_g, q_s = S_ss, q_g = S_gg (summed the same way as S_ss, so s = k*g
+  gives exactly zero AT). Channel mode stores (q_s, q_g, mu, rstd) per pixel; sample mode stores (q_s, q_g) and
+  per-tile moments (merged per sample in the next stage).
 - Forward per sample: merges tile moments (sample whitening), norms of q_s, q_g, and the exact
   ||qhat_s - qhat_g|| and <qhat_s, qhat_s - qhat_g> from the stored q's (no cancellation). Per level: sums.
 - Backward: ds = alpha[p] * s - beta[p] * (g - mu), with per-pixel alpha/beta from the saved statistics; it
@@ -212,8 +216,8 @@ def _fwd_main_kernel(s_ptr, g_ptr, meta_ptr, pix_ptr, part_ptr, num_levels, grou
 
 @triton.jit
 def _fwd_sample_kernel(meta_ptr, pix_ptr, part_ptr, samp_ptr, num_levels,
-                       WHITEN: tl.constexpr, AT_MODE: tl.constexpr, BLOCK: tl.constexpr, LP: tl.constexpr,
-                       EPS: tl.constexpr, NORM_EPS: tl.constexpr):
+                       WHITEN: tl.constexpr, AT_MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_T: tl.constexpr,
+                       LP: tl.constexpr, EPS: tl.constexpr, NORM_EPS: tl.constexpr):
     pid = tl.program_id(0)
     lvl = _find_level(meta_ptr, pid, num_levels, -1, 11, 2, LP)
     row = meta_ptr + lvl * 16
@@ -226,14 +230,15 @@ def _fwd_sample_kernel(meta_ptr, pix_ptr, part_ptr, samp_ptr, num_levels,
     part = part_ptr + tl.load(row + 9) + b * n_tiles
     nplane = B * n_tiles
     offs = tl.arange(0, BLOCK)
+    toffs = tl.arange(0, BLOCK_T)
 
     mse_b = 0.0
     mu = 0.0
     rstd = 0.0
     if WHITEN == 0:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for t0 in range(0, n_tiles, BLOCK):
-            acc += tl.load(part + t0 + offs, mask=t0 + offs < n_tiles, other=0.0)
+        acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for t0 in range(0, n_tiles, BLOCK_T):
+            acc += tl.load(part + t0 + toffs, mask=t0 + toffs < n_tiles, other=0.0)
         mse_b = tl.sum(acc, axis=0)
     else:
         n = 0.0
@@ -241,14 +246,14 @@ def _fwd_sample_kernel(meta_ptr, pix_ptr, part_ptr, samp_ptr, num_levels,
         ms = 0.0
         co = 0.0
         sss = 0.0
-        for t0 in range(0, n_tiles, BLOCK):
-            tmask = t0 + offs < n_tiles
-            nt = tl.load(part + t0 + offs, mask=tmask, other=0.0)
-            mg_t = tl.load(part + nplane + t0 + offs, mask=tmask, other=0.0)
-            m2_t = tl.load(part + 2 * nplane + t0 + offs, mask=tmask, other=0.0)
-            ms_t = tl.load(part + 3 * nplane + t0 + offs, mask=tmask, other=0.0)
-            co_t = tl.load(part + 4 * nplane + t0 + offs, mask=tmask, other=0.0)
-            sss += tl.sum(tl.load(part + 5 * nplane + t0 + offs, mask=tmask, other=0.0), axis=0)
+        for t0 in range(0, n_tiles, BLOCK_T):
+            tmask = t0 + toffs < n_tiles
+            nt = tl.load(part + t0 + toffs, mask=tmask, other=0.0)
+            mg_t = tl.load(part + nplane + t0 + toffs, mask=tmask, other=0.0)
+            m2_t = tl.load(part + 2 * nplane + t0 + toffs, mask=tmask, other=0.0)
+            ms_t = tl.load(part + 3 * nplane + t0 + toffs, mask=tmask, other=0.0)
+            co_t = tl.load(part + 4 * nplane + t0 + toffs, mask=tmask, other=0.0)
+            sss += tl.sum(tl.load(part + 5 * nplane + t0 + toffs, mask=tmask, other=0.0), axis=0)
             n_c = tl.sum(nt, axis=0)
             mg_c = tl.sum(nt * mg_t, axis=0) / n_c
             ms_c = tl.sum(nt * ms_t, axis=0) / n_c
@@ -440,8 +445,12 @@ def dreamteacher_loss_forward(student: list[Tensor], teacher: list[Tensor], whit
             grp.s_base, grp.g_base, meta, pix, part, L, gid, WHITEN=whiten, S_CL=grp.s_cl, G_CL=grp.g_cl,
             ALIGN=grp.align, BLOCK_C=grp.block_c, BLOCK_P=grp.block_p, UNROLL=grp.unroll, LP=LP, EPS=WHITEN_EPS,
             num_warps=NUM_WARPS)
-    _fwd_sample_kernel[(plan.num_samples,)](meta, pix, part, samp, L, WHITEN=whiten, AT_MODE=at_mode, BLOCK=256,
-                                            LP=LP, EPS=WHITEN_EPS, NORM_EPS=NORM_EPS, num_warps=4)
+    # one program per sample; wide blocks keep its loops over pixels and tiles to one or two iterations
+    block = max(min(triton.next_power_of_2(max(row[4] for row in plan.rows)), 2048), 128)
+    block_t = max(min(triton.next_power_of_2(max(row[7] for row in plan.rows)), 256), 16)
+    _fwd_sample_kernel[(plan.num_samples,)](meta, pix, part, samp, L, WHITEN=whiten, AT_MODE=at_mode, BLOCK=block,
+                                            BLOCK_T=block_t, LP=LP, EPS=WHITEN_EPS, NORM_EPS=NORM_EPS,
+                                            num_warps=8 if block >= 1024 else 4)
     _fwd_level_kernel[(L,)](meta, samp, mse, at, AT_MODE=at_mode, BLOCK=128, num_warps=4)
     return mse, at, [pix, samp]
 

@@ -119,17 +119,21 @@ class TinyStudent(nn.Module):
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
-def test_torch_compile_fullgraph_with_the_loss(backend, compiler):
+@pytest.mark.parametrize("backend,device", [
+    ("torch", "cpu"), ("cpu", "cpu"), ("triton", "cpu"),
+    pytest.param("triton", "cuda", marks=pytest.mark.needs_cuda),
+    pytest.param("cuda", "cuda", marks=pytest.mark.needs_cuda)])
+def test_torch_compile_fullgraph_with_the_loss(backend, device, compiler):
     """fullgraph capture + AOT autograd through the custom ops (aot_eager in CI; inductor behind -m slow)."""
-    if backend == "cpu" and not HAS_CPU_EXT:
-        pytest.skip(NO_EXT)
-    if backend == "triton" and not (_backends.triton_available() and os.environ.get("TRITON_INTERPRET") == "1"):
+    if backend in ("cpu", "cuda") and not _backends.extension_has(backend):
+        pytest.skip(NO_EXT + f" (with its {backend} kernel)")
+    if backend == "triton" and not (_backends.triton_available() and (
+            device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
     torch.manual_seed(0)
-    model = TinyStudent()
-    x = torch.randn(2, 3, 10, 10)
-    teacher = [torch.randn(2, 8, 10, 10), torch.randn(2, 12, 5, 5)]
+    model = TinyStudent().to(device)
+    x = torch.randn(2, 3, 10, 10, device=device)
+    teacher = [torch.randn(2, 8, 10, 10, device=device), torch.randn(2, 12, 5, 5, device=device)]
     eager = model(x, teacher, backend)
     eager.backward()
     grads = [p.grad.clone() for p in model.parameters()]
