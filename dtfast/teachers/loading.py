@@ -21,6 +21,13 @@ HUB_PATTERNS = [
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
 ]
+HUB_PATTERNS_BIN = [
+    *HUB_PATTERNS[:3],
+    "diffusion_pytorch_model.bin",
+    "unet/diffusion_pytorch_model.bin",
+    "vae/diffusion_pytorch_model.bin",
+    "text_encoder/pytorch_model.bin",
+]
 
 
 def _download_help(name: str) -> str:
@@ -47,7 +54,11 @@ def resolve_pretrained(pretrained: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS))
+        folder = Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS))
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*/*.safetensors")):
+            # older repositories ship only PyTorch pickles
+            folder = Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS_BIN))
+        return folder
     except Exception as error:  # offline, no network, unknown repo, gated repo: all end the same way for the user
         raise OSError(
             f"teacher.pretrained={text!r} is not a local folder and could not be fetched from the Hugging Face hub "
