@@ -1,0 +1,210 @@
+"""Does DreamTeacher work? The small-scale proof, one command, <= 60 minutes on a 2-core CPU.
+
+    python recipes/small_scale.py                      # the embedded procedural set
+    python recipes/small_scale.py --data ROOT          # any labelled folder ROOT/{train,val}/<class>/<image>
+
+Steps (each skipped when its output already exists, so an interrupted run continues where it stopped):
+1. train one small DDPM teacher on the (unlabelled) train images: ``python -m dtfast.train_teacher``;
+2. write a random-weight teacher of the SAME architecture (the control: same UNet, no knowledge);
+3. for every seed: distil each teacher into a ResNet-18 with ``python -m dtfast.pretrain``, and train the same
+   ResNet-18 with labels (the supervised upper bound);
+4. linear probe (and k-NN) of the frozen pooled last-stage features of: random init, distilled from the random
+   teacher, distilled from the trained teacher, supervised; mean and std over seeds.
+Outputs in ``--out``: ``results.json``, ``results.md`` (the table), ``results.png``, and every run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from recipes.report import ROWS, summarise, write_plot, write_table
+
+# The teacher: the `tiny` layout (6 levels, attention at strides 16/32) at a quarter of its width cost.
+TEACHER_MODEL = ["model.arch=tiny", "model.block_out_channels=[16,32,32,64,64,64]", "model.norm_num_groups=8"]
+
+PRESETS = {
+    # the real recipe, sized for <= 60 minutes on an idle 2-core CPU at 32x32
+    "full": dict(teacher_steps=500, teacher_batch=32, distill_steps=250, distill_batch=32, supervised_steps=250,
+                 supervised_batch=32, num_images=4096, num_train=4000, num_val=2000),
+    # seconds: the CI check that the whole pipeline runs end to end
+    "quick": dict(teacher_steps=4, teacher_batch=8, distill_steps=3, distill_batch=8, supervised_steps=3,
+                  supervised_batch=8, num_images=64, num_train=60, num_val=40),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="", help="labelled folder ROOT/{train,val}/<class>/<image>; empty = procedural")
+    p.add_argument("--out", default="", help="output folder (default recipes/runs/<data name>)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--timestep", type=int, default=50, help="teacher timestep t (paper: 50 for in-domain data)")
+    p.add_argument("--student", default="resnet18")
+    p.add_argument("--teacher", default="", help="use this trained teacher folder instead of training one")
+    p.add_argument("--features", choices=("last", "all"), default="last", help="probe features (see dtfast.evaluate)")
+    p.add_argument("--workers", type=int, default=1, help="data-loader workers")
+    for key in PRESETS["full"]:
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=None, help="override the preset")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if not args.out:
+        name = os.path.basename(os.path.normpath(args.data)) if args.data else "procedural"
+        args.out = os.path.join(ROOT, "recipes", "runs", name + ("" if args.preset == "full" else "_" + args.preset))
+    return args
+
+
+def run(cmd: list[str], log: str) -> None:
+    """Run a dtfast command with its output teed into ``log``; fail loudly with the log's tail."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    print("$ " + " ".join(cmd), flush=True)
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)
+    if proc.returncode != 0:
+        with open(log) as fh:
+            tail = fh.read()[-3000:]
+        raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- {log} ---\n{tail}")
+
+
+def data_keys(args: argparse.Namespace) -> list[str]:
+    if args.data:
+        return [f"data.root={args.data}"]
+    return ["data.root=", f"data.num_images={args.num_images}"]
+
+
+def train_teacher(args: argparse.Namespace) -> str:
+    out = os.path.join(args.out, "teacher")
+    folder = os.path.join(out, "teacher")
+    if os.path.isfile(os.path.join(folder, "dtfast_teacher.json")):
+        return folder
+    os.makedirs(out, exist_ok=True)
+    run([sys.executable, "-m", "dtfast.train_teacher", f"out={out}", *TEACHER_MODEL, *data_keys(args),
+         f"data.image_size={args.image_size}", f"data.num_workers={args.workers}", f"train.max_steps={args.teacher_steps}",
+         f"train.batch_size={args.teacher_batch}", "train.log_every=25", "train.save_every=250"],
+        os.path.join(out, "log.txt"))
+    return folder
+
+
+def random_teacher(args: argparse.Namespace, seed: int = 0) -> str:
+    """A teacher folder with the trained teacher's architecture and scheduler but random (init) weights."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from dtfast.teacher_training.config import load_teacher_config
+    from dtfast.teacher_training.trainer import build_scheduler, export_teacher, unet_config
+
+    folder = os.path.join(args.out, "random_teacher")
+    if not os.path.isfile(os.path.join(folder, "dtfast_teacher.json")):
+        cfg = load_teacher_config(None, [*TEACHER_MODEL, f"data.image_size={args.image_size}"])
+        torch.manual_seed(seed)
+        export_teacher(UNet2DModel(**unet_config(cfg)), build_scheduler(cfg), folder,
+                       info={"random": True, "seed": seed, "image_size": args.image_size, "steps": 0})
+    return folder
+
+
+def distil(args: argparse.Namespace, teacher: str, name: str, seed: int) -> str:
+    out = os.path.join(args.out, f"{name}_s{seed}")
+    backbone = os.path.join(out, "backbone.safetensors")
+    if os.path.isfile(backbone):
+        return backbone
+    os.makedirs(out, exist_ok=True)
+    run([sys.executable, "-m", "dtfast.pretrain", f"out={out}", f"teacher.pretrained={os.path.abspath(teacher)}",
+         f"teacher.timestep={args.timestep}", f"student.arch={args.student}", *data_keys(args),
+         f"data.image_size={args.image_size}", f"data.num_workers={args.workers}", f"train.max_steps={args.distill_steps}",
+         f"train.batch_size={args.distill_batch}", f"train.seed={seed}", "train.save_every=100",
+         f"train.warmup_steps={max(1, args.distill_steps // 10)}", "train.log_every=10"],
+        os.path.join(out, "log.txt"))
+    return backbone
+
+
+def supervised(args: argparse.Namespace, num_classes: int, seed: int) -> str:
+    from dtfast.data import build_dataset
+    from dtfast.eval.supervised import train_supervised
+
+    out = os.path.join(args.out, f"supervised_s{seed}")
+    if os.path.isfile(os.path.join(out, "done.json")):
+        return os.path.join(out, "backbone.safetensors")
+    dataset = build_dataset(args.data or None, args.image_size, split="train", num_images=args.num_images,
+                            seed=seed)
+    return train_supervised(args.student, dataset, num_classes, out, steps=args.supervised_steps,
+                            batch_size=args.supervised_batch, seed=seed, num_workers=args.workers,
+                            warmup_steps=max(1, args.supervised_steps // 10))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    from dtfast.eval.config import load_eval_config
+    from dtfast.eval.features import load_backbone
+    from dtfast.eval.runner import evaluate_model, load_probe_data
+
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def timed(key: str, fn, *a):
+        t0 = time.perf_counter()
+        value = fn(*a)
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+        return value
+
+    eval_cfg = load_eval_config(None, [f"arch={args.student}", f"data.root={args.data}",
+                                       f"data.image_size={args.image_size}", f"data.num_train={args.num_train}",
+                                       f"data.num_val={args.num_val}", f"data.num_workers={args.workers}",
+                                       f"probe.features={args.features}"])
+    data = timed("load probe data", load_probe_data, eval_cfg)
+    teacher = args.teacher or timed("teacher training", train_teacher, args)
+    control = random_teacher(args)
+    weights: dict[str, dict[int, str]] = {row: {} for row in ROWS}
+    for seed in args.seeds:
+        weights["random init"][seed] = "random"
+        weights["distilled, random teacher"][seed] = timed("distillation", distil, args, control, "distill_random", seed)
+        weights["distilled, trained teacher"][seed] = timed("distillation", distil, args, teacher, "distill_trained",
+                                                            seed)
+        weights["supervised (upper bound)"][seed] = timed("supervised", supervised, args, data.num_classes, seed)
+    results: dict[str, dict[str, dict]] = {row: {} for row in ROWS}
+    for row in ROWS:
+        for seed, path in weights[row].items():
+            model = load_backbone(args.student, path, seed)
+            results[row][str(seed)] = timed("evaluation", evaluate_model, model, data, eval_cfg)
+            print(f"[recipe] {row:<28} seed {seed}: linear {100 * results[row][str(seed)]['linear_top1']:.2f}%  "
+                  f"k-NN {100 * results[row][str(seed)].get('knn_top1', float('nan')):.2f}%", flush=True)
+    timings["total"] = time.perf_counter() - start
+    summary = summarise(results)
+    record = {"command": " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "recipes/small_scale.py",
+                                   *(argv if argv is not None else sys.argv[1:])]),
+              "machine": machine(), "args": vars(args), "teacher": teacher, "data": data.description,
+              "summary": summary, "per_seed": results, "timings_s": timings}
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump(record, fh, indent=2, default=str)
+    write_table(record, os.path.join(args.out, "results.md"))
+    write_plot(record, os.path.join(args.out, "results.png"))
+    with open(os.path.join(args.out, "results.md")) as fh:
+        print(fh.read())
+    return 0
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {platform.system()}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
