@@ -14,7 +14,9 @@
 #   python benchmarks/record_gpu_results.py <folder the files came back to>
 # Knobs (environment): GPU_CHECK_BUDGET, BENCH_BATCHES (default [128,256,64]), BENCH_ROWS, BENCH_STEPS,
 #   BENCH_WARMUP, BENCH_ENGINE (default ddp), BENCH_CONFIG (default configs/imagenet_r50_adm256.yaml), SKIP_STAGES
-#   (space-separated stage names).
+#   (space-separated stage names), CAP_<stage>=SECONDS (a stage's own timeout cap).
+# Default caps (s): wheels 90, build_ext 150, cuda_tests 75, loss_bench 75, dtfast_bench 210, teacher_bench 90,
+#   data_bench 45, op_tests 90; each is further capped by what is left of the budget.
 set -u -o pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,6 +35,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor_cache
 
 elapsed() { echo $(( $(date +%s) - START )); }
+cap() { local var="CAP_$1"; echo "${!var:-$2}"; }   # CAP_<stage>=SECONDS overrides a stage's default cap
 
 # run_stage NAME MAX_SECONDS COMMAND...: runs COMMAND under timeout, logs to $LOGS/NAME.log, one summary line.
 run_stage() {
@@ -63,27 +66,29 @@ missing() {  # missing NAME PATH: record a stage whose script is not in the chec
 # ---- 0. the machine ---------------------------------------------------------------------------------------------
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 CARD=${CARD:-unknown}
-{
-    nvidia-smi 2>&1 | head -n 20
-    $PY -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda",
-torch.version.cuda, "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)' 2>&1
-    $PY -c 'import triton; print("triton", triton.__version__)' 2>&1
-} > "$LOGS/info.log"
-$PY - "$CARD" > "$OUT/gpu_info.json" <<'EOF' || echo "{\"card\": \"$CARD\"}" > "$OUT/gpu_info.json"
-import datetime, json, os, subprocess, sys
-info = {"card": sys.argv[1], "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+nvidia-smi > "$LOGS/info.log" 2>&1
+# one Python start (importing torch takes a while): versions, card, compute capability, into gpu_info.json
+$PY - "$CARD" "$OUT/gpu_info.json" "$WORK/arch" >> "$LOGS/info.log" 2>&1 <<'EOF' || echo "{\"card\": \"$CARD\"}" > "$OUT/gpu_info.json"
+import datetime, json, platform, subprocess, sys
+card, info_path, arch_path = sys.argv[1:4]
+info = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python": platform.python_version()}
 try:
     import torch
-    info.update(torch=torch.__version__, cuda=torch.version.cuda,
-                device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    info.update(torch=torch.__version__, cuda=torch.version.cuda)
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+        info["capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
+        with open(arch_path, "w") as fh:
+            fh.write(info["capability"])
     import triton
     info["triton"] = triton.__version__
 except Exception as error:  # noqa: BLE001
     info["error"] = repr(error)
 try:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
-                          "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
-    info["nvidia_smi"] = out
+    info["nvidia_smi"] = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm", "--format=csv,noheader"],
+        capture_output=True, text=True, timeout=20).stdout.strip()
 except Exception:  # noqa: BLE001
     pass
 try:
@@ -91,15 +96,18 @@ try:
                                     timeout=10).stdout.strip() or None
 except Exception:  # noqa: BLE001
     info["commit"] = None
-print(json.dumps(info, indent=1))
+text = json.dumps(info, indent=1)
+print(text)
+with open(info_path, "w") as fh:
+    fh.write(text + "\n")
 EOF
 echo "gpu_check on $CARD, budget ${BUDGET}s, logs in $LOGS"
 
 # ---- 1. carried wheels (diffusers, deepspeed, ...) ---------------------------------------------------------------
 if compgen -G ".whl/*.whl" > /dev/null; then
     SITE=$WORK/site
-    if run_stage wheels 90 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
-            .whl/*.whl; then
+    if run_stage wheels "$(cap wheels 90)" $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --target "$SITE" .whl/*.whl; then
         export PYTHONPATH="$SITE:$PYTHONPATH"
     fi
 else
@@ -107,21 +115,24 @@ else
 fi
 
 # ---- 2. the extension (CUDA + C++), built against this machine's torch --------------------------------------------
-run_stage build_ext 150 env MAX_JOBS=16 $PY setup.py build_ext --inplace
+# only this card's architecture (setup.py's default builds 8.0 and 9.0: twice the nvcc time)
+ARCH=$(cat "$WORK/arch" 2>/dev/null)
+run_stage build_ext "$(cap build_ext 150)" env MAX_JOBS=16 DTFAST_CUDA_ARCHS="${DTFAST_CUDA_ARCHS:-${ARCH:-8.0;9.0}}" \
+    $PY setup.py build_ext --inplace
 
 # ---- 3. tests that need CUDA ---------------------------------------------------------------------------------------
-run_stage cuda_tests 75 $PY -m pytest -x -q -m needs_cuda tests -p no:cacheprovider
+run_stage cuda_tests "$(cap cuda_tests 75)" $PY -m pytest -x -q -m needs_cuda tests -p no:cacheprovider
 
 # ---- 4. loss benchmark ---------------------------------------------------------------------------------------------
 if [[ -f benchmarks/loss_bench.py ]]; then
-    run_stage loss_bench 75 $PY benchmarks/loss_bench.py --device cuda
+    run_stage loss_bench "$(cap loss_bench 75)" $PY benchmarks/loss_bench.py --device cuda
 else
     missing loss_bench benchmarks/loss_bench.py
 fi
 
 # ---- 5. dtfast.bench: the training step, R50 + ADM-256 at 256x256, bf16, random teacher weights --------------------
 BENCH_OUT=$WORK/bench_r50
-BENCH_MAX=240
+BENCH_MAX=$(cap dtfast_bench 210)
 LEFT=$(( BUDGET - $(elapsed) - RESERVE ))
 BENCH_LIMIT=$(( BENCH_MAX < LEFT ? BENCH_MAX : LEFT ))
 # One process, one GPU: dist.engine=ddp is the plain module there (no wrapper, no process group); DeepSpeed would
@@ -140,21 +151,21 @@ done
 
 # ---- 6. teacher benchmark ------------------------------------------------------------------------------------------
 if [[ -f benchmarks/teacher_bench.py ]]; then
-    run_stage teacher_bench 100 $PY benchmarks/teacher_bench.py --device cuda
+    run_stage teacher_bench "$(cap teacher_bench 90)" $PY benchmarks/teacher_bench.py --device cuda
 else
     missing teacher_bench benchmarks/teacher_bench.py
 fi
 
 # ---- 7. data benchmark (torchvision nvJPEG path; DALI's wheel cannot travel) ----------------------------------------
 if [[ -f benchmarks/data_bench.py ]]; then
-    run_stage data_bench 60 $PY benchmarks/data_bench.py --device cuda
+    run_stage data_bench "$(cap data_bench 45)" $PY benchmarks/data_bench.py --device cuda
 else
     missing data_bench benchmarks/data_bench.py
 fi
 
 # ---- 8. the op test files in full (CPU and CUDA cases), with what time is left -------------------------------------
 if compgen -G "tests/test_ops*.py" > /dev/null; then
-    run_stage op_tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_ops*.py
+    run_stage op_tests "$(cap op_tests 90)" $PY -m pytest -q -p no:cacheprovider tests/test_ops*.py
 else
     missing op_tests "tests/test_ops*.py"
 fi

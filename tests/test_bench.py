@@ -269,3 +269,16 @@ def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path):
     assert baseline["status"] == "ok" and baseline["images_per_s"] > 0
     assert result["meta"]["peak"] == {"tflops": 1.0, "source": "bench.peak_tflops"}
     assert "failed" in (tmp_path / "bench.md").read_text()
+
+
+def test_time_budget_skips_rows_that_no_longer_fit(tmp_path):
+    from dtfast.bench.core import _estimate
+
+    assert _estimate(None, 64) == (0.0, 0.0)
+    assert _estimate((100.0, 6.0, 128), 256) == (200.0, 12.0)  # time ~ batch size
+    assert _estimate((100.0, 6.0, 128), 64) == (100.0, 6.0)  # a smaller batch is not assumed cheaper
+    result = run_benchmark(TINY, ["bench.rows=[baseline]", "bench.batch_sizes=[2,4]", "bench.time_budget_s=0.001",
+                                  "bench.peak_tflops=1", "bench.results_dir=", "dist.engine=ddp"], out=str(tmp_path))
+    assert [(r["batch_size"], r["status"]) for r in result["rows"]] == [(2, "skipped"), (4, "skipped")]
+    assert "time budget" in result["rows"][0]["error"]
+    assert (tmp_path / "bench.json").is_file() and "skipped" in (tmp_path / "bench.md").read_text()

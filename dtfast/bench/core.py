@@ -82,19 +82,23 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
     print(f"[bench] {len(rows)} row(s) x {len(batch_sizes)} batch size(s) on {result['meta']['machine']['device_name']}"
           f"; peak {peak['tflops']:.2f} TFLOP/s ({peak['source']})", flush=True)
     trainers: dict[str, Any] = {}
-    estimates: dict[str, float] = {}  # seconds each row took at the previous batch size (warm-up and compile included)
+    # per row: (warm-up seconds, compile included; timed-steps seconds; batch size) at the previous batch size
+    estimates: dict[str, tuple[float, float, int]] = {}
     for batch_size in batch_sizes:
         active = []  # (entry, measurement, seconds of build + warm-up)
+        pending = 0.0  # estimated seconds of the timed steps of the rows admitted at this batch size
         for row in rows:
             entry: dict[str, Any] = {"row": row.name, "batch_size": batch_size, "switches": row.switches,
                                      "overrides": row.overrides}
             result["rows"].append(entry)
-            left = bench.time_budget_s - (time.perf_counter() - started)
-            if bench.time_budget_s and left < estimates.get(row.name, 0.0):
-                entry.update(status="skipped", error=f"time budget: {left:.0f} s left, this row took "
-                             f"{estimates[row.name]:.0f} s at the previous batch size" if left > 0 else
+            left = bench.time_budget_s - (time.perf_counter() - started) - pending
+            warm_s, steps_s = _estimate(estimates.get(row.name), batch_size)
+            if bench.time_budget_s and left < warm_s + steps_s:
+                entry.update(status="skipped", error=f"time budget: {left:.0f} s left, this row needs about "
+                             f"{warm_s + steps_s:.0f} s (from the previous batch size)" if left > 0 else
                              f"time budget {bench.time_budget_s:.0f} s spent")
                 continue
+            pending += steps_s
             t_row = time.perf_counter()
             try:
                 if row.name not in trainers:
@@ -126,7 +130,7 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
         for entry, measurement, setup_s in active:
             entry.update(measurement.result())
             entry["setup_s"] = setup_s
-            estimates[entry["row"]] = setup_s + entry["step_time_s"]["total"]
+            estimates[entry["row"]] = (measurement.warmup_s, entry["step_time_s"]["total"], batch_size)
             entry["early_exit"] = _teacher_early_exit(measurement.trainer)
             executed, model = _flops_for_row(result["flops"], entry["early_exit"])
             per_device = entry["images_per_s_per_device"]
@@ -142,6 +146,16 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
     trainers.clear()
     release(device)
     return _finish(result, paths, cfg.bench.results_dir)
+
+
+def _estimate(previous: tuple[float, float, int] | None, batch_size: int) -> tuple[float, float]:
+    """(warm-up, timed steps) seconds expected at ``batch_size`` from the previous batch size (time ~ batch; a
+    compiled row's warm-up is mostly its recompilation, so scaling it up errs on the safe side)."""
+    if previous is None:
+        return 0.0, 0.0
+    warm_s, steps_s, previous_batch = previous
+    scale = max(1.0, batch_size / previous_batch)
+    return warm_s * scale, steps_s * scale
 
 
 def _fail(entry: dict[str, Any], error: Exception, trainers: dict[str, Any]) -> None:

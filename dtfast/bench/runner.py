@@ -146,6 +146,7 @@ class Measurement:
         self.resident_gb: float | None = None
         self.parts = None
         self.warmup_steps = 0
+        self.warmup_s = 0.0
         self.peak_kind = ""
 
     def _step(self, timer) -> None:
@@ -154,10 +155,12 @@ class Measurement:
     def warmup(self, steps: int) -> None:
         self.trainer.model.train()
         timer = StageTimer(self.device)
+        t0 = time.perf_counter()
         for _ in range(steps):
             self._step(timer)
         synchronize(self.device)
         self.warmup_steps = steps
+        self.warmup_s = time.perf_counter() - t0
 
     def step(self) -> None:
         """One timed step, the device synchronised before and after it."""
