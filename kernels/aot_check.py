@@ -59,7 +59,7 @@ def ptxas_info(ptx: str, arch: int) -> str:
             f.write(ptx)
         suffix = "a" if arch >= 90 else ""
         res = subprocess.run([exe[0], f"-arch=sm_{arch}{suffix}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, check=False)
     return "; ".join(line.split("info    :")[-1].strip() for line in res.stderr.splitlines() if "Used" in line or
                      "spill" in line)
 

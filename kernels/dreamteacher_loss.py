@@ -30,12 +30,14 @@ host memory then, so the interpreter path takes CPU tensors only.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._loss_meta import META, NUM_WARPS, PIX_PLANES, SAMPLE_STATS, LevelPlan, build_plan
+from ._loss_meta import META, NUM_WARPS, PIX_PLANES, SAMPLE_STATS, build_plan
 
 WHITEN_EPS = 1e-6
 NORM_EPS = 1e-12
@@ -222,7 +224,6 @@ def _fwd_sample_kernel(meta_ptr, pix_ptr, part_ptr, samp_ptr, num_levels,
     lvl = _find_level(meta_ptr, pid, num_levels, -1, 11, 2, LP)
     row = meta_ptr + lvl * 16
     B = tl.load(row + 2)
-    C = tl.load(row + 3)
     HW = tl.load(row + 4)
     n_tiles = tl.load(row + 7)
     b = pid - tl.load(row + 11)
@@ -423,13 +424,26 @@ def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat
                 tl.store(ds_ptr + _offs_1d(d_base, c, p, C, HW, False, ALIGN), grad.to(ds_ptr.dtype.element_ty), mask=m)
 
 
-def _launch_groups(plan: LevelPlan):
-    return [(gid, grp) for gid, grp in enumerate(plan.groups)]
+def _on_device(device: torch.device):
+    # Triton launches on the current CUDA device: make it the maps' device
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def dreamteacher_loss_forward(student: list[Tensor], teacher: list[Tensor], whiten: int,
                               at_mode: int) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Per-level (mse fp32[L], at fp32[L], saved=[pixel_stats, sample_stats]) for all levels at once."""
+    with _on_device(student[0].device):
+        return _forward(student, teacher, whiten, at_mode)
+
+
+def dreamteacher_loss_backward(grad_mse: Tensor, grad_at: Tensor, student: list[Tensor], teacher: list[Tensor],
+                               saved: list[Tensor], whiten: int, at_mode: int) -> list[Tensor]:
+    """Gradients of sum_l (grad_mse[l] * mse_l + grad_at[l] * at_l) w.r.t. each student map (same layout)."""
+    with _on_device(student[0].device):
+        return _backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode)
+
+
+def _forward(student, teacher, whiten, at_mode):
     plan = build_plan(student, teacher, whiten)
     device = plan.device
     L = plan.num_levels
@@ -440,7 +454,7 @@ def dreamteacher_loss_forward(student: list[Tensor], teacher: list[Tensor], whit
     at = torch.empty(L, dtype=torch.float32, device=device)
     meta = plan.meta_tensor()
     LP = triton.next_power_of_2(L)
-    for gid, grp in _launch_groups(plan):
+    for gid, grp in enumerate(plan.groups):
         _fwd_main_kernel[(grp.num_items,)](
             grp.s_base, grp.g_base, meta, pix, part, L, gid, WHITEN=whiten, S_CL=grp.s_cl, G_CL=grp.g_cl,
             ALIGN=grp.align, BLOCK_C=grp.block_c, BLOCK_P=grp.block_p, UNROLL=grp.unroll, LP=LP, EPS=WHITEN_EPS,
@@ -455,9 +469,7 @@ def dreamteacher_loss_forward(student: list[Tensor], teacher: list[Tensor], whit
     return mse, at, [pix, samp]
 
 
-def dreamteacher_loss_backward(grad_mse: Tensor, grad_at: Tensor, student: list[Tensor], teacher: list[Tensor],
-                               saved: list[Tensor], whiten: int, at_mode: int) -> list[Tensor]:
-    """Gradients of sum_l (grad_mse[l] * mse_l + grad_at[l] * at_l) w.r.t. each student map (same layout)."""
+def _backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode):
     plan = build_plan(student, teacher, whiten)
     grads = [torch.empty_like(s) for s in plan.student]
     plan.set_grad_offsets(grads)
@@ -467,7 +479,7 @@ def dreamteacher_loss_backward(grad_mse: Tensor, grad_at: Tensor, student: list[
     grad_mse = grad_mse.to(device=plan.device, dtype=torch.float32).contiguous()
     grad_at = grad_at.to(device=plan.device, dtype=torch.float32).contiguous()
     LP = triton.next_power_of_2(L)
-    for gid, grp in _launch_groups(plan):
+    for gid, grp in enumerate(plan.groups):
         _bwd_kernel[(grp.num_items,)](
             grp.s_base, grp.g_base, grads[grp.levels[0]], meta, pix, samp, grad_mse, grad_at, L, gid,
             WHITEN=whiten, AT_MODE=at_mode, S_CL=grp.s_cl, G_CL=grp.g_cl, ALIGN=grp.align,
@@ -476,4 +488,4 @@ def dreamteacher_loss_backward(grad_mse: Tensor, grad_at: Tensor, student: list[
     return grads
 
 
-__all__ = ["dreamteacher_loss_forward", "dreamteacher_loss_backward", "META", "PIX_PLANES", "SAMPLE_STATS"]
+__all__ = ["META", "PIX_PLANES", "SAMPLE_STATS", "dreamteacher_loss_backward", "dreamteacher_loss_forward"]

@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dtfast.ops import DreamTeacherLoss, dreamteacher_loss
-from dtfast.ops import _backends
+from dtfast.ops import DreamTeacherLoss, _backends, dreamteacher_loss
 from dtfast.ops.dreamteacher_loss import BackendUnavailable, fused_backward, fused_forward, resolve_backend
 from dtfast.ops.reference import dreamteacher_loss_parts
 from tests.conftest import cpu_and_cuda
@@ -157,7 +156,7 @@ def test_opcheck_fused_ops(backend):
     teacher = [g.detach() for g in teacher]
     for whiten, at_mode in [(0, 0), (1, 1)]:
         torch.library.opcheck(fused_forward, (student, teacher, whiten, at_mode, backend))
-        mse, at, saved = fused_forward(student, teacher, whiten, at_mode, backend)
+        _, _, saved = fused_forward(student, teacher, whiten, at_mode, backend)
         args = (torch.rand(2), torch.rand(2), [s.detach() for s in student], teacher, saved, whiten, at_mode, backend)
         torch.library.opcheck(fused_backward, args)
 
@@ -191,7 +190,7 @@ def test_fused_backward_keeps_only_per_pixel_statistics(whiten):
                                     inputs)
     for backend in backends:
         fused = saved_bytes_beyond_inputs(
-            lambda: dreamteacher_loss(student, teacher, whiten=whiten, backend=backend), inputs)
+            lambda b=backend: dreamteacher_loss(student, teacher, whiten=whiten, backend=b), inputs)
         # at most 4 floats per pixel and 8 per sample, i.e. O(B*H*W), against the reference's (B, C, H, W) maps
         assert fused <= 4 * (4 * pixels + 8 * samples), (backend, fused)
         assert ref > 5 * fused, (backend, ref, fused)

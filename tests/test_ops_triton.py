@@ -16,7 +16,7 @@ from tests.conftest import cpu_and_cuda
 
 pytest.importorskip("triton")
 
-from dtfast.ops._backends import triton_kernels  # noqa: E402
+from dtfast.ops._backends import triton_kernels
 
 WHITEN = {"channel": 0, "sample": 1}
 AT_MODE = {"paper": 0, "code": 1}
@@ -146,7 +146,7 @@ def test_paper_gradient_is_zero_at_zero_difference_and_zero_maps_are_safe(device
     g = torch.randn(2, 6, 5, 5, device=device)
     student, teacher = [2.0 * g, torch.zeros(2, 4, 3, 3, device=device)], [g, torch.zeros(2, 4, 3, 3, device=device)]
     ones = torch.ones(2, device=device)
-    mse, at, saved, grads = run_kernels(student, teacher, "channel", "paper", torch.zeros(2, device=device), ones)
+    _, at, _, grads = run_kernels(student, teacher, "channel", "paper", torch.zeros(2, device=device), ones)
     assert at.abs().max().item() < 1e-6
     assert all(torch.isfinite(x).all() for x in grads)
     assert grads[0].abs().max().item() < 1e-6 and grads[1].abs().max().item() == 0.0
@@ -160,6 +160,6 @@ def test_kernels_compile_for_cuda_sm90():
     pytest.importorskip("triton.backends.nvidia")
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, str(root / "kernels" / "aot_check.py"), "--quick"], env=env,
+    res = subprocess.run([sys.executable, str(root / "kernels" / "aot_check.py"), "--quick"], check=False, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr

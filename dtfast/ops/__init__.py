@@ -17,7 +17,7 @@ from ._backends import BackendUnavailable
 from .dreamteacher_loss import dreamteacher_loss_terms, resolve_backend
 from .reference import attention_map, whiten
 
-__all__ = ["attention_map", "whiten", "dreamteacher_loss", "DreamTeacherLoss", "resolve_backend", "BackendUnavailable"]
+__all__ = ["BackendUnavailable", "DreamTeacherLoss", "attention_map", "dreamteacher_loss", "resolve_backend", "whiten"]
 
 
 def dreamteacher_loss(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], *, at_weight: float = 10.0,

@@ -43,7 +43,7 @@ def kernel_module(name: str) -> ModuleType:
     return importlib.import_module(f"dtfast.kernels.{name}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_kernels() -> ModuleType | str:
     try:
         import triton  # noqa: F401
@@ -68,7 +68,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _extension() -> str | None:
     try:
         importlib.import_module("dtfast._C")
