@@ -144,3 +144,13 @@ def test_regressor_top_down_path():
     assert grad_c2_from_r5 is None
     with pytest.raises(ValueError, match=r"level 1 expects \(B, 12, H, W\)"):
         regressor([features[0], features[0], features[2], features[3]])
+
+
+def test_pretrained_from_a_file_restores_the_backbone(tmp_path):
+    student = build_student("resnet18", TEACHER_CHANNELS, width=16)
+    _perturb(student.backbone)
+    path = tmp_path / "backbone.safetensors"
+    safetensors_torch.save_file(student.backbone_state_dict(), str(path))
+    restored = build_student("resnet18", TEACHER_CHANNELS, width=16, pretrained=str(path))
+    for key, value in student.backbone_state_dict().items():
+        assert torch.equal(value, restored.backbone_state_dict()[key]), key
