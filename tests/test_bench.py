@@ -25,14 +25,19 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     results = out / "results"
     results.mkdir()
+    import signal
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared CPU: one thread per process avoids OpenMP oversubscription stalls
+    handlers = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
     try:
         result = run_benchmark(TINY, ["bench.warmup=2", "bench.steps=2", "bench.rows=[baseline,optimized]",
                                       "train.batch_size=4", "data.num_images=64", f"bench.results_dir={results}", "dist.engine=ddp",
                                       "bench.peak_tflops=0"], out=str(out / "run"))
     finally:
         torch.set_num_threads(threads)
+    # the Trainer's "checkpoint and stop" signal handlers must not outlive its construction in a benchmark
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
     return result, out, results
 
 

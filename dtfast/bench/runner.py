@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -50,8 +51,16 @@ def build_trainer(cfg, options: dict[str, Any]):
 
     if "early_exit" in options and hasattr(cfg.teacher, "early_exit"):  # the config grew the key: use it
         cfg.teacher.early_exit = options.pop("early_exit")
-    with teacher_options(options):
-        return Trainer(cfg)
+    # the Trainer turns SIGTERM/SIGINT into "checkpoint and stop" for train(); a benchmark must stop at once
+    # (Ctrl-C, or a `timeout` around it), so the handlers it had before are put back
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with teacher_options(options):
+            return Trainer(cfg)
+    finally:
+        for sig, handler in handlers.items():
+            with contextlib.suppress(ValueError, TypeError):  # not the main thread / a handler set outside Python
+                signal.signal(sig, handler)
 
 
 class SyntheticBatches:
