@@ -38,26 +38,35 @@ from dtfast.data.dali import dali_available
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def make_folder(root: str, num_images: int, num_classes: int = 8, seed: int = 0) -> float:
-    """Photo-like JPEGs (smooth structure + texture + noise), 500x375 or 375x500, q90; returns mean KiB."""
+def _write_jpeg(job: tuple[str, int, int]) -> int:
+    """One photo-like JPEG (smooth structure + texture + noise), 500x375 or 375x500, q90; returns its size."""
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
-    sizes = []
+    path, index, seed = job
+    rng = np.random.default_rng([seed, index])
+    width, height = (500, 375) if rng.random() < 0.8 else (375, 500)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) / 500
+    channels = []
+    for _ in range(3):
+        field = sum(rng.uniform(20, 60) * np.sin(2 * np.pi * (rng.uniform(0.5, 12) * xx + rng.uniform(0.5, 12) * yy)
+                                                 + rng.uniform(0, 6.3)) for _ in range(4))
+        channels.append(128 + field)
+    pixels = np.stack(channels, -1) + rng.normal(0, 14, (height, width, 3))
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=90)
+    return os.path.getsize(path)
+
+
+def make_folder(root: str, num_images: int, num_classes: int = 8, seed: int = 0) -> float:
+    """``num_images`` JPEGs in ``num_classes`` class folders, written by all cores; returns the mean KiB."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = []
     for index in range(num_images):
         folder = os.path.join(root, f"class{index % num_classes:02d}")
         os.makedirs(folder, exist_ok=True)
-        width, height = (500, 375) if rng.random() < 0.8 else (375, 500)
-        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) / 500
-        channels = []
-        for _ in range(3):
-            field = sum(rng.uniform(20, 60) * np.sin(2 * np.pi * (rng.uniform(0.5, 12) * xx + rng.uniform(0.5, 12) * yy)
-                                                     + rng.uniform(0, 6.3)) for _ in range(4))
-            channels.append(128 + field)
-        pixels = np.stack(channels, -1) + rng.normal(0, 14, (height, width, 3))
-        path = os.path.join(folder, f"{index:05d}.jpg")
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=90)
-        sizes.append(os.path.getsize(path))
+        jobs.append((os.path.join(folder, f"{index:05d}.jpg"), index, seed))
+    with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        sizes = list(pool.map(_write_jpeg, jobs, chunksize=8))
     return float(np.mean(sizes)) / 1024
 
 
@@ -151,7 +160,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=384)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads per backend")
+    parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="CPU threads per backend")
     parser.add_argument("--steps", type=int, default=8, help="timed batches per backend")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-seconds", type=float, default=20.0, help="time cap per backend")
