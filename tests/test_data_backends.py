@@ -198,6 +198,12 @@ def test_prefetching_pipeline_gives_the_same_batches_and_reraises(tmp_path):
     assert ahead.step == plain.step == 5
     ahead.close()
     (tmp_path / "bee" / "00.jpg").write_bytes(b"broken")
+    lenient = build_input_pipeline(str(tmp_path), 16, 8, prefetch=0, **kwargs)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        for _ in range(3):  # three epochs of one batch each
+            next(lenient)
+    assert lenient.skipped_files == [str(tmp_path / "bee" / "00.jpg")] * 3
     strict = build_input_pipeline(str(tmp_path), 16, 8, prefetch=1, strict=True, **kwargs)
     with pytest.raises(DecodeError, match="bee/00.jpg"):
         next(strict)

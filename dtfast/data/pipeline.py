@@ -77,12 +77,17 @@ class InputPipeline:
         self.prefetch = (2 if self.device.type == "cuda" else 0) if prefetch is None else int(prefetch)
         self.step = int(start_step)  # global step of the next batch handed out
         self._produced = int(start_step)  # global step of the next batch the loader makes
-        self.skipped_files: list[str] = []
+        self._skipped_before: list[str] = []  # undecodable files of the finished epochs
         self._loader = self._epoch_loader(self._produced)
         self._iterator: Iterator | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+
+    @property
+    def skipped_files(self) -> list[str]:
+        """Undecodable files replaced so far on this rank (all epochs)."""
+        return self._skipped_before + list(self._loader.skipped_files)
 
     @property
     def epoch(self) -> int:
@@ -116,7 +121,7 @@ class InputPipeline:
         try:
             images, labels = next(self._iterator)
         except StopIteration:  # epoch boundary: the next epoch's loader starts at the step reached
-            self.skipped_files.extend(self._loader.skipped_files)
+            self._skipped_before.extend(self._loader.skipped_files)
             self._loader = self._epoch_loader(self._produced)
             self._iterator = iter(self._loader)
             images, labels = next(self._iterator)
