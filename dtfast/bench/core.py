@@ -4,10 +4,10 @@ Order: batch sizes outer; at each batch size every row is built (once: its Train
 size, so ``resident_before_gb`` includes the other rows' models on GPU) and warmed up, then the timed steps
 run interleaved across the rows (row A step 1, row B step 1, ...), so that the slow drifts of a shared machine
 hit every row alike. Results are written after every batch size, so a run stopped by a time limit keeps what it
-measured; with ``bench.time_budget_s`` a row is
-skipped when the time it took at the previous batch size no longer fits (a compiled row recompiles for each
-batch size), so the cheap rows still get measured. A row that fails (out of memory, a
-backend that is not available) is recorded with its error and the others go on.
+measured; with ``bench.time_budget_s`` a row is skipped when the time it took at the previous batch size no
+longer fits (a compiled row recompiles for each batch size), so the cheap rows still get measured. A row that
+fails (out of memory, a backend that is not available) is recorded with its error and the others go on.
+Under torchrun every rank runs the same rows; only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -142,10 +142,15 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
                   f"{1e3 * entry['step_time_s']['median']:.1f} ms median", flush=True)
         active.clear()
         _speedups(result["rows"])
-        report.write_json(result, paths["json"])
+        if _is_main():
+            report.write_json(result, paths["json"])
     trainers.clear()
     release(device)
-    return _finish(result, paths, cfg.bench.results_dir)
+    return _finish(result, paths, cfg.bench.results_dir) if _is_main() else result
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _estimate(previous: tuple[float, float, int] | None, batch_size: int) -> tuple[float, float]:
