@@ -53,6 +53,7 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, dist_info: DistInfo | None = None):
         self.cfg = cfg
         self._stop_signal: int | None = None
+        self._in_loop = False
         self._install_signal_handlers()  # before the (slow) set-up: a signal then still ends in a clean stop
         self.dist = dist_info or init_distributed(cfg.device, cfg.dist.backend, cfg.dist.timeout_minutes)
         self.device = self.dist.device
@@ -172,9 +173,11 @@ class Trainer:
             print(f"[dtfast] {msg}", flush=True)
 
     def _on_signal(self, signum, frame) -> None:
-        if self._stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
-        self._stop_signal = signum
+        if not self._in_loop or self._stop_signal is not None:
+            # outside the step loop (set-up, resume, export) there is no step to finish, and a second signal means
+            # "now": leave at once; the last complete checkpoint stays valid
+            raise SystemExit(128 + signum)
+        self._stop_signal = signum  # finish this step, checkpoint on every rank, then stop
 
     @property
     def exit_code(self) -> int:
@@ -261,6 +264,20 @@ class Trainer:
         state = {"loader": iter(self._build_loader(self.step * cfg.train.grad_accum)), "data_wait": 0.0}
         self.model.train()
         window_start, window_images = time.perf_counter(), 0
+        self._in_loop = True
+        try:
+            stopped = self._loop(state, metrics_path, global_batch, window_start, window_images)
+        finally:
+            self._in_loop = False
+        if stopped:
+            return None
+        if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
+            self.save()
+        return self.export()
+
+    def _loop(self, state, metrics_path, global_batch, window_start, window_images) -> bool:
+        """Optimizer steps to train.max_steps; True when a signal stopped them (after a checkpoint)."""
+        cfg = self.cfg
         while self.step < cfg.train.max_steps:
             parts = self.optimizer_step(self._micro_batches(state))
             window_images += global_batch
@@ -274,10 +291,8 @@ class Trainer:
                 if self._stop_signal is None:  # another rank got the signal: this one stops for the same reason
                     self._stop_signal = signal.SIGTERM
                 self._print(f"stopped by signal at step {self.step}; resume with train.resume=auto")
-                return None
-        if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
-            self.save()
-        return self.export()
+                return True
+        return False
 
     def _log(self, parts, lr, metrics_path, window_start, window_images, window_data) -> None:
         values = torch.stack([parts["loss"].detach().float(), parts["mse"].detach().float().mean(),
