@@ -1,0 +1,184 @@
+"""The CUDA kernels of torch.ops.dtfast.dreamteacher_loss_{fwd,bwd} against the float64 oracle (on the GPU).
+
+Shapes cover both load paths of every kernel: odd shapes (C=37, H=W=13: scalar loads) and vector-friendly ones
+(16-byte loads), channels_last and NCHW, misaligned data pointers, and more levels than one launch takes.
+"""
+
+import os
+
+import pytest
+import torch
+from test_ops_cpp import LEVEL_SHAPES, MODES, TOL, make_levels, oracle_grads, same_dtype_reference
+
+pytestmark = pytest.mark.needs_cuda
+
+if os.environ.get("DTFAST_REQUIRE_EXT") == "1":
+    import dtfast._C as native
+else:
+    native = pytest.importorskip("dtfast._C", reason="dtfast._C is not built (pip install --no-build-isolation -e .)")
+
+fwd_op = torch.ops.dtfast.dreamteacher_loss_fwd
+bwd_op = torch.ops.dtfast.dreamteacher_loss_bwd
+
+VECTOR_SHAPES = [(4, 64, 16, 16), (2, 128, 8, 8), (3, 32, 4, 4)]
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda_kernels():
+    if not native.with_cuda():
+        if os.environ.get("DTFAST_REQUIRE_EXT") == "1":
+            pytest.fail("dtfast._C was built without its CUDA kernels")
+        pytest.skip("dtfast._C was built without its CUDA kernels")
+
+
+def to_cuda(tensors):
+    """Same values on the GPU; .cuda() keeps channels_last but densifies strided views, so rebuild those."""
+    out = []
+    for t in tensors:
+        if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+            out.append(t.cuda())
+        else:
+            b, c, h, w = t.shape
+            wide = torch.zeros(b, 2 * c, h, w, dtype=t.dtype, device="cuda")
+            wide[:, ::2] = t.cuda()
+            out.append(wide[:, ::2])
+    return out
+
+
+def check_against_oracle(student, teacher, whiten, at_mode, dtype, gen):
+    grad_mse = torch.rand(len(student), generator=gen, dtype=torch.float64) * 3 + 0.1
+    grad_at = torch.rand(len(student), generator=gen, dtype=torch.float64) * 30 + 0.1
+    mse_ref, at_ref, grads_ref = oracle_grads(student, teacher, whiten, at_mode, grad_mse.cuda(), grad_at.cuda())
+    mse, at, saved = fwd_op(student, teacher, whiten, at_mode)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(mse.double(), mse_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(at.double(), at_ref, rtol=rtol, atol=atol)
+    acc = mse.dtype
+    grads = bwd_op(grad_mse.to("cuda", acc), grad_at.to("cuda", acc), student, teacher, saved, whiten, at_mode)
+    for level, (g, g_ref, s) in enumerate(zip(grads, grads_ref, student)):
+        assert g.shape == s.shape and g.dtype == s.dtype and g.is_cuda
+        if s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous():
+            assert g.is_contiguous(memory_format=torch.channels_last), f"level {level}: grad lost channels_last"
+        torch.testing.assert_close(
+            g.double(),
+            g_ref,
+            rtol=rtol,
+            atol=atol * g_ref.abs().max().item() + atol,
+            msg=lambda m, level=level: f"grad of level {level}: {m}",
+        )
+    return saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed", "non_contiguous"])
+@pytest.mark.parametrize("shapes", ["odd", "vector"])
+@pytest.mark.parametrize("whiten,at_mode", MODES)
+def test_values_and_grads(dtype, layout, shapes, whiten, at_mode):
+    gen = torch.Generator().manual_seed(17 + 2 * whiten + at_mode)
+    student, teacher = make_levels(dtype, layout, gen, LEVEL_SHAPES if shapes == "odd" else VECTOR_SHAPES)
+    check_against_oracle(to_cuda(student), to_cuda(teacher), whiten, at_mode, dtype, gen)
+
+
+@pytest.mark.parametrize("whiten,at_mode", MODES)
+def test_more_levels_than_one_launch_and_misaligned_pointers(whiten, at_mode):
+    gen = torch.Generator().manual_seed(23)
+    shapes = [(2, 8 * (1 + i % 3), 4 + i, 4) for i in range(11)]  # 11 levels: two launches of at most 8
+    student, teacher = make_levels(torch.float32, "contiguous", gen, shapes)
+    student, teacher = to_cuda(student), to_cuda(teacher)
+    # Level 0 through a storage offset of one element: 16-byte loads are illegal there (scalar path).
+    for maps in (student, teacher):
+        base = torch.empty(maps[0].numel() + 1, device="cuda", dtype=maps[0].dtype)
+        base[1:].copy_(maps[0].flatten())
+        maps[0] = base[1:].view_as(maps[0])
+        assert maps[0].data_ptr() % 16 != 0
+    check_against_oracle(student, teacher, whiten, at_mode, torch.float32, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("whiten,at_mode", MODES)
+def test_low_precision_rule(dtype, layout, whiten, at_mode):
+    """Error vs float64 at most ~2x that of the same-dtype PyTorch computation, at ADM-like level shapes."""
+    gen = torch.Generator().manual_seed(29 + whiten + 2 * at_mode)
+    shapes = [(2, 512, 32, 32), (2, 1024, 16, 16), (2, 1024, 8, 8), (3, 37, 13, 13)]
+    student, teacher = make_levels(dtype, layout, gen, shapes)
+    student, teacher = to_cuda(student), to_cuda(teacher)
+    grad_mse = torch.tensor([1.0, 0.5, 2.0, 1.5], device="cuda")
+    grad_at = torch.tensor([10.0, 10.0, 5.0, 20.0], device="cuda")
+    mse64, at64, grads64 = oracle_grads(student, teacher, whiten, at_mode, grad_mse, grad_at)
+    leaves = [s.detach().clone().requires_grad_() for s in student]
+    mse_lp, at_lp = same_dtype_reference(leaves, teacher, whiten, at_mode)
+    grads_lp = torch.autograd.grad((mse_lp * grad_mse.to(dtype)).sum() + (at_lp * grad_at.to(dtype)).sum(), leaves)
+    mse, at, saved = fwd_op(student, teacher, whiten, at_mode)
+    grads = bwd_op(grad_mse, grad_at, student, teacher, saved, whiten, at_mode)
+    floor = torch.finfo(dtype).eps * 1e-3
+    for name, got, low, exact in [("mse", mse, mse_lp, mse64), ("at", at, at_lp, at64)]:
+        err, err_lp = (got.double() - exact).abs().max(), (low.double() - exact).abs().max()
+        assert err <= 2 * err_lp + floor * exact.abs().max(), f"{name}: error {err:.3e}, {dtype} reference {err_lp:.3e}"
+    for level, (got, low, exact) in enumerate(zip(grads, grads_lp, grads64)):
+        err, err_lp = (got.double() - exact).abs().max(), (low.double() - exact).abs().max()
+        assert err <= 2 * err_lp + floor * exact.abs().max(), (
+            f"grad of level {level}: error {err:.3e}, {dtype} reference {err_lp:.3e}"
+        )
+
+
+@pytest.mark.parametrize("whiten", [0, 1])
+def test_saved_statistics_interchangeable_with_cpu(whiten):
+    """Same saved-statistics contract as the CPU kernel: CUDA forward + CPU backward == CPU forward + backward."""
+    gen = torch.Generator().manual_seed(31)
+    student, teacher = make_levels(torch.float64, "channels_last", gen, VECTOR_SHAPES + LEVEL_SHAPES[:1])
+    gm, ga = torch.rand(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    mse_cpu, at_cpu, saved_cpu = fwd_op(student, teacher, whiten, 0)
+    mse_gpu, at_gpu, saved_gpu = fwd_op(to_cuda(student), to_cuda(teacher), whiten, 0)
+    torch.testing.assert_close(mse_gpu.cpu(), mse_cpu)
+    torch.testing.assert_close(at_gpu.cpu(), at_cpu)
+    for a, b in zip(saved_gpu, saved_cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
+    grads_cpu = bwd_op(gm, ga, student, teacher, saved_cpu, whiten, 0)
+    grads_mixed = bwd_op(gm, ga, student, teacher, [s.cpu() for s in saved_gpu], whiten, 0)
+    for a, b in zip(grads_mixed, grads_cpu):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_deterministic():
+    gen = torch.Generator().manual_seed(37)
+    student, teacher = make_levels(torch.bfloat16, "channels_last", gen, VECTOR_SHAPES + LEVEL_SHAPES)
+    student, teacher = to_cuda(student), to_cuda(teacher)
+    runs = []
+    for _ in range(2):
+        mse, at, saved = fwd_op(student, teacher, 1, 0)
+        grads = bwd_op(torch.ones(7, device="cuda"), torch.ones(7, device="cuda"), student, teacher, saved, 1, 0)
+        runs.append([mse, at, *saved, *grads])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_gradcheck_cuda():
+    from test_ops_cpp import _NativeLoss
+
+    gen = torch.Generator().manual_seed(41)
+    student, teacher = make_levels(torch.float64, "channels_last", gen, [(2, 8, 3, 4), (2, 3, 2, 2)])
+    student = [s.cuda().requires_grad_() for s in student]
+    teacher = to_cuda(teacher)
+    for whiten, at_mode in MODES:
+        assert torch.autograd.gradcheck(
+            lambda *s, w=whiten, a=at_mode: _NativeLoss.apply(w, a, len(student), *s, *teacher),
+            student,
+            eps=1e-6,
+            atol=1e-6,
+        )
+
+
+def test_opcheck_cuda():
+    student, teacher = make_levels(torch.float32, "channels_last", torch.Generator().manual_seed(43), VECTOR_SHAPES)
+    student, teacher = to_cuda(student), to_cuda(teacher)
+    torch.library.opcheck(fwd_op.default, (student, teacher, 0, 0))
+    _, _, saved = fwd_op(student, teacher, 0, 0)
+    grads = (torch.rand(3, device="cuda"), torch.rand(3, device="cuda"))
+    torch.library.opcheck(bwd_op.default, (*grads, student, teacher, saved, 0, 0))
+
+
+def test_device_mismatch_is_a_clear_error():
+    student, teacher = make_levels(torch.float32, "contiguous", torch.Generator().manual_seed(47), VECTOR_SHAPES)
+    with pytest.raises(RuntimeError, match="level 0: student on cuda:0, teacher on cpu"):
+        fwd_op(to_cuda(student), teacher, 0, 0)
