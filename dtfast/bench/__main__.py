@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from dtfast.bench.core import run_benchmark
+from dtfast.train.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text(BenchConfig, prefix="bench."))
         return 0
     overrides = list(args.overrides) + (["bench.sweep=true"] if args.sweep else [])
-    result = run_benchmark(args.config or None, overrides, out=args.out or None, argv=sys.argv)
+    try:
+        result = run_benchmark(args.config or None, overrides, out=args.out or None, argv=sys.argv)
+    except ConfigError as error:
+        parser.error(str(error))
     return 0 if any(row.get("status") == "ok" for row in result["rows"]) else 1
 
 

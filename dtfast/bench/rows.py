@@ -17,6 +17,8 @@ import dataclasses
 import re
 from typing import Any
 
+from dtfast.train.config import ConfigError
+
 # switch -> (config overrides when on, when off). "teacher.early_exit" is applied through the teacher's
 # build options by the runner (the config has no such key).
 SWITCHES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -52,10 +54,10 @@ class Row:
 
 
 def parse_row(spec: str, device_type: str) -> Row:
-    """``spec`` -> Row for a device type ("cpu" or "cuda"); ValueError naming the unknown part."""
+    """``spec`` -> Row for a device type ("cpu" or "cuda"); ConfigError (a ValueError) naming the unknown part."""
     match = _ROW.match(spec.strip())
     if not match:
-        raise ValueError(f"bench row {spec!r}: expected baseline | optimized | config followed by +switch / -switch "
+        raise ConfigError(f"bench row {spec!r}: expected baseline | optimized | config followed by +switch / -switch "
                          f"modifiers (switches: {', '.join(SWITCHES)})")
     base, modifiers = match.group(1), re.findall(r"([+-])([a-z_0-9]+)", match.group(2))
     device_type = "cuda" if device_type == "cuda" else "cpu"
@@ -67,7 +69,7 @@ def parse_row(spec: str, device_type: str) -> Row:
         switches = {name: name in on for name in SWITCHES}
     for sign, name in modifiers:
         if name not in SWITCHES:
-            raise ValueError(f"bench row {spec!r}: unknown switch {name!r}; switches: {', '.join(SWITCHES)}")
+            raise ConfigError(f"bench row {spec!r}: unknown switch {name!r}; switches: {', '.join(SWITCHES)}")
         if switches is None:  # config row: the modifiers alone
             overrides.update(SWITCHES[name][0 if sign == "+" else 1])
         else:

@@ -112,8 +112,8 @@ class BenchConfig:
     sweep: bool = _f(False, "measure baseline, optimized and optimized-minus-each-switch at every batch size")
     peak_tflops: float = _f(0.0, "the device's peak TFLOP/s for model-FLOP utilisation; 0 = measure it at start-up "
                             "(a large bf16 matmul on GPU, fp32 on CPU)")
-    time_budget_s: float = _f(0.0, "start no new measurement after this many seconds (rows left are marked "
-                              "skipped); 0 = no limit")
+    time_budget_s: float = _f(0.0, "seconds for the whole benchmark: a row whose expected time (from the previous "
+                              "batch size) no longer fits is skipped and marked so; 0 = no limit")
     results_dir: str = _f("benchmarks/results", "append one line per row to <dir>/bench_results.jsonl and write "
                           "<dir>/bench_<device>_<preset>.{md,png} (only when the folder exists); empty = do not")
 
