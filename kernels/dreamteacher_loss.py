@@ -393,7 +393,7 @@ def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat
     d_base = ds_off + b * C * HW
     if S_CL:
         pm2 = pmask[:, None]
-        cv = tl.arange(0, BLOCK_C)[None, :]
+        lane = tl.arange(0, BLOCK_C)[None, :]
         a2 = alpha[:, None]
         b2 = beta[:, None]
         mu2 = mu[:, None]
@@ -401,13 +401,13 @@ def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat
         c_main = C - C % step
         for c0 in range(0, c_main, step):
             for u in tl.static_range(UNROLL):
-                c = c0 + u * BLOCK_C + cv
+                c = c0 + u * BLOCK_C + lane
                 s = tl.load(s_ptr + _offs_2d(s_base, c, p, C, HW, True, ALIGN), mask=pm2, other=0.0).to(tl.float32)
                 g = tl.load(g_ptr + _offs_2d(g_base, c, p, C, HW, G_CL, ALIGN), mask=pm2, other=0.0).to(tl.float32)
                 grad = a2 * s - b2 * (g - mu2)
                 tl.store(ds_ptr + _offs_2d(d_base, c, p, C, HW, True, ALIGN), grad.to(ds_ptr.dtype.element_ty), mask=pm2)
         for c0 in range(c_main, C, BLOCK_C):
-            c = c0 + cv
+            c = c0 + lane
             m = pm2 & (c < C)
             s = tl.load(s_ptr + _offs_2d(s_base, c, p, C, HW, True, 1), mask=m, other=0.0).to(tl.float32)
             g = tl.load(g_ptr + _offs_2d(g_base, c, p, C, HW, G_CL, 1), mask=m, other=0.0).to(tl.float32)

@@ -73,7 +73,7 @@ def _extension() -> str | None:
     try:
         importlib.import_module("dtfast._C")
     except ImportError as exc:
-        return (f"the C++/CUDA extension dtfast._C is not built ({exc}); build it with "
+        return (f"the C++/CUDA extension dtfast._C cannot be loaded ({exc}); (re)build it with "
                 "`pip install --no-build-isolation -e .` (torch installed first, DTFAST_SKIP_EXT unset)")
     import torch
 
