@@ -36,16 +36,22 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=on_cuda or None)
     if name == "lamb":
         if on_cuda:
+            import os
+
+            if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+                # the op is JIT-built; torch's own arch parsing fails on lists with "sm_90a" (pytorch#144037)
+                major, minor = torch.cuda.get_device_capability()
+                os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
             try:
                 from deepspeed.ops.lamb import FusedLamb
-            except ImportError:
+            except Exception:  # noqa: BLE001 - a broken DeepSpeed install must not stop training: fall back
                 FusedLamb = None
             if FusedLamb is not None:
                 try:
                     optimizer = FusedLamb(groups, lr=lr, betas=betas, max_grad_norm=0.0)
                     log.info("optimizer: DeepSpeed FusedLamb")
                     return optimizer
-                except (RuntimeError, OSError, ImportError) as exc:  # the op is a JIT build: nvcc/ninja needed
+                except (RuntimeError, OSError, ImportError, ValueError) as exc:  # the op is a JIT build: nvcc/ninja needed
                     log.warning("optimizer: DeepSpeed's FusedLamb op is unavailable (%s); using timm's Lamb", exc)
         from timm.optim import Lamb
 
