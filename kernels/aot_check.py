@@ -93,6 +93,11 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("aot_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
         return 2
+    try:  # the ahead-of-time API (ASTSource attrs, GPUTarget) moves between Triton releases
+        compile_kernel(K._fwd_level_kernel, "fp32", {"AT_MODE": 0, "BLOCK": 128}, args.arch)
+    except (TypeError, AttributeError, KeyError) as exc:
+        print(f"aot_check: this Triton ({triton.__version__}) has another ahead-of-time API: {exc}")
+        return 3
     failures = 0
     for name, fn, dtype, constexprs, want_vector in variants():
         if args.quick and not (dtype == "bf16" and want_vector) and not name.startswith(("sample", "level")):

@@ -152,9 +152,8 @@ def _fwd_main_kernel(s_ptr, g_ptr, meta_ptr, pix_ptr, part_ptr, num_levels, grou
         pm2 = pmask[:, None]
         cv = tl.arange(0, BLOCK_C)[None, :]
         n = 0.0
-        step: tl.constexpr = BLOCK_C * UNROLL
-        c_main = C - C % step
-        for c0 in range(0, c_main, step):
+        c_main = C - C % (BLOCK_C * UNROLL)
+        for c0 in range(0, c_main, BLOCK_C * UNROLL):
             for u in tl.static_range(UNROLL):
                 c = c0 + u * BLOCK_C + cv
                 s = tl.load(s_ptr + _offs_2d(s_base, c, p, C, HW, True, ALIGN), mask=pm2, other=0.0).to(tl.float32)
@@ -397,9 +396,8 @@ def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat
         a2 = alpha[:, None]
         b2 = beta[:, None]
         mu2 = mu[:, None]
-        step: tl.constexpr = BLOCK_C * UNROLL
-        c_main = C - C % step
-        for c0 in range(0, c_main, step):
+        c_main = C - C % (BLOCK_C * UNROLL)
+        for c0 in range(0, c_main, BLOCK_C * UNROLL):
             for u in tl.static_range(UNROLL):
                 c = c0 + u * BLOCK_C + lane
                 s = tl.load(s_ptr + _offs_2d(s_base, c, p, C, HW, True, ALIGN), mask=pm2, other=0.0).to(tl.float32)
