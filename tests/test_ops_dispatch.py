@@ -13,7 +13,7 @@ from dtfast.ops.reference import dreamteacher_loss_parts
 from tests.conftest import cpu_and_cuda
 
 HAS_CPU_EXT = _backends.extension_has("cpu")
-NO_EXT = "dtfast._C (C++ kernels) not built: `pip install --no-build-isolation -e .` builds it"
+NO_EXT = "dtfast._C (C++ kernels) not built or not loadable: `pip install --no-build-isolation -e .` builds it"
 COMBOS = [(w, a) for w in ("channel", "sample") for a in ("paper", "code")]
 SHAPES = [(3, 37, 13, 13), (3, 16, 8, 8), (3, 8, 3, 5)]
 
