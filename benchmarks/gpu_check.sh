@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine runs, in ONE call of <= 8 minutes (see ../shared/device/README.md):
-#   wheels -> extension build -> CUDA tests -> loss benchmark -> dtfast.bench (ImageNet R50 + ADM-256, random
-#   teacher weights, baseline and optimised rows at 2-3 batch sizes) -> teacher benchmark -> data benchmark
-#   (nvJPEG) -> op test files.
+#   wheels -> extension build -> CUDA tests of the fused loss -> loss benchmark -> dtfast.bench (ImageNet R50 +
+#   ADM-256, random teacher weights, baseline and optimised rows at 2-3 batch sizes) -> teacher benchmark -> the
+#   other CUDA tests -> data benchmark (nvJPEG) -> op test files in full.
 # Every stage runs under its own `timeout`, capped by what is left of GPU_CHECK_BUDGET (seconds, default 450), and
 # a stage that fails or is missing is recorded and skipped: one hang cannot eat the budget. Stages are ordered by
 # value, so the ones that get skipped when time runs out are the least important.
@@ -15,8 +15,8 @@
 # Knobs (environment): GPU_CHECK_BUDGET, BENCH_BATCHES (default [128,256,64]), BENCH_ROWS, BENCH_STEPS,
 #   BENCH_WARMUP, BENCH_ENGINE (default ddp), BENCH_CONFIG (default configs/imagenet_r50_adm256.yaml), SKIP_STAGES
 #   (space-separated stage names), CAP_<stage>=SECONDS (a stage's own timeout cap).
-# Default caps (s): wheels 90, build_ext 150, cuda_tests 75, loss_bench 75, dtfast_bench 210, teacher_bench 90,
-#   data_bench 45, op_tests 90; each is further capped by what is left of the budget.
+# Default caps (s): wheels 90, build_ext 150, cuda_tests_ops 75, loss_bench 75, dtfast_bench 210, teacher_bench 90,
+#   cuda_tests_rest 150, data_bench 45, op_tests 90; each is further capped by what is left of the budget.
 set -u -o pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -120,8 +120,13 @@ ARCH=$(cat "$WORK/arch" 2>/dev/null)
 run_stage build_ext "$(cap build_ext 150)" env MAX_JOBS=16 DTFAST_CUDA_ARCHS="${DTFAST_CUDA_ARCHS:-${ARCH:-8.0;9.0}}" \
     $PY setup.py build_ext --inplace
 
-# ---- 3. tests that need CUDA ---------------------------------------------------------------------------------------
-run_stage cuda_tests "$(cap cuda_tests 75)" $PY -m pytest -x -q -m needs_cuda tests -p no:cacheprovider
+# ---- 3. tests that need CUDA: the fused-loss ones first (they go with the loss benchmark) ----------------------------
+if compgen -G "tests/test_ops*.py" > /dev/null; then
+    run_stage cuda_tests_ops "$(cap cuda_tests_ops 75)" $PY -m pytest -x -q -p no:cacheprovider -m needs_cuda \
+        tests/test_ops*.py
+else
+    missing cuda_tests_ops "tests/test_ops*.py"
+fi
 
 # ---- 4. loss benchmark ---------------------------------------------------------------------------------------------
 if [[ -f benchmarks/loss_bench.py ]]; then
@@ -155,6 +160,10 @@ if [[ -f benchmarks/teacher_bench.py ]]; then
 else
     missing teacher_bench benchmarks/teacher_bench.py
 fi
+
+# ---- 6b. the other tests that need CUDA (teachers' fast path, DeepSpeed on GPU, nvJPEG data path) ---------------------
+run_stage cuda_tests_rest "$(cap cuda_tests_rest 150)" $PY -m pytest -x -q -p no:cacheprovider -m needs_cuda tests \
+    --ignore-glob='tests/test_ops*'
 
 # ---- 7. data benchmark (torchvision nvJPEG path; DALI's wheel cannot travel) ----------------------------------------
 if [[ -f benchmarks/data_bench.py ]]; then
@@ -202,9 +211,9 @@ for r in result["rows"]:
 EOF
     fi
     echo
-    printf '%-14s %-11s %6s  %s\n' stage status secs "last log line"
+    printf '%-16s %-11s %6s  %s\n' stage status secs "last log line"
     while IFS=$'\t' read -r name status secs last; do
-        printf '%-14s %-11s %6s  %s\n' "$name" "$status" "$secs" "$last"
+        printf '%-16s %-11s %6s  %s\n' "$name" "$status" "$secs" "$last"
     done < "$SUMMARY"
 } > "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"

@@ -247,7 +247,7 @@ def test_gpu_check_script_survives_missing_pieces(tmp_path):
     import subprocess
     import sys
 
-    stages = "wheels build_ext cuda_tests loss_bench dtfast_bench teacher_bench data_bench op_tests"
+    stages = "wheels build_ext cuda_tests_ops loss_bench dtfast_bench teacher_bench cuda_tests_rest data_bench op_tests"
     env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_BUDGET": "120", "SKIP_STAGES": stages,
            "PYTHON": sys.executable}
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], env=env, cwd=tmp_path,
