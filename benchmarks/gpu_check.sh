@@ -9,7 +9,7 @@
 #
 # Usage (repository root, on the GPU machine; carry `.whl`):   bash benchmarks/gpu_check.sh
 # What comes back under $OUT (<= 8 files, flat): summary.txt (the table printed last), gpu_info.json,
-#   logs.tar.gz (one log per stage), results.tar.gz (benchmarks/results/ after the run + run folders),
+#   logs.tar.gz (one log per stage), results.tar.gz (benchmarks/results/ after the run + the bench folder),
 #   bench_r50.{json,md,png} (dtfast.bench). Record them here with:
 #   python benchmarks/record_gpu_results.py <folder the files came back to>
 # Knobs (environment): GPU_CHECK_BUDGET, BENCH_BATCHES (default [128,256,64]), BENCH_ROWS, BENCH_STEPS,
@@ -182,7 +182,7 @@ fi
 # ---- package: <= 8 flat files --------------------------------------------------------------------------------------
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null || echo "FAILED to pack logs"
 RESULT_DIRS=(benchmarks/results)
-for d in runs "$BENCH_OUT"; do [[ -e $d ]] && RESULT_DIRS+=("$d"); done
+[[ -e $BENCH_OUT ]] && RESULT_DIRS+=("$BENCH_OUT")
 tar -czf "$OUT/results.tar.gz" --exclude='*.pt' --exclude='*.safetensors' --exclude='checkpoints' \
     --exclude='inductor_cache' "${RESULT_DIRS[@]}" 2>/dev/null || echo "FAILED to pack results"
 
