@@ -39,6 +39,8 @@ class TeacherConfig:
     timestep: int = _f(150, "diffusion timestep t of the stochastic encoding (paper: 150 ImageNet, 50 in-domain)")
     strides: list = _f([4, 8, 16, 32], "feature strides of the input image, ascending")
     compile: bool = _f(False, "torch.compile the teacher (early exit compiled in)")
+    early_exit: bool = _f(True, "stop the UNet after the last decoder level that gives a feature (about 2.3x fewer "
+                          "FLOPs for ADM-256); false runs the full forward (benchmark baselines only)")
     channels_last: bool = _f(True, "run the teacher in channels_last memory format")
     dtype: str = _f("auto", "teacher weights/activations: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
     shard: bool = _f(False, "partition the frozen teacher's weights across ranks with ZeRO-3 (inference only, no "

@@ -84,7 +84,8 @@ class Trainer:
 
         cfg = self.cfg
         size = cfg.data.image_size
-        options = {"compile": cfg.teacher.compile, "channels_last": cfg.teacher.channels_last}
+        options = {"compile": cfg.teacher.compile, "channels_last": cfg.teacher.channels_last,
+                   "early_exit": cfg.teacher.early_exit}
         if cfg.teacher.shard:
             from dtfast.distributed.teacher import SHARD_OPTIONS
 
@@ -197,10 +198,11 @@ class Trainer:
 
         cfg = self.cfg
         timer = timer or NullTimer()
-        images = batch[0].to(self.device, non_blocking=True)
-        teacher_images, student_images = to_views(images, self.student.mean, self.student.std)
-        if cfg.student.channels_last:
-            student_images = student_images.contiguous(memory_format=torch.channels_last)
+        with timer.section("data"):  # host-to-device copy and the two normalised views
+            images = batch[0].to(self.device, non_blocking=True)
+            teacher_images, student_images = to_views(images, self.student.mean, self.student.std)
+            if cfg.student.channels_last:
+                student_images = student_images.contiguous(memory_format=torch.channels_last)
         # noise depends only on (seed, rank, micro-batch): a resumed run draws the same noise as an uninterrupted one
         generator = torch.Generator(device=self.device).manual_seed(
             _rank_seed(cfg.train.seed, self.dist.rank, self.step * cfg.train.grad_accum + self._micro_index))
