@@ -13,6 +13,7 @@ namespace dtfast {
 namespace dreamteacher {
 std::vector<std::string> available_cpu_isas();
 std::string selected_cpu_isa();
+void release_cached_grad_buffers();
 }  // namespace dreamteacher
 }  // namespace dtfast
 
@@ -51,6 +52,11 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
   }
 }
 
+PyObject* release_cpu_grad_buffers(PyObject*, PyObject*) {
+  dtfast::dreamteacher::release_cached_grad_buffers();
+  Py_RETURN_NONE;
+}
+
 PyObject* with_cuda(PyObject*, PyObject*) {
 #ifdef WITH_CUDA
   Py_RETURN_TRUE;
@@ -62,6 +68,8 @@ PyObject* with_cuda(PyObject*, PyObject*) {
 PyMethodDef kMethods[] = {
     {"cpu_isas", cpu_isas, METH_NOARGS, "CPU instruction sets of the kernels that this CPU can run, widest first."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU instruction set the ops use now (DTFAST_CPU_ISA overrides)."},
+    {"release_cpu_grad_buffers", release_cpu_grad_buffers, METH_NOARGS,
+     "Free the CPU gradient buffers kept for reuse by dreamteacher_loss_bwd (those not in use)."},
     {"with_cuda", with_cuda, METH_NOARGS, "Whether the extension was built with its CUDA kernels."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -106,8 +106,13 @@ def test_values_and_grads(isa, dtype, layout, whiten, at_mode):
         else:
             assert g.is_contiguous(), f"level {level}: grad is not contiguous"
         rtol, atol = TOL[dtype]
-        torch.testing.assert_close(g.double(), g_ref, rtol=rtol, atol=atol * g_ref.abs().max().item() + atol,
-                                   msg=lambda m, level=level: f"grad of level {level}: {m}")
+        torch.testing.assert_close(
+            g.double(),
+            g_ref,
+            rtol=rtol,
+            atol=atol * g_ref.abs().max().item() + atol,
+            msg=lambda m, level=level: f"grad of level {level}: {m}",
+        )
 
 
 @pytest.mark.parametrize("whiten", [0, 1])
@@ -257,3 +262,37 @@ def test_errors_name_level_shape_and_dtype():
         bwd_op(torch.ones(4), torch.ones(3), student, teacher, saved, 0, 0)
     with pytest.raises(RuntimeError, match=r"level 1: saved statistics must have shape \(3, 3, 35\)"):
         bwd_op(torch.ones(4), torch.ones(4), student, teacher, [saved[0], saved[0], *saved[2:]], 0, 0)
+
+
+def test_gradient_buffers_are_reused_only_when_free(monkeypatch):
+    """Backward hands out a large gradient buffer again only once nobody (tensor, view, storage) holds it."""
+    monkeypatch.delenv("DTFAST_CPU_GRAD_CACHE", raising=False)
+    native.release_cpu_grad_buffers()
+    student, teacher = make_levels(torch.float32, "contiguous", torch.Generator().manual_seed(9), [(2, 64, 48, 48)])
+    assert student[0].numel() * 4 >= 1 << 20  # large enough to be cached
+    _, _, saved = fwd_op(student, teacher, 0, 0)
+    one = torch.ones(1)
+
+    def grad(scale=1.0):
+        return bwd_op(one * scale, one, student, teacher, saved, 0, 0)[0]
+
+    held = grad()
+    expected = held.clone()
+    second = grad(2.0)
+    assert second.data_ptr() != held.data_ptr(), "a buffer still in use was handed out again"
+    assert torch.equal(held, expected), "a held gradient was overwritten"
+    freed_ptr = second.data_ptr()
+    del second
+    third = grad()
+    assert third.data_ptr() == freed_ptr, "a free buffer was not reused"
+    assert torch.equal(third, expected)
+    for keep in (lambda t: t[:, :1], lambda t: t.untyped_storage()):  # a view or the storage keeps it in use
+        kept = keep(third)
+        ptr = third.data_ptr()
+        del third
+        third = grad()
+        assert third.data_ptr() != ptr
+        del kept
+    monkeypatch.setenv("DTFAST_CPU_GRAD_CACHE", "0")
+    assert torch.equal(grad(), expected)
+    native.release_cpu_grad_buffers()

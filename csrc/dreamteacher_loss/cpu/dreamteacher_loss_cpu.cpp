@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "dreamteacher_loss/common.h"
+#include "dreamteacher_loss/cpu/grad_buffers.h"
 #include "dreamteacher_loss/cpu/kernel.h"
 
 namespace dtfast {
@@ -71,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_cpu(at::Tens
   const char* op = "dreamteacher_loss_fwd";
   const std::vector<Level> levels = prepare_levels(op, student, teacher, whiten, at_mode);
   check_cpu(op, levels);
-  auto [mse, at, saved] = allocate_forward_outputs(levels);
+  auto [mse, at_dist, saved] = allocate_forward_outputs(levels);
   const auto acc = mse.scalar_type();
   // Scratch: q_g = sum_c g^2 per pixel, one buffer for all levels.
   int64_t scratch_size = 0;
@@ -105,13 +106,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_cpu(at::Tens
   for (size_t l = 0; l < levels.size(); ++l) {
     if (acc == at::kDouble) {
       mse.data_ptr<double>()[l] = mse_values[l];
-      at.data_ptr<double>()[l] = at_values[l];
+      at_dist.data_ptr<double>()[l] = at_values[l];
     } else {
       mse.data_ptr<float>()[l] = static_cast<float>(mse_values[l]);
-      at.data_ptr<float>()[l] = static_cast<float>(at_values[l]);
+      at_dist.data_ptr<float>()[l] = static_cast<float>(at_values[l]);
     }
   }
-  return {mse, at, saved};
+  return {mse, at_dist, saved};
 }
 
 std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_mse, const at::Tensor& grad_at, at::TensorList student,
@@ -122,7 +123,9 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_mse, const at::Tenso
   check_backward_inputs(op, grad_mse, grad_at, saved, levels);
   const at::Tensor gm = grad_mse.to(at::kDouble).contiguous();
   const at::Tensor ga = grad_at.to(at::kDouble).contiguous();
-  std::vector<at::Tensor> grads = allocate_gradients(levels);
+  std::vector<at::Tensor> grads;  // allocate_gradients' layout, through the buffer cache (grad_buffers.cpp)
+  grads.reserve(levels.size());
+  for (const Level& lv : levels) grads.push_back(reusable_empty_like(lv.student));
   std::vector<LevelArgs> args(levels.size());
   for (size_t l = 0; l < levels.size(); ++l) {
     const Level& lv = levels[l];
