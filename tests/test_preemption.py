@@ -126,8 +126,8 @@ def test_kill_9_of_one_rank_then_torchrun_restart_resumes(tmp_path):
     max_steps, save_every = 12, 3
     # 2 restarts allowed: on a loaded machine gloo's connect during a restart can time out once; a real job
     # would allow a few restarts as well
-    proc = launch([f"out={out}", f"train.max_steps={max_steps}", f"train.save_every={save_every}", *RUN], log_path,
-                  max_restarts=2)
+    proc = launch([f"out={out}", f"train.max_steps={max_steps}", f"train.save_every={save_every}",
+                   "dist.timeout_minutes=1", *RUN], log_path, max_restarts=2)
     # kill between two checkpoints, so that there are steps to lose
     wait_for(lambda: latest(out) is not None and len(logged_steps(out)) % save_every == 1, proc, log_path)
     checkpoint_at_kill = int(latest(out).split("_")[1])

@@ -47,8 +47,26 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store = _restart_store(world_size, timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def _restart_store(world_size: int, timeout: datetime.timedelta):
+    """Under torchrun's agent store: that store, with keys private to this restart attempt.
+
+    After ``torchrun --max-restarts`` restarts the workers, the agent may serve the same store as in the attempt
+    before; the previous attempt's gloo/NCCL addresses are still in it, and a new group that reads them waits for
+    a dead peer. A prefix per attempt (``TORCHELASTIC_RESTART_COUNT``) keeps every attempt's rendezvous clean.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"dtfast/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def barrier(info: DistInfo) -> None:
