@@ -25,9 +25,11 @@ if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from kernels import dreamteacher_loss as K
     from kernels._loss_meta import tile_config
+    from kernels._loss_reduce import _fwd_level_kernel, _fwd_sample_kernel
 else:
     from . import dreamteacher_loss as K
     from ._loss_meta import tile_config
+    from ._loss_reduce import _fwd_level_kernel, _fwd_sample_kernel
 
 
 def compile_kernel(fn, dtype: str, constexprs: dict, arch: int, num_warps: int = K.NUM_WARPS):
@@ -80,9 +82,9 @@ def variants():
                            align > 1 and s_cl == g_cl)
     for whiten in (0, 1):
         for at_mode in (0, 1):
-            yield (f"sample whiten={whiten} at={at_mode}", K._fwd_sample_kernel, "fp32",
+            yield (f"sample whiten={whiten} at={at_mode}", _fwd_sample_kernel, "fp32",
                    dict(WHITEN=whiten, AT_MODE=at_mode, BLOCK=2048, BLOCK_T=32, LP=4, EPS=1e-6, NORM_EPS=1e-12), False)
-    yield "level", K._fwd_level_kernel, "fp32", dict(AT_MODE=0, BLOCK=128), False
+    yield "level", _fwd_level_kernel, "fp32", dict(AT_MODE=0, BLOCK=128), False
 
 
 def main(argv=None) -> int:
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
         print("aot_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
         return 2
     try:  # the ahead-of-time API (ASTSource attrs, GPUTarget) moves between Triton releases
-        compile_kernel(K._fwd_level_kernel, "fp32", {"AT_MODE": 0, "BLOCK": 128}, args.arch)
+        compile_kernel(_fwd_level_kernel, "fp32", {"AT_MODE": 0, "BLOCK": 128}, args.arch)
     except (TypeError, AttributeError, KeyError) as exc:
         print(f"aot_check: this Triton ({triton.__version__}) has another ahead-of-time API: {exc}")
         return 3
