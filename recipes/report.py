@@ -26,6 +26,8 @@ def summarise(results: dict[str, dict[str, dict]]) -> dict:
         summary["rows"][row] = {metric: _stats([100 * r[metric] for r in per_seed.values() if metric in r])
                                 for metric, _ in METRICS if any(metric in r for r in per_seed.values())}
     for better, worse in ACCEPTANCE:
+        if "linear_top1" not in summary["rows"][better] or "linear_top1" not in summary["rows"][worse]:
+            continue
         a, b = summary["rows"][better]["linear_top1"], summary["rows"][worse]["linear_top1"]
         margin, spread = a["mean"] - b["mean"], max(a["std"], b["std"])
         summary["acceptance"].append({
@@ -37,7 +39,9 @@ def summarise(results: dict[str, dict[str, dict]]) -> dict:
 
 def write_table(record: dict, path: str) -> None:
     summary = record["summary"]
-    seeds = record["args"]["seeds"]
+    seeds = sorted({int(seed) for row in record.get("per_seed", {}).values() for seed in row}) or record["args"]["seeds"]
+    if not record.get("complete", True):
+        seeds = f"{seeds} (PARTIAL: {len(seeds)} of {len(record['args']['seeds'])} seeds done)"
     header = (f"Data: {record['data']}. Student: {record['args']['student']}, probe features: "
               f"{record['args']['features']} (global average pool). Seeds: {seeds}. Mean ± sample std over seeds.")
     lines = [header, "",

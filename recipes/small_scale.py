@@ -33,7 +33,7 @@ TEACHER_MODEL = ["model.arch=tiny", "model.block_out_channels=[16,32,32,64,64,64
 
 PRESETS = {
     # the real recipe, sized for <= 60 minutes on an idle 2-core CPU at 32x32
-    "full": dict(teacher_steps=500, teacher_batch=32, distill_steps=250, distill_batch=32, supervised_steps=250,
+    "full": dict(teacher_steps=300, teacher_batch=32, distill_steps=150, distill_batch=32, supervised_steps=150,
                  supervised_batch=32, num_images=4096, num_train=4000, num_val=2000),
     # seconds: the CI check that the whole pipeline runs end to end
     "quick": dict(teacher_steps=4, teacher_batch=8, distill_steps=3, distill_batch=8, supervised_steps=3,
@@ -91,7 +91,7 @@ def train_teacher(args: argparse.Namespace) -> str:
     os.makedirs(out, exist_ok=True)
     run([sys.executable, "-m", "dtfast.train_teacher", f"out={out}", *TEACHER_MODEL, *data_keys(args),
          f"data.image_size={args.image_size}", f"data.num_workers={args.workers}", f"train.max_steps={args.teacher_steps}",
-         f"train.batch_size={args.teacher_batch}", "train.log_every=25", "train.save_every=250"],
+         f"train.batch_size={args.teacher_batch}", "train.log_every=10", "train.save_every=50"],
         os.path.join(out, "log.txt"))
     return folder
 
@@ -122,7 +122,7 @@ def distil(args: argparse.Namespace, teacher: str, name: str, seed: int) -> str:
     run([sys.executable, "-m", "dtfast.pretrain", f"out={out}", f"teacher.pretrained={os.path.abspath(teacher)}",
          f"teacher.timestep={args.timestep}", f"student.arch={args.student}", *data_keys(args),
          f"data.image_size={args.image_size}", f"data.num_workers={args.workers}", f"train.max_steps={args.distill_steps}",
-         f"train.batch_size={args.distill_batch}", f"train.seed={seed}", "train.save_every=100",
+         f"train.batch_size={args.distill_batch}", f"train.seed={seed}", "train.save_every=50",
          f"train.warmup_steps={max(1, args.distill_steps // 10)}", "train.log_every=10"],
         os.path.join(out, "log.txt"))
     return backbone
@@ -165,30 +165,45 @@ def main(argv: list[str] | None = None) -> int:
     data = timed("load probe data", load_probe_data, eval_cfg)
     teacher = args.teacher or timed("teacher training", train_teacher, args)
     control = random_teacher(args)
-    weights: dict[str, dict[int, str]] = {row: {} for row in ROWS}
-    for seed in args.seeds:
-        weights["random init"][seed] = "random"
-        weights["distilled, random teacher"][seed] = timed("distillation", distil, args, control, "distill_random", seed)
-        weights["distilled, trained teacher"][seed] = timed("distillation", distil, args, teacher, "distill_trained",
-                                                            seed)
-        weights["supervised (upper bound)"][seed] = timed("supervised", supervised, args, data.num_classes, seed)
+    command = " ".join(["recipes/small_scale.py", *(argv if argv is not None else sys.argv[1:])])
     results: dict[str, dict[str, dict]] = {row: {} for row in ROWS}
-    for row in ROWS:
-        for seed, path in weights[row].items():
+
+    def evaluate(row: str, seed: int, path: str) -> None:
+        """Probe one backbone; the result is cached next to it so that a restarted recipe does not redo it."""
+        folder = os.path.dirname(path) if path != "random" else os.path.join(args.out, f"random_init_s{seed}")
+        cache = os.path.join(folder, f"probe_{args.features}.json")
+        key = {"data": data.description, "num_train": args.num_train, "num_val": args.num_val, "row": row}
+        if os.path.isfile(cache):
+            with open(cache) as fh:
+                cached = json.load(fh)
+            if cached.get("key") == key:
+                results[row][str(seed)] = cached["result"]
+        if str(seed) not in results[row]:
             model = load_backbone(args.student, path, seed)
             results[row][str(seed)] = timed("evaluation", evaluate_model, model, data, eval_cfg)
-            print(f"[recipe] {row:<28} seed {seed}: linear {100 * results[row][str(seed)]['linear_top1']:.2f}%  "
-                  f"k-NN {100 * results[row][str(seed)].get('knn_top1', float('nan')):.2f}%", flush=True)
-    timings["total"] = time.perf_counter() - start
-    summary = summarise(results)
-    record = {"command": " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "recipes/small_scale.py",
-                                   *(argv if argv is not None else sys.argv[1:])]),
-              "machine": machine(), "args": vars(args), "teacher": teacher, "data": data.description,
-              "summary": summary, "per_seed": results, "timings_s": timings}
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump(record, fh, indent=2, default=str)
-    write_table(record, os.path.join(args.out, "results.md"))
-    write_plot(record, os.path.join(args.out, "results.png"))
+            os.makedirs(folder, exist_ok=True)
+            with open(cache, "w") as fh:
+                json.dump({"key": key, "result": results[row][str(seed)]}, fh, indent=2)
+        r = results[row][str(seed)]
+        print(f"[recipe] {row:<28} seed {seed}: linear {100 * r['linear_top1']:.2f}%  "
+              f"k-NN {100 * r.get('knn_top1', float('nan')):.2f}%", flush=True)
+
+    for seed in args.seeds:  # one seed at a time: the table is rewritten after each, so partial runs report
+        evaluate("random init", seed, "random")
+        evaluate("distilled, trained teacher", seed,
+                 timed("distillation", distil, args, teacher, "distill_trained", seed))
+        evaluate("distilled, random teacher", seed,
+                 timed("distillation", distil, args, control, "distill_random", seed))
+        evaluate("supervised (upper bound)", seed,
+                 timed("supervised", supervised, args, data.num_classes, seed))
+        timings["total"] = time.perf_counter() - start
+        record = {"command": command, "machine": machine(), "args": vars(args), "teacher": teacher,
+                  "data": data.description, "summary": summarise(results), "per_seed": results,
+                  "timings_s": timings, "complete": seed == args.seeds[-1]}
+        with open(os.path.join(args.out, "results.json"), "w") as fh:
+            json.dump(record, fh, indent=2, default=str)
+        write_table(record, os.path.join(args.out, "results.md"))
+        write_plot(record, os.path.join(args.out, "results.png"))
     with open(os.path.join(args.out, "results.md")) as fh:
         print(fh.read())
     return 0
