@@ -259,7 +259,7 @@ class TeacherTrainer:
             if stop:
                 self._print(f"train.max_minutes={cfg.train.max_minutes} reached at step {self.step}; exporting")
                 break
-        if not (cfg.train.save_every and self.step % cfg.train.save_every == 0) or self.step < cfg.train.max_steps:
+        if ckpt.read_latest(cfg.out) != os.path.join(ckpt.checkpoint_dir(cfg.out), f"step_{self.step}"):
             self.save()
         return self.export()
 
