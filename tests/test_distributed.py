@@ -40,8 +40,12 @@ def _engines_worker(out: str) -> None:
     from dtfast.train.trainer import Trainer
 
     results = {}
-    for name, overrides in [("ddp", ["dist.engine=ddp"])] + [
-            (f"zero{s}", ["dist.engine=deepspeed", f"dist.zero_stage={s}"]) for s in (1, 2, 3)]:
+    runs = [("ddp", ["dist.engine=ddp"])] + [
+        (f"zero{s}", ["dist.engine=deepspeed", f"dist.zero_stage={s}"]) for s in (1, 2, 3)]
+    # the whole trainer with the teacher partitioned too (channels_last asked for: the sharded teacher refuses it)
+    runs.append(("zero3_sharded_teacher", ["dist.engine=deepspeed", "dist.zero_stage=3", "teacher.shard=true",
+                                           "teacher.channels_last=true"]))
+    for name, overrides in runs:
         cfg = load_config(None, [f"out={out}/{name}", *TINY, "train.grad_accum=2", "train.grad_clip=0.5",
                                  f"train.max_steps={STEPS}", *overrides])
         t0 = time.perf_counter()
@@ -101,7 +105,7 @@ def test_zero_stages_match_ddp(tmp_path):
         results = json.load(fh)
     reference = results["ddp"]["losses"]
     assert len(reference) == STEPS
-    for name in ("zero1", "zero2", "zero3"):
+    for name in ("zero1", "zero2", "zero3", "zero3_sharded_teacher"):
         # step 1 runs the same weights; step 2 shows that the updates (accumulation over 2 micro-batches, clipping,
         # AdamW) agree. fp32 sums run in a different order (all-reduce vs reduce-scatter), and AdamW's first steps
         # are nearly sign(gradient), so near-zero gradient entries amplify that noise: 2e-4 relative, not 1e-7.

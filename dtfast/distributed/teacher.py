@@ -20,8 +20,10 @@ from torch import nn
 from dtfast.distributed.ds_config import teacher_ds_config
 from dtfast.distributed.runtime import import_deepspeed, join_process_group
 
-# teacher options that cannot work under ZeRO-3's per-module hooks
-SHARD_OPTIONS = {"compile": False, "cuda_graph": False, "inference_mode": False}
+# teacher options that cannot work under ZeRO-3: its per-module hooks run Python between modules (no compile, no CUDA
+# graph), gathered weights are written into parameters (no inference tensors), and partitions are flat contiguous
+# buffers (no channels_last weights: DeepSpeed's byte views of them fail)
+SHARD_OPTIONS = {"compile": False, "cuda_graph": False, "inference_mode": False, "channels_last": False}
 
 
 class ShardedTeacher(nn.Module):
