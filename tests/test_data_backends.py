@@ -1,14 +1,26 @@
 """Input backends (torch / DALI CPU / nvJPEG): same images, same order, resume, bad files, the endless pipeline."""
 
+import multiprocessing
 import os
+import sys
+import threading
 import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
-from dtfast.data import DecodeError, ImageFolder, ProceduralImages, build_input_pipeline, build_loader, resolve_backend
+from dtfast.data import (
+    DecodeError,
+    ImageFolder,
+    InputPipeline,
+    ProceduralImages,
+    build_input_pipeline,
+    build_loader,
+    resolve_backend,
+)
 from dtfast.data.dali import DaliLoader, dali_available
 from dtfast.data.nvjpeg import NvjpegLoader
 
@@ -222,3 +234,113 @@ def test_gpu_pipeline_prefetch_on_a_side_stream(tmp_path, backend):
         for a, b in zip(expected, got):
             assert b.is_cuda and torch.equal(a, b)
     ahead.close()
+
+
+# ---------------------------------------------------------------- worker processes and threads
+_FORKS_SEEN: list | None = None  # while a test watches: (thread name, Python threads alive) of each os.fork()
+_AUDIT_INSTALLED = False
+
+
+def _audit(event, _args):
+    if event == "os.fork" and _FORKS_SEEN is not None:
+        _FORKS_SEEN.append((threading.current_thread().name, threading.active_count()))
+
+
+def _watch_forks() -> list:
+    global _FORKS_SEEN, _AUDIT_INSTALLED
+    if not _AUDIT_INSTALLED:  # audit hooks cannot be removed: one, inert while _FORKS_SEEN is None
+        sys.addaudithook(_audit)
+        _AUDIT_INSTALLED = True
+    _FORKS_SEEN = []
+    return _FORKS_SEEN
+
+
+def test_pipelines_with_workers_and_prefetch_threads_never_fork_the_process(tmp_path, monkeypatch):
+    """The H100 failure: DataLoader workers forked (filelock refused os.fork) while another pipeline's prefetch
+    thread ran. Three pipelines with worker processes, two prefetching on threads, interleaved across two epoch
+    boundaries: no os.fork() at all in this process, the same batches as without prefetching, workers stopped
+    by close()."""
+    global _FORKS_SEEN
+    monkeypatch.delenv("DTFAST_WORKER_START", raising=False)
+    smooth_folder(tmp_path, per_class=4)  # 8 images, batch 3 -> 2 steps per epoch
+    kwargs = {"mean": MEAN, "std": STD, "seed": 1, "num_workers": 1}
+    children_before = set(multiprocessing.active_children())
+    forks = _watch_forks()
+    pipelines = []
+    try:
+        plain = build_input_pipeline(str(tmp_path), 16, 3, backend="torch", prefetch=0, **kwargs)
+        ahead = build_input_pipeline(str(tmp_path), 16, 3, backend="torch", prefetch=2, **kwargs)
+        files = build_input_pipeline(str(tmp_path), 16, 3, backend="nvjpeg", device="cpu", prefetch=2, **kwargs)
+        pipelines = [plain, ahead, files]
+        for _ in range(5):  # steps 0..4: epochs 0, 1, 2, rolled over while the other pipelines' threads run
+            expected, got, decoded = next(ahead), next(plain), next(files)
+            for a, b in zip(expected, got):
+                assert torch.equal(a, b)
+            assert torch.equal(decoded[2], expected[2])
+            torch.testing.assert_close(decoded[0], expected[0], rtol=0, atol=1 / 127.5 + 1e-6)
+        assert plain.epoch == ahead.epoch == files.epoch == 2
+        assert ahead._thread.is_alive() and files._thread.is_alive()
+    finally:
+        _FORKS_SEEN = None
+        for pipeline in pipelines:
+            pipeline.close()
+    assert forks == [], f"os.fork() called by (thread, Python threads alive): {forks}"
+    assert set(multiprocessing.active_children()) <= children_before  # close() stopped every worker
+    with pytest.raises(RuntimeError, match="after close"):
+        next(ahead)
+
+
+_HELD = threading.Lock()
+
+
+class _LockAndPid(Dataset):
+    """Procedural images labelled with the pid of the process that made them; each item takes ``_HELD``."""
+
+    def __init__(self, num_images: int, size: int) -> None:
+        self.data = ProceduralImages(num_images, size)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.data.set_epoch(epoch)
+
+    def __getitem__(self, index):
+        if not _HELD.acquire(timeout=3):
+            raise RuntimeError("worker inherited a lock that another thread held when the worker was forked")
+        _HELD.release()
+        return self.data[index][0], os.getpid()
+
+
+@pytest.mark.parametrize("start_method", [None, "fork"])
+def test_workers_never_inherit_a_lock_held_by_another_thread(monkeypatch, start_method):
+    """The hazard itself, deterministically: another thread holds a lock while the workers start. A forked worker
+    gets the lock held forever (the "fork" control shows the test detects it); the default start method gives
+    fresh processes, which then serve every epoch (persistent: the same two pids over three epochs)."""
+    monkeypatch.delenv("DTFAST_WORKER_START", raising=False)
+    taken, release = threading.Event(), threading.Event()
+
+    def hold():
+        with _HELD:
+            taken.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert taken.wait(10)
+    pipeline = InputPipeline(_LockAndPid(8, 16), 2, mean=MEAN, std=STD, backend="torch", num_workers=2, prefetch=2,
+                             start_method=start_method)  # 8 images, batch 2 -> 4 steps per epoch
+    try:
+        if start_method == "fork":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12: "multi-threaded, fork()"
+                with pytest.raises(RuntimeError, match="inherited a lock"):
+                    next(pipeline)
+            return
+        pids = torch.cat([next(pipeline)[2] for _ in range(12)])  # epochs 0, 1, 2
+    finally:
+        release.set()
+        pipeline.close()
+        holder.join(10)
+    assert pipeline.epoch == 3 and os.getpid() not in pids.tolist()
+    assert len(set(pids.tolist())) == 2, pids  # one pair of worker processes for all three epochs

@@ -23,32 +23,38 @@ WORKER = textwrap.dedent("""
     from dtfast.data import build_dataset, build_loader
     from dtfast.data.dali import DaliLoader, dali_available
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    root, out = sys.argv[1], sys.argv[2]
-    data = build_dataset(root, 8, split="val")  # centre crops of flat images: the pixel identifies the file
 
-    def order(loader):
-        seen = []
-        for images, labels in loader:
-            seen += [[int(image[0, 4, 4]), int(image[1, 4, 4]), int(label)] for image, label in zip(images, labels)]
-        return seen
+    def main():
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        root, out = sys.argv[1], sys.argv[2]
+        data = build_dataset(root, 8, split="val")  # centre crops of flat images: the pixel identifies the file
 
-    common = dict(rank=rank, world_size=world, seed=7)
-    runs = {
-        "epoch0": order(build_loader(data, 3, num_workers=1, **common)),
-        "epoch0_again": order(build_loader(data, 3, num_workers=0, **common)),
-        "epoch1": order(build_loader(data, 3, num_workers=0, start_step=4, **common)),
-        "resume2": order(build_loader(data, 3, num_workers=0, start_step=2, **common)),
-    }
-    if dali_available():
-        runs["dali_epoch0"] = order(DaliLoader(data, 3, num_threads=1, **common))
-        runs["dali_resume2"] = order(DaliLoader(data, 3, num_threads=1, start_step=2, **common))
-    runs["classes"] = data.classes
-    dist.barrier()
-    with open(f"{out}/rank{rank}.json", "w") as handle:
-        json.dump(runs, handle)
-    dist.destroy_process_group()
+        def order(loader):
+            seen = []
+            for images, labels in loader:
+                seen += [[int(image[0, 4, 4]), int(image[1, 4, 4]), int(label)] for image, label in zip(images, labels)]
+            return seen
+
+        common = dict(rank=rank, world_size=world, seed=7)
+        runs = {
+            "epoch0": order(build_loader(data, 3, num_workers=1, **common)),
+            "epoch0_again": order(build_loader(data, 3, num_workers=0, **common)),
+            "epoch1": order(build_loader(data, 3, num_workers=0, start_step=4, **common)),
+            "resume2": order(build_loader(data, 3, num_workers=0, start_step=2, **common)),
+        }
+        if dali_available():
+            runs["dali_epoch0"] = order(DaliLoader(data, 3, num_threads=1, **common))
+            runs["dali_resume2"] = order(DaliLoader(data, 3, num_threads=1, start_step=2, **common))
+        runs["classes"] = data.classes
+        dist.barrier()
+        with open(f"{out}/rank{rank}.json", "w") as handle:
+            json.dump(runs, handle)
+        dist.destroy_process_group()
+
+
+    if __name__ == "__main__":  # DataLoader workers start from a fork server and import this script
+        main()
 """)
 
 

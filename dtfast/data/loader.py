@@ -9,6 +9,12 @@ Sharding: ``DistributedSampler`` semantics (a permutation seeded with ``seed + e
 ``world_size``-th index from ``rank``), so the ranks' shards are disjoint and cover the data set once per
 epoch. With ``drop_last=True`` (training) the tail that does not fill a batch on every rank is dropped, so
 every rank takes exactly ``steps_per_epoch`` steps.
+
+Worker processes: started from a fork server, never by ``fork()`` of the (multi-threaded) training process, and
+kept for the life of the loader (``persistent_workers``): ``EpochLoader.restart(step)`` moves the same
+DataLoader (and its workers) to the next epoch, so an epoch boundary starts no process. ``start()`` starts the
+workers on the calling thread (the pipeline calls it before its prefetch thread exists). See ``workers.py``
+for why and what it costs.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import warnings
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from .workers import worker_context
 
 __all__ = ["EpochLoader", "ResumableDistributedSampler", "build_loader", "shard_indices", "steps_per_epoch"]
 
@@ -31,6 +39,13 @@ class ResumableDistributedSampler(DistributedSampler):
                          drop_last=drop_last)
         if not 0 <= start_index <= self.num_samples:
             raise ValueError(f"sampler: start_index {start_index} outside 0..{self.num_samples}")
+        self.start_index = int(start_index)
+
+    def restart(self, epoch: int, start_index: int) -> None:
+        """Move to ``epoch``, ``start_index`` samples into this rank's shard (a persistent loader's next epoch)."""
+        if not 0 <= start_index <= self.num_samples:
+            raise ValueError(f"sampler: start_index {start_index} outside 0..{self.num_samples}")
+        self.set_epoch(epoch)
         self.start_index = int(start_index)
 
     def __iter__(self) -> Iterator[int]:
@@ -56,8 +71,25 @@ def shard_indices(num_items: int, rank: int, world_size: int, seed: int, epoch: 
     return list(sampler)
 
 
+class _EpochTagged(Sampler):
+    """Yields ``(epoch, index)``: persistent workers hold their own copy of the data set, so the epoch (which
+    seeds the per-sample crops and flips) travels with each index instead of through ``set_epoch`` before the
+    workers start."""
+
+    def __init__(self, sampler: ResumableDistributedSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class _WithSkips(Dataset):
-    """Worker-side view: items (image, label, undecodable files skipped to produce the item)."""
+    """Worker-side view: items (image, label, undecodable files skipped to produce the item); keys are indices
+    or ``(epoch, index)`` (``_EpochTagged``)."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -65,7 +97,13 @@ class _WithSkips(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            epoch, index = key
+            if hasattr(self.dataset, "set_epoch") and getattr(self.dataset, "epoch", None) != epoch:
+                self.dataset.set_epoch(epoch)
+        else:
+            index = key
         if hasattr(self.dataset, "load"):
             return self.dataset.load(index)
         image, label = self.dataset[index]
@@ -83,11 +121,14 @@ class EpochLoader:
 
     Attributes: ``epoch``, ``first_step`` (global step of the first batch), ``steps_per_epoch``,
     ``skipped_files`` (undecodable files replaced so far, in this rank's order).
+    ``restart(step)`` moves the loader, with its persistent worker processes, to the epoch of ``step``;
+    ``start()`` starts the workers now (on the calling thread); ``close()`` stops them.
+    ``start_method``: how workers start (``workers.worker_start_method``: auto = forkserver).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_workers: int = 2, drop_last: bool = True, start_step: int = 0, shuffle: bool = True,
-                 pin_memory: bool | None = None) -> None:
+                 pin_memory: bool | None = None, start_method: str | None = None) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or start_step < 0:
             raise ValueError(f"loader: bad batch_size={batch_size}, rank={rank}, world_size={world_size} or "
                              f"start_step={start_step}")
@@ -104,19 +145,50 @@ class EpochLoader:
                                                    drop_last=drop_last, start_index=offset * batch_size)
         self.sampler.set_epoch(self.epoch)
         self.skipped_files: list[str] = []
+        workers = {"multiprocessing_context": worker_context(start_method), "persistent_workers": True} \
+            if num_workers > 0 else {}
         self.loader = DataLoader(
-            _WithSkips(dataset), batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+            _WithSkips(dataset), batch_size=batch_size, sampler=_EpochTagged(self.sampler), num_workers=num_workers,
             collate_fn=_collate, drop_last=drop_last,
             pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
             # workers' base seed from a private generator: building a loader never moves the global RNG
-            generator=torch.Generator().manual_seed(seed + self.epoch),
+            generator=torch.Generator().manual_seed(seed + self.epoch), **workers,
         )
+        self._started: Iterator | None = None
 
     def __len__(self) -> int:
         return len(self.loader)
 
+    def start(self) -> None:
+        """Start the worker processes (and queue the first indices) now, on the calling thread."""
+        if self._started is None:
+            self._started = iter(self.loader)
+
+    def restart(self, start_step: int) -> None:
+        """The batches of the epoch containing global step ``start_step``, from there on, with the SAME worker
+        processes (nothing is started); ``skipped_files`` starts empty."""
+        if start_step < 0:
+            raise ValueError(f"loader: bad start_step={start_step}")
+        self.epoch, offset = divmod(int(start_step), self.steps_per_epoch)
+        self.first_step = int(start_step)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)  # this process's copy (num_workers=0); workers get it per index
+        self.sampler.restart(self.epoch, offset * self.batch_size)
+        self.skipped_files = []
+        self._started = None  # its queued indices are the old epoch's: the next iter() resets the workers
+
+    def close(self) -> None:
+        """Stop the worker processes (idempotent; a later iteration starts new ones)."""
+        self._started = None
+        iterator = getattr(self.loader, "_iterator", None)
+        self.loader._iterator = None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, skipped in self.loader:
+        batches = self._started if self._started is not None else iter(self.loader)
+        self._started = None
+        for images, labels, skipped in batches:
             if skipped:
                 self.skipped_files.extend(skipped)
                 warnings.warn(f"data: replaced {len(skipped)} undecodable file(s) {skipped[:3]} with the next "
@@ -126,7 +198,8 @@ class EpochLoader:
 
 def build_loader(dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_workers: int = 2, drop_last: bool = True, start_step: int = 0, shuffle: bool = True,
-                 pin_memory: bool | None = None) -> EpochLoader:
+                 pin_memory: bool | None = None, start_method: str | None = None) -> EpochLoader:
     """The batches of the epoch that contains global step ``start_step``, from that step on (see module doc)."""
     return EpochLoader(dataset, batch_size, rank=rank, world_size=world_size, seed=seed, num_workers=num_workers,
-                       drop_last=drop_last, start_step=start_step, shuffle=shuffle, pin_memory=pin_memory)
+                       drop_last=drop_last, start_step=start_step, shuffle=shuffle, pin_memory=pin_memory,
+                       start_method=start_method)

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from .folder import DecodeError, ImageFolder
 from .loader import ResumableDistributedSampler, steps_per_epoch
 from .transforms import plan_resize_crop, sample_rng
+from .workers import worker_context
 
 __all__ = ["NvjpegLoader"]
 
@@ -66,11 +67,12 @@ def _is_jpeg(data: torch.Tensor) -> bool:
 
 class NvjpegLoader:
     """The batches of one epoch from global step ``start_step``: ``(uint8 (B, 3, S, S), int64 (B,))`` on
-    ``device``. Arguments as ``build_loader``; ``num_workers`` processes read files (no decoding)."""
+    ``device``. Arguments as ``build_loader``; ``num_workers`` processes read files (no decoding), started as
+    ``EpochLoader``'s (fork server, persistent: ``restart``/``start``/``close`` as there)."""
 
     def __init__(self, dataset: ImageFolder, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  start_step: int = 0, device: str | torch.device = "cuda", num_workers: int = 2,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, start_method: str | None = None) -> None:
         if not isinstance(dataset, ImageFolder):
             raise TypeError("data.backend=nvjpeg decodes image files: set data.root to an image folder "
                             f"(got a {type(dataset).__name__})")
@@ -88,12 +90,38 @@ class NvjpegLoader:
                                                    drop_last=True, start_index=offset * batch_size)
         self.sampler.set_epoch(self.epoch)
         self.skipped_files: list[str] = []
+        workers = {"multiprocessing_context": worker_context(start_method), "persistent_workers": True} \
+            if num_workers > 0 else {}
         self.loader = DataLoader(_EncodedFiles(dataset), batch_size=batch_size, sampler=self.sampler,
                                  num_workers=num_workers, collate_fn=_collate, drop_last=True,
-                                 generator=torch.Generator().manual_seed(seed + self.epoch))
+                                 generator=torch.Generator().manual_seed(seed + self.epoch), **workers)
+        self._started: Iterator | None = None
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def start(self) -> None:
+        """Start the file-reading worker processes now, on the calling thread."""
+        if self._started is None:
+            self._started = iter(self.loader)
+
+    def restart(self, start_step: int) -> None:
+        """Move to the epoch containing global step ``start_step`` with the same worker processes."""
+        if start_step < 0:
+            raise ValueError(f"loader: bad start_step={start_step}")
+        self.first_step = int(start_step)
+        self.epoch, offset = divmod(self.first_step, self.steps_per_epoch)
+        self.sampler.restart(self.epoch, offset * self.batch_size)
+        self.skipped_files = []
+        self._started = None
+
+    def close(self) -> None:
+        """Stop the worker processes (idempotent)."""
+        self._started = None
+        iterator = getattr(self.loader, "_iterator", None)
+        self.loader._iterator = None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     # ------------------------------------------------------------------ decoding
     def _decode_one(self, data: torch.Tensor, path: str) -> torch.Tensor:
@@ -183,7 +211,9 @@ class NvjpegLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         labels_of = self.dataset.labels
-        for datas, labels, indices in self.loader:
+        batches = self._started if self._started is not None else iter(self.loader)
+        self._started = None
+        for datas, labels, indices in batches:
             decoded = self._decode_batch(datas, indices)
             images = torch.stack([self._crop(image, index) for image, index in decoded])
             if any(index != original for (_, index), original in zip(decoded, indices)):

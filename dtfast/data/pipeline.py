@@ -12,6 +12,12 @@ training device, both views derived on the device from ONE decoded uint8 batch (
 All backends use the same order (``DistributedSampler``: seed + epoch, sharded by rank), drop the last
 partial batch so every rank takes the same number of steps, and restart at any global step (``start_step``)
 with the samples that step would have seen. Epoch boundaries are crossed inside the iterator.
+
+Processes and threads: the torch and nvjpeg backends' DataLoader worker processes come from a fork server
+(``workers.py``: ``fork()`` of a process with other threads, like this pipeline's prefetch thread, can deadlock
+or fail) and persist across epochs: the first batch starts them on the CALLING thread, before the prefetch
+thread exists, and an epoch boundary only moves the same loader to the next epoch (``restart``), so nothing is
+started from the prefetch thread. ``close()`` stops the thread and the workers.
 """
 
 from __future__ import annotations
@@ -65,13 +71,15 @@ class InputPipeline:
     def __init__(self, dataset: Dataset, batch_size: int, *, mean: Sequence[float], std: Sequence[float],
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", backend: str = "auto",
                  seed: int = 0, num_workers: int = 2, start_step: int = 0, num_threads: int | None = None,
-                 hw_decoder_load: float = 0.65, channels_last: bool = False, prefetch: int | None = None) -> None:
+                 hw_decoder_load: float = 0.65, channels_last: bool = False, prefetch: int | None = None,
+                 start_method: str | None = None) -> None:
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, int(batch_size), int(rank), int(world_size)
         self.device = torch.device(device)
         self.backend = resolve_backend(backend, dataset)
         self.mean, self.std, self.seed, self.num_workers = tuple(mean), tuple(std), int(seed), int(num_workers)
         self.num_threads = default_threads() if num_threads is None else int(num_threads)
         self.hw_decoder_load, self.channels_last = float(hw_decoder_load), bool(channels_last)
+        self.start_method = start_method  # DataLoader workers' start method (workers.py); None: auto/environment
         # batches prepared ahead by a background thread (on a side CUDA stream on GPUs), so that decoding on the
         # device (nvjpeg) and the host-to-device copy overlap the training step
         self.prefetch = (2 if self.device.type == "cuda" else 0) if prefetch is None else int(prefetch)
@@ -108,21 +116,30 @@ class InputPipeline:
             from .nvjpeg import NvjpegLoader
 
             return NvjpegLoader(self.dataset, self.batch_size, device=self.device, num_workers=self.num_workers,
-                                **common)
+                                start_method=self.start_method, **common)
         return build_loader(self.dataset, self.batch_size, num_workers=self.num_workers, drop_last=True,
-                            pin_memory=self.device.type == "cuda", **common)
+                            pin_memory=self.device.type == "cuda", start_method=self.start_method, **common)
 
     def __iter__(self) -> InputPipeline:
         return self
 
-    def _produce(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _start(self) -> None:
+        """Start the loader's worker processes on the calling thread (before any prefetch thread exists)."""
         if self._iterator is None:
+            if hasattr(self._loader, "start"):
+                self._loader.start()
             self._iterator = iter(self._loader)
+
+    def _produce(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self._start()
         try:
             images, labels = next(self._iterator)
-        except StopIteration:  # epoch boundary: the next epoch's loader starts at the step reached
+        except StopIteration:  # epoch boundary: the next epoch starts at the step reached
             self._skipped_before.extend(self._loader.skipped_files)
-            self._loader = self._epoch_loader(self._produced)
+            if hasattr(self._loader, "restart"):  # same DataLoader, same worker processes: nothing is started
+                self._loader.restart(self._produced)
+            else:  # DALI: a new pipeline (threads inside DALI, no process)
+                self._loader = self._epoch_loader(self._produced)
             self._iterator = iter(self._loader)
             images, labels = next(self._iterator)
         self._produced += 1
@@ -151,13 +168,21 @@ class InputPipeline:
                     except queue.Full:
                         continue
         except Exception as error:  # noqa: BLE001 - handed to the consumer and re-raised there
-            self._queue.put((None, None, error))
+            while not self._stop.is_set():
+                try:
+                    self._queue.put((None, None, error), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._stop.is_set():
+            raise RuntimeError("input pipeline: next() after close()")
         if self.prefetch <= 0:
             batch = self._produce()
         else:
             if self._thread is None:
+                self._start()  # worker processes start here, on the calling thread, not on the prefetch thread
                 self._queue = queue.Queue(maxsize=self.prefetch)
                 self._thread = threading.Thread(target=self._worker, name="dtfast-input-prefetch", daemon=True)
                 self._thread.start()
@@ -174,13 +199,17 @@ class InputPipeline:
         return batch
 
     def close(self) -> None:
-        """Stop the prefetch thread (idempotent)."""
+        """Stop the prefetch thread and the loader's worker processes (idempotent)."""
         self._stop.set()
         if self._thread is not None:
             while self._queue is not None and not self._queue.empty():
                 self._queue.get_nowait()
             self._thread.join(timeout=10)
             self._thread = None
+        self._iterator = None
+        loader = getattr(self, "_loader", None)
+        if loader is not None and hasattr(loader, "close"):
+            loader.close()
 
     def __del__(self) -> None:
         try:
@@ -195,7 +224,7 @@ def build_input_pipeline(root: str | None, image_size: int, batch_size: int, *, 
                          split: str = "train", num_workers: int = 2, start_step: int = 0, strict: bool = False,
                          random_resized_crop: bool = False, num_images: int = 2048, num_threads: int | None = None,
                          hw_decoder_load: float = 0.65, channels_last: bool = False,
-                         prefetch: int | None = None) -> InputPipeline:
+                         prefetch: int | None = None, start_method: str | None = None) -> InputPipeline:
     """Data set (``build_dataset``) + ``InputPipeline`` in one call; arguments as there."""
     from . import build_dataset
 
@@ -204,4 +233,4 @@ def build_input_pipeline(root: str | None, image_size: int, batch_size: int, *, 
     return InputPipeline(dataset, batch_size, mean=mean, std=std, rank=rank, world_size=world_size, device=device,
                          backend=backend, seed=seed, num_workers=num_workers, start_step=start_step,
                          num_threads=num_threads, hw_decoder_load=hw_decoder_load, channels_last=channels_last,
-                         prefetch=prefetch)
+                         prefetch=prefetch, start_method=start_method)
