@@ -13,7 +13,7 @@
 #   bench_r50.{json,md,png} (dtfast.bench). Record them here with:
 #   python benchmarks/record_gpu_results.py <folder the files came back to>
 # Knobs (environment): GPU_CHECK_BUDGET, BENCH_BATCHES (default [128,256,64]), BENCH_ROWS, BENCH_STEPS,
-#   BENCH_WARMUP, BENCH_ENGINE (default ddp), BENCH_CONFIG (default configs/imagenet_r50_adm256.yaml), SKIP_STAGES
+#   TEACHER_BENCH_ARGS (extra teacher_bench.py arguments, e.g. --rows), BENCH_WARMUP, BENCH_ENGINE (default ddp), BENCH_CONFIG (default configs/imagenet_r50_adm256.yaml), SKIP_STAGES
 #   (space-separated stage names), CAP_<stage>=SECONDS (a stage's own timeout cap).
 # Default caps (s): wheels 90, build_ext 150, cuda_tests_ops 75, loss_bench 75, dtfast_bench 210, teacher_bench 90,
 #   cuda_tests_rest 150, data_bench 45, op_tests 90; each is further capped by what is left of the budget.
@@ -122,7 +122,7 @@ run_stage build_ext "$(cap build_ext 150)" env MAX_JOBS=16 DTFAST_CUDA_ARCHS="${
 
 # ---- 3. tests that need CUDA: the fused-loss ones first (they go with the loss benchmark) ----------------------------
 if compgen -G "tests/test_ops*.py" > /dev/null; then
-    run_stage cuda_tests_ops "$(cap cuda_tests_ops 75)" $PY -m pytest -x -q -p no:cacheprovider -m needs_cuda \
+    run_stage cuda_tests_ops "$(cap cuda_tests_ops 75)" $PY -m pytest --maxfail=25 -q -p no:cacheprovider -m needs_cuda \
         tests/test_ops*.py
 else
     missing cuda_tests_ops "tests/test_ops*.py"
@@ -156,13 +156,13 @@ done
 
 # ---- 6. teacher benchmark ------------------------------------------------------------------------------------------
 if [[ -f benchmarks/teacher_bench.py ]]; then
-    run_stage teacher_bench "$(cap teacher_bench 90)" $PY benchmarks/teacher_bench.py --device cuda
+    run_stage teacher_bench "$(cap teacher_bench 90)" $PY benchmarks/teacher_bench.py --device cuda ${TEACHER_BENCH_ARGS:-}
 else
     missing teacher_bench benchmarks/teacher_bench.py
 fi
 
 # ---- 6b. the other tests that need CUDA (teachers' fast path, DeepSpeed on GPU, nvJPEG data path) ---------------------
-run_stage cuda_tests_rest "$(cap cuda_tests_rest 150)" $PY -m pytest -x -q -p no:cacheprovider -m needs_cuda tests \
+run_stage cuda_tests_rest "$(cap cuda_tests_rest 150)" $PY -m pytest --maxfail=25 -q -p no:cacheprovider -m needs_cuda tests \
     --ignore-glob='tests/test_ops*'
 
 # ---- 7. data benchmark (torchvision nvJPEG path; DALI's wheel cannot travel) ----------------------------------------
