@@ -38,8 +38,11 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         if on_cuda:
             import os
 
-            if "TORCH_CUDA_ARCH_LIST" not in os.environ:
-                # the op is JIT-built; torch's own arch parsing fails on lists with "sm_90a" (pytorch#144037)
+            # The op is JIT-built. DeepSpeed parses TORCH_CUDA_ARCH_LIST with int() and fails on "9.0a" entries
+            # (seen on an H100 image), and torch's fallback parse fails on "sm_90a" (pytorch#144037): give it the
+            # plain capability of this device when the list is unset or has such entries.
+            arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+            if not arch_list or any(a.strip().endswith("a") for a in arch_list.replace(",", ";").split(";")):
                 major, minor = torch.cuda.get_device_capability()
                 os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
             try:
