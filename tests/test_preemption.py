@@ -141,4 +141,7 @@ def test_kill_9_of_one_rank_then_torchrun_restart_resumes(tmp_path):
     assert checkpoint_at_kill <= resumed[0] <= killed_after, (checkpoint_at_kill, resumed, killed_after)
     assert logged_steps(out) == list(range(1, max_steps + 1))  # replayed steps are logged once
     assert latest(out) == f"step_{max_steps}"
+    # keep_last (default 2) pruned older checkpoints; no half-written folder was left behind by the killed rank
+    names = sorted(n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith(("step_", ".tmp")))
+    assert names == sorted([f"step_{max_steps - save_every}", f"step_{max_steps}"]), names
     assert os.path.isfile(os.path.join(out, "backbone.safetensors"))
