@@ -31,10 +31,9 @@ def _train(tmp_path, name, *overrides, steps=3):
     ["dist.zero_stage=1", "train.grad_accum=2", "train.grad_clip=1.0"],
     ["dist.zero_stage=2", "dist.bf16_mode=params"],
     ["dist.zero_stage=3"],
-    ["dist.zero_stage=3", "dist.bf16_mode=params"],
-    ["dist.zero_stage=0", "train.optimizer=lamb"],
     ["dist.zero_stage=3", "teacher.shard=true"],
-], ids=["z0", "z1-accum-clip", "z2-bf16params", "z3", "z3-bf16params", "lamb", "z3-sharded-teacher"])
+    ["dist.zero_stage=0", "train.optimizer=lamb"],  # last: DeepSpeed's FusedLamb may JIT-build (about a minute)
+], ids=["z0", "z1-accum-clip", "z2-bf16params", "z3", "z3-sharded-teacher", "lamb"])
 def test_deepspeed_on_gpu_trains_and_exports(tmp_path, overrides):
     import timm
     from safetensors.torch import load_file
