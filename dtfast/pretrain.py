@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
     finally:
         trainer.close()
-    return 0
+    # 128 + signal number after a preemption stop: torchrun --max-restarts and schedulers then restart the job,
+    # which resumes from the checkpoint the stop wrote (train.resume=auto)
+    return trainer.exit_code
 
 
 if __name__ == "__main__":
