@@ -156,7 +156,10 @@ if __name__ == "__main__":  # pip / setuptools run this file as __main__
         package_data={"dtfast": ["assets/*", "configs/*.yaml"]},
         install_requires=["torch>=2.4,<=2.14.1", "numpy"],
         extras_require={
-            "train": ["timm>=1.0", "diffusers>=0.30", "safetensors", "pyyaml", "pillow", "deepspeed", "matplotlib"],
+            # transformers reads a Stable-Diffusion folder's text_encoder/ and tokenizer/; DALI decodes JPEGs (GPU or
+            # CPU); the [dali] extra stays for users who add it to an ops-only install
+            "train": ["timm>=1.0", "diffusers>=0.30", "transformers", "safetensors", "pyyaml", "pillow", "deepspeed",
+                      "matplotlib", "nvidia-dali-cuda130"],
             "dali": ["nvidia-dali-cuda130"],
             "dev": ["pytest", "ninja", "ruff"],
         },
