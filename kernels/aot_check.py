@@ -72,19 +72,21 @@ def variants():
         for s_cl, g_cl in ((False, False), (True, True), (False, True)):
             for align in (16 // esize, 1):
                 for whiten, at_mode in ((0, 0), (1, 1)):
-                    block_c, block_p, unroll = tile_config(s_cl, esize)
+                    block_c, block_p, unroll, warps, chunk, rows = tile_config(s_cl, esize)
                     tiles = dict(S_CL=s_cl, G_CL=g_cl, ALIGN=align, BLOCK_C=block_c, BLOCK_P=block_p, UNROLL=unroll,
                                  LP=4)
                     yield (f"fwd {dtype} s_cl={s_cl} g_cl={g_cl} align={align} whiten={whiten}", K._fwd_main_kernel,
-                           dtype, dict(WHITEN=whiten, EPS=1e-6, **tiles), align > 1 and s_cl == g_cl)
+                           dtype, dict(WHITEN=whiten, EPS=1e-6, **tiles), align > 1 and s_cl == g_cl, warps)
                     yield (f"bwd {dtype} s_cl={s_cl} g_cl={g_cl} align={align} whiten={whiten} at={at_mode}",
-                           K._bwd_kernel, dtype, dict(WHITEN=whiten, AT_MODE=at_mode, NORM_EPS=1e-12, **tiles),
-                           align > 1 and s_cl == g_cl)
+                           K._bwd_kernel, dtype, dict(WHITEN=whiten, AT_MODE=at_mode, NORM_EPS=1e-12,
+                                                      CHUNK=max(chunk, 1), BWD_ROWS=rows, **tiles),
+                           align > 1 and s_cl == g_cl, warps)
     for whiten in (0, 1):
         for at_mode in (0, 1):
             yield (f"sample whiten={whiten} at={at_mode}", _fwd_sample_kernel, "fp32",
-                   dict(WHITEN=whiten, AT_MODE=at_mode, BLOCK=2048, BLOCK_T=32, LP=4, EPS=1e-6, NORM_EPS=1e-12), False)
-    yield "level", _fwd_level_kernel, "fp32", dict(AT_MODE=0, BLOCK=128), False
+                   dict(WHITEN=whiten, AT_MODE=at_mode, BLOCK=2048, BLOCK_T=32, LP=4, EPS=1e-6, NORM_EPS=1e-12), False,
+                   8)
+    yield "level", _fwd_level_kernel, "fp32", dict(AT_MODE=0, BLOCK=128), False, 4
 
 
 def main(argv=None) -> int:
@@ -101,11 +103,10 @@ def main(argv=None) -> int:
         print(f"aot_check: this Triton ({triton.__version__}) has another ahead-of-time API: {exc}")
         return 3
     failures = 0
-    for name, fn, dtype, constexprs, want_vector in variants():
+    for name, fn, dtype, constexprs, want_vector, warps in variants():
         if args.quick and not (dtype == "bf16" and want_vector) and not name.startswith(("sample", "level")):
             continue
         try:
-            warps = 8 if constexprs.get("BLOCK", 0) >= 1024 else K.NUM_WARPS
             kernel = compile_kernel(fn, dtype, constexprs, args.arch, warps)
         except Exception as exc:  # report every variant
             failures += 1
@@ -113,9 +114,10 @@ def main(argv=None) -> int:
             continue
         ptx = kernel.asm["ptx"]
         vector = bool(re.search(r"ld\.global(\.\w+)*\.v[248]", ptx))
+        v4 = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx))  # 16-byte loads
         bad = want_vector and not vector
         failures += bad
-        print(f"{'FAIL' if bad else 'ok  '} {name}: vectorised={vector} {ptxas_info(ptx, args.arch)}")
+        print(f"{'FAIL' if bad else 'ok  '} {name}: vectorised={vector} 16B-loads={v4} {ptxas_info(ptx, args.arch)}")
     return 1 if failures else 0
 
 

@@ -9,9 +9,11 @@ offsets of each map relative to a base map, B, C, HW, buffer offsets) lives in o
 number of launches does not depend on L: forward = one main launch per layout group + 2 small reductions,
 backward = one launch per layout group (a group = levels sharing dtype and student/teacher memory format; one
 group in practice).
-- Forward main: streams s and g once, in fp32. NCHW: each program owns BLOCK_P contiguous pixels and walks the
-  channels (UNROLL rows per iteration, vector loads along the pixels), with an exact per-pixel Welford update of
-  the teacher mean/M2, the student mean and the student-teacher co-moment, plus sum s^2 and sum g^2.
+- Forward main: streams s and g once, in fp32. NCHW (tiled like the CUDA C++ column kernel): each program owns
+  BLOCK_P = 128 contiguous pixels and walks the channels in [BLOCK_C, BLOCK_P] tiles (16-byte vectors along the
+  pixels, UNROLL tiles' loads issued before their arithmetic), accumulating per element s, s^2, d, d^2, s*d, g^2
+  with d = g - shift (shift: per-pixel mean of g over the first BLOCK_C channels), reduced over the tile rows once
+  at the end; work items are ordered largest C first (longest programs first: no tail).
   channels_last: one pixel per thread, BLOCK_C contiguous channels per vector load, chunks merged with Chan's
   formulas in registers (no cross-thread reductions in the loop). From these moments, per pixel:
   sum_c (s - W(g))^2 = S_ss - 2 r C_sg + r^2 M2_g, q_s = S_ss, q_g = S_gg (summed the same way as S_ss, so s = k*g
@@ -20,7 +22,8 @@ group in practice).
 - Forward per sample (``_loss_reduce.py``): merges tile moments (sample whitening), norms of q_s, q_g, and the exact
   ||qhat_s - qhat_g|| and <qhat_s, qhat_s - qhat_g> from the stored q's (no cancellation). Per level: sums.
 - Backward: ds = alpha[p] * s - beta[p] * (g - mu), with per-pixel alpha/beta from the saved statistics; it
-  reads s and g once and writes ds once.
+  reads s and g once and writes ds once. NCHW work items are (sample, chunk of BWD_CHUNK channels, pixel tile):
+  many short equal programs, [BWD_ROWS, BLOCK_P] tiles (all loads of a tile in flight at once).
 saved = [pixel_stats, sample_stats]: fp32, (2 or 4) * B * HW + 8 * B floats per level.
 Memory layouts: each map must be NCHW-contiguous or channels_last-contiguous (other strides are copied with
 ``.contiguous()`` first); loads are vectorised along the contiguous dimension. fp32/bf16/fp16 in, fp32 math.
@@ -37,24 +40,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._loss_meta import META, NUM_WARPS, PIX_PLANES, SAMPLE_STATS, build_plan
+from ._loss_meta import META, NUM_WARPS, PIX_PLANES, SAMPLE_STATS, build_plan  # noqa: F401 (aot_check)
 from ._loss_reduce import _find_level, _fwd_level_kernel, _fwd_sample_kernel
 
 WHITEN_EPS = 1e-6
 NORM_EPS = 1e-12
-
-
-@triton.jit
-def _offs_1d(base, c, p, C, HW, CL: tl.constexpr, ALIGN: tl.constexpr):
-    # offsets of one channel c (scalar) at pixels p ([BLOCK_P]); NCHW rows are contiguous along p
-    if CL:
-        offs = base + p * C + c
-    else:
-        row = base + c * HW
-        if ALIGN > 1:
-            row = tl.multiple_of(row, ALIGN)
-        offs = row + p
-    return offs
 
 
 @triton.jit
@@ -72,18 +62,37 @@ def _offs_2d(base, c, p, C, HW, CL: tl.constexpr, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _welford(s, g, inv, mean_g, m2_g, mean_s, co_sg, ss_s, ss_g):
-    # one channel into the per-pixel running moments (count = 1 / inv)
-    dg = g - mean_g
-    mean_g += dg * inv
-    dg2 = g - mean_g
-    m2_g += dg * dg2
-    dsm = s - mean_s
-    mean_s += dsm * inv
-    co_sg += dsm * dg2
-    ss_s += s * s
-    ss_g += g * g
-    return mean_g, m2_g, mean_s, co_sg, ss_s, ss_g
+def _offs_t(base, c, pp, C, HW, CL: tl.constexpr, ALIGN: tl.constexpr):
+    # offsets of channels c ([BLOCK_C, 1]) at pixels pp ([1, BLOCK_P]) -> [BLOCK_C, BLOCK_P] (NCHW tiles: rows
+    # contiguous along the pixels; a channels_last teacher is gathered with the same tile)
+    if CL:
+        offs = base + pp * C + c
+    else:
+        row = base + c * HW
+        if ALIGN > 1:
+            row = tl.multiple_of(row, [ALIGN, 1])
+        offs = row + pp
+    return offs
+
+
+@triton.jit
+def _tile(s, g, shift, a_s, a_ss, a_d, a_dd, a_sd, a_gg):
+    # one loaded [BLOCK_C, BLOCK_P] tile (padding loaded as 0, shift 0 there) into the per-element sums
+    s = s.to(tl.float32)
+    g = g.to(tl.float32)
+    return _sums(s, g, g - shift, a_s, a_ss, a_d, a_dd, a_sd, a_gg)
+
+
+@triton.jit
+def _sums(s, g, d, a_s, a_ss, a_d, a_dd, a_sd, a_gg):
+    # one [BLOCK_C, BLOCK_P] tile into the per-element shifted sums (d = g - shift, 0 outside the map)
+    a_s += s
+    a_ss += s * s
+    a_d += d
+    a_dd += d * d
+    a_sd += s * d
+    a_gg += g * g
+    return a_s, a_ss, a_d, a_dd, a_sd, a_gg
 
 
 @triton.jit
@@ -160,21 +169,64 @@ def _fwd_main_kernel(s_ptr, g_ptr, meta_ptr, pix_ptr, part_ptr, num_levels, grou
             n, mean_g, m2_g, mean_s, co_sg, ss_s, ss_g = _chan(s, g, cmask, n_c, n, mean_g, m2_g, mean_s, co_sg,
                                                                ss_s, ss_g)
     else:
-        # BLOCK_P contiguous pixels per program, UNROLL channel rows per iteration, exact per-pixel Welford
-        c_main = C - C % UNROLL
-        for c0 in range(0, c_main, UNROLL):
-            for u in tl.static_range(UNROLL):
-                c = c0 + u
-                s = tl.load(s_ptr + _offs_1d(s_base, c, p, C, HW, False, ALIGN), mask=pmask, other=0.0).to(tl.float32)
-                g = tl.load(g_ptr + _offs_1d(g_base, c, p, C, HW, G_CL, ALIGN), mask=pmask, other=0.0).to(tl.float32)
-                inv = 1.0 / (c + 1.0)
-                mean_g, m2_g, mean_s, co_sg, ss_s, ss_g = _welford(s, g, inv, mean_g, m2_g, mean_s, co_sg, ss_s,
-                                                                   ss_g)
-        for c in range(c_main, C):
-            s = tl.load(s_ptr + _offs_1d(s_base, c, p, C, HW, False, ALIGN), mask=pmask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + _offs_1d(g_base, c, p, C, HW, G_CL, ALIGN), mask=pmask, other=0.0).to(tl.float32)
-            inv = 1.0 / (c + 1.0)
-            mean_g, m2_g, mean_s, co_sg, ss_s, ss_g = _welford(s, g, inv, mean_g, m2_g, mean_s, co_sg, ss_s, ss_g)
+        # BLOCK_P contiguous pixels per program, [BLOCK_C, BLOCK_P] tiles (UNROLL per iteration, loads first),
+        # per-element fp32 sums of s, s^2, d, d^2, s*d, g^2 with d = g - shift (shifted: little cancellation in the
+        # variance), reduced over the BLOCK_C rows once at the end (as the CUDA C++ column kernel)
+        ch = tl.arange(0, BLOCK_C)[:, None]
+        pp = p[None, :]
+        pm2 = pmask[None, :]
+        # shift = per-pixel mean of g over the first BLOCK_C channels: close to the channel mean, so the shifted
+        # second moment d^2 has little cancellation (a single channel as shift can be several std away)
+        mf = pm2 & (ch < C)
+        g_first = tl.load(g_ptr + _offs_t(g_base, ch, pp, C, HW, G_CL, ALIGN), mask=mf, other=0.0).to(tl.float32)
+        shift = tl.sum(g_first, axis=0) / tl.minimum(C, BLOCK_C).to(tl.float32)
+        sh2 = shift[None, :]
+        a_s = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        a_ss = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        a_d = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        a_dd = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        a_sd = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        a_gg = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        c_main = C - C % (BLOCK_C * UNROLL)
+        for c0 in range(0, c_main, BLOCK_C * UNROLL):
+            # all UNROLL tiles' loads are issued before the arithmetic (memory-level parallelism); UNROLL <= 4
+            ca = c0 + ch
+            s0 = tl.load(s_ptr + _offs_t(s_base, ca, pp, C, HW, False, ALIGN), mask=pm2, other=0.0)
+            g0 = tl.load(g_ptr + _offs_t(g_base, ca, pp, C, HW, G_CL, ALIGN), mask=pm2, other=0.0)
+            if UNROLL > 1:
+                c1 = ca + BLOCK_C
+                s1 = tl.load(s_ptr + _offs_t(s_base, c1, pp, C, HW, False, ALIGN), mask=pm2, other=0.0)
+                g1 = tl.load(g_ptr + _offs_t(g_base, c1, pp, C, HW, G_CL, ALIGN), mask=pm2, other=0.0)
+            if UNROLL > 2:
+                c2 = ca + 2 * BLOCK_C
+                c3 = ca + 3 * BLOCK_C
+                s2 = tl.load(s_ptr + _offs_t(s_base, c2, pp, C, HW, False, ALIGN), mask=pm2, other=0.0)
+                g2 = tl.load(g_ptr + _offs_t(g_base, c2, pp, C, HW, G_CL, ALIGN), mask=pm2, other=0.0)
+                s3 = tl.load(s_ptr + _offs_t(s_base, c3, pp, C, HW, False, ALIGN), mask=pm2, other=0.0)
+                g3 = tl.load(g_ptr + _offs_t(g_base, c3, pp, C, HW, G_CL, ALIGN), mask=pm2, other=0.0)
+            a_s, a_ss, a_d, a_dd, a_sd, a_gg = _tile(s0, g0, sh2, a_s, a_ss, a_d, a_dd, a_sd, a_gg)
+            if UNROLL > 1:
+                a_s, a_ss, a_d, a_dd, a_sd, a_gg = _tile(s1, g1, sh2, a_s, a_ss, a_d, a_dd, a_sd, a_gg)
+            if UNROLL > 2:
+                a_s, a_ss, a_d, a_dd, a_sd, a_gg = _tile(s2, g2, sh2, a_s, a_ss, a_d, a_dd, a_sd, a_gg)
+                a_s, a_ss, a_d, a_dd, a_sd, a_gg = _tile(s3, g3, sh2, a_s, a_ss, a_d, a_dd, a_sd, a_gg)
+        for c0 in range(c_main, C, BLOCK_C):
+            c = c0 + ch
+            m = pm2 & (c < C)
+            s = tl.load(s_ptr + _offs_t(s_base, c, pp, C, HW, False, ALIGN), mask=m, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + _offs_t(g_base, c, pp, C, HW, G_CL, ALIGN), mask=m, other=0.0).to(tl.float32)
+            d = tl.where(m, g - sh2, 0.0)
+            a_s, a_ss, a_d, a_dd, a_sd, a_gg = _sums(s, g, d, a_s, a_ss, a_d, a_dd, a_sd, a_gg)
+        Cn = C.to(tl.float32)
+        sum_s = tl.sum(a_s, axis=0)
+        sum_d = tl.sum(a_d, axis=0)
+        md = sum_d / Cn
+        mean_g = shift + md
+        m2_g = tl.maximum(tl.sum(a_dd, axis=0) - sum_d * md, 0.0)
+        mean_s = sum_s / Cn
+        co_sg = tl.sum(a_sd, axis=0) - sum_s * md
+        ss_s = tl.sum(a_ss, axis=0)
+        ss_g = tl.sum(a_gg, axis=0)
 
     Cf = C.to(tl.float32)
     plane = B * HW
@@ -209,9 +261,9 @@ def _fwd_main_kernel(s_ptr, g_ptr, meta_ptr, pix_ptr, part_ptr, num_levels, grou
 def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat_ptr, num_levels, group,
                 WHITEN: tl.constexpr, AT_MODE: tl.constexpr, S_CL: tl.constexpr, G_CL: tl.constexpr,
                 ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, UNROLL: tl.constexpr,
-                LP: tl.constexpr, NORM_EPS: tl.constexpr):
+                CHUNK: tl.constexpr, BWD_ROWS: tl.constexpr, LP: tl.constexpr, NORM_EPS: tl.constexpr):
     pid = tl.program_id(0)
-    lvl = _find_level(meta_ptr, pid, num_levels, group, 6, 5, LP)
+    lvl = _find_level(meta_ptr, pid, num_levels, group, 13, 14, LP)
     row = meta_ptr + lvl * 16
     s_off = tl.load(row + 0)
     g_off = tl.load(row + 1)
@@ -220,9 +272,13 @@ def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat
     HW = tl.load(row + 4)
     n_tiles = tl.load(row + 7)
     ds_off = tl.load(row + 12)
-    item = pid - tl.load(row + 6)
-    b = item // n_tiles
-    tile = item - b * n_tiles
+    item = pid - tl.load(row + 13)
+    # work item = (sample, channel chunk, pixel tile); channels_last programs take all channels (one chunk)
+    per_sample = tl.load(row + 14) // B
+    b = item // per_sample
+    rem = item - b * per_sample
+    chunk = rem // n_tiles
+    tile = rem - chunk * n_tiles
     if ALIGN > 1:
         C = tl.multiple_of(C, ALIGN)
         HW = tl.multiple_of(HW, ALIGN)
@@ -277,7 +333,8 @@ def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat
                 s = tl.load(s_ptr + _offs_2d(s_base, c, p, C, HW, True, ALIGN), mask=pm2, other=0.0).to(tl.float32)
                 g = tl.load(g_ptr + _offs_2d(g_base, c, p, C, HW, G_CL, ALIGN), mask=pm2, other=0.0).to(tl.float32)
                 grad = a2 * s - b2 * (g - mu2)
-                tl.store(ds_ptr + _offs_2d(d_base, c, p, C, HW, True, ALIGN), grad.to(ds_ptr.dtype.element_ty), mask=pm2)
+                tl.store(ds_ptr + _offs_2d(d_base, c, p, C, HW, True, ALIGN), grad.to(ds_ptr.dtype.element_ty),
+                         mask=pm2)
         for c0 in range(c_main, C, BLOCK_C):
             c = c0 + lane
             m = pm2 & (c < C)
@@ -286,14 +343,23 @@ def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat
             grad = a2 * s - b2 * (g - mu2)
             tl.store(ds_ptr + _offs_2d(d_base, c, p, C, HW, True, 1), grad.to(ds_ptr.dtype.element_ty), mask=m)
     else:
-        for c0 in range(0, C, UNROLL):
-            for u in tl.static_range(UNROLL):
-                c = c0 + u
-                m = pmask & (c < C)
-                s = tl.load(s_ptr + _offs_1d(s_base, c, p, C, HW, False, ALIGN), mask=m, other=0.0).to(tl.float32)
-                g = tl.load(g_ptr + _offs_1d(g_base, c, p, C, HW, G_CL, ALIGN), mask=m, other=0.0).to(tl.float32)
-                grad = alpha * s - beta * (g - mu)
-                tl.store(ds_ptr + _offs_1d(d_base, c, p, C, HW, False, ALIGN), grad.to(ds_ptr.dtype.element_ty), mask=m)
+        # [BWD_ROWS, BLOCK_P] tiles over this program's CHUNK channels (no accumulators here, so a tall tile: all
+        # its loads in flight at once); per-pixel coefficients broadcast over the rows
+        ch = tl.arange(0, BWD_ROWS)[:, None]
+        pp = p[None, :]
+        pm2 = pmask[None, :]
+        a2 = alpha[None, :]
+        b2 = beta[None, :]
+        mu2 = mu[None, :]
+        c_lo = chunk * CHUNK
+        c_hi = tl.minimum(c_lo + CHUNK, C)
+        for c0 in range(c_lo, c_hi, BWD_ROWS):
+            c = c0 + ch
+            m = pm2 & (c < c_hi)
+            s = tl.load(s_ptr + _offs_t(s_base, c, pp, C, HW, False, ALIGN), mask=m, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + _offs_t(g_base, c, pp, C, HW, G_CL, ALIGN), mask=m, other=0.0).to(tl.float32)
+            grad = a2 * s - b2 * (g - mu2)
+            tl.store(ds_ptr + _offs_t(d_base, c, pp, C, HW, False, ALIGN), grad.to(ds_ptr.dtype.element_ty), mask=m)
 
 
 def _on_device(device: torch.device):
@@ -330,7 +396,7 @@ def _forward(student, teacher, whiten, at_mode):
         _fwd_main_kernel[(grp.num_items,)](
             grp.s_base, grp.g_base, meta, pix, part, L, gid, WHITEN=whiten, S_CL=grp.s_cl, G_CL=grp.g_cl,
             ALIGN=grp.align, BLOCK_C=grp.block_c, BLOCK_P=grp.block_p, UNROLL=grp.unroll, LP=LP, EPS=WHITEN_EPS,
-            num_warps=NUM_WARPS)
+            num_warps=grp.num_warps)
     # one program per sample; wide blocks keep its loops over pixels and tiles to one or two iterations
     block = max(min(triton.next_power_of_2(max(row[4] for row in plan.rows)), 2048), 128)
     block_t = max(min(triton.next_power_of_2(max(row[7] for row in plan.rows)), 256), 16)
@@ -352,11 +418,12 @@ def _backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode):
     grad_at = grad_at.to(device=plan.device, dtype=torch.float32).contiguous()
     LP = triton.next_power_of_2(L)
     for gid, grp in enumerate(plan.groups):
-        _bwd_kernel[(grp.num_items,)](
+        _bwd_kernel[(grp.num_bwd_items,)](
             grp.s_base, grp.g_base, grads[grp.levels[0]], meta, pix, samp, grad_mse, grad_at, L, gid,
             WHITEN=whiten, AT_MODE=at_mode, S_CL=grp.s_cl, G_CL=grp.g_cl, ALIGN=grp.align,
-            BLOCK_C=grp.block_c, BLOCK_P=grp.block_p, UNROLL=grp.unroll, LP=LP, NORM_EPS=NORM_EPS,
-            num_warps=NUM_WARPS)
+            BLOCK_C=grp.block_c, BLOCK_P=grp.block_p, UNROLL=grp.unroll, CHUNK=max(grp.bwd_chunk, 1),
+            BWD_ROWS=grp.bwd_rows, LP=LP,
+            NORM_EPS=NORM_EPS, num_warps=grp.num_warps)
     return grads
 
 

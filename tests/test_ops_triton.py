@@ -130,6 +130,18 @@ def test_mixed_layouts_and_batch_sizes_in_one_call(device):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("whiten,at_mode", [("channel", "paper"), ("sample", "code")])
+def test_many_channels_split_over_backward_programs(device, whiten, at_mode):
+    """C above the backward's channel chunk (several programs per pixel tile), C not a multiple of the forward's
+    channel tile, and a teacher whose channel means sit far from any single channel (shifted sums stay exact)."""
+    device = _device_or_skip(device)
+    student, teacher = make_levels([(2, 261, 5, 7), (2, 133, 12, 12)], torch.float32, device, "contiguous", seed=13)
+    teacher = [g + 40.0 * torch.arange(g.shape[1], device=device, dtype=g.dtype).remainder(3).view(1, -1, 1, 1)
+               for g in teacher]
+    check_against_oracle(student, teacher, whiten, at_mode, seed=2)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("whiten", list(WHITEN))
 def test_saved_statistics_are_per_pixel_sized(device, whiten):
     device = _device_or_skip(device)
