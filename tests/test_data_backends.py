@@ -2,8 +2,12 @@
 
 import multiprocessing
 import os
+import select
+import subprocess
 import sys
+import textwrap
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -344,3 +348,55 @@ def test_workers_never_inherit_a_lock_held_by_another_thread(monkeypatch, start_
         holder.join(10)
     assert pipeline.epoch == 3 and os.getpid() not in pids.tolist()
     assert len(set(pids.tolist())) == 2, pids  # one pair of worker processes for all three epochs
+
+
+OWNER = textwrap.dedent("""
+    import multiprocessing, time
+    from dtfast.data import InputPipeline, ProceduralImages
+
+
+    def main():
+        pipeline = InputPipeline(ProceduralImages(16, 16), 4, mean=(0.5,) * 3, std=(0.5,) * 3, backend="torch",
+                                 num_workers=2, prefetch=1)
+        next(pipeline)
+        print(" ".join(str(child.pid) for child in multiprocessing.active_children()), flush=True)
+        time.sleep(300)
+
+
+    if __name__ == "__main__":
+        main()
+""")
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_workers_exit_when_the_training_process_is_killed(tmp_path):
+    """Workers forked by the fork server are ITS children: after a SIGKILL of the training process (preemption,
+    OOM killer) they must still go (DataLoader's own check watches their parent, the server)."""
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("DTFAST_WORKER_START", None)
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        ready, _, _ = select.select([owner.stdout], [], [], 180)
+        workers = [int(pid) for pid in owner.stdout.readline().split()] if ready else []
+        assert len(workers) == 2 and all(_running(pid) for pid in workers), workers
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if _running(pid)]
+    for pid in left:  # do not leave them behind when the test fails
+        os.kill(pid, 9)
+    assert not left, f"worker processes {left} outlived the process that started them"

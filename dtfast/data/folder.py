@@ -112,7 +112,8 @@ def scan_file_list(list_path: str) -> tuple[list[str], list[str], list[int], lis
             try:
                 label_value = int(label)
             except ValueError:
-                raise ValueError(f"file list {list_path!r} line {number}: expected 'path label', got {line!r}") from None
+                raise ValueError(f"file list {list_path!r} line {number}: expected 'path label', "
+                                 f"got {line!r}") from None
             path = path.strip() if os.path.isabs(path.strip()) else os.path.join(base, path.strip())
             if not _is_image(path) or not os.path.isfile(path) or os.path.getsize(path) == 0:
                 skipped.append(path)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .workers import worker_context
+from .workers import loader_options
 
 __all__ = ["EpochLoader", "ResumableDistributedSampler", "build_loader", "shard_indices", "steps_per_epoch"]
 
@@ -145,8 +145,7 @@ class EpochLoader:
                                                    drop_last=drop_last, start_index=offset * batch_size)
         self.sampler.set_epoch(self.epoch)
         self.skipped_files: list[str] = []
-        workers = {"multiprocessing_context": worker_context(start_method), "persistent_workers": True} \
-            if num_workers > 0 else {}
+        workers = loader_options(num_workers, start_method)  # fork server, persistent, parent watch
         self.loader = DataLoader(
             _WithSkips(dataset), batch_size=batch_size, sampler=_EpochTagged(self.sampler), num_workers=num_workers,
             collate_fn=_collate, drop_last=drop_last,

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from .folder import DecodeError, ImageFolder
 from .loader import ResumableDistributedSampler, steps_per_epoch
 from .transforms import plan_resize_crop, sample_rng
-from .workers import worker_context
+from .workers import loader_options
 
 __all__ = ["NvjpegLoader"]
 
@@ -90,8 +90,7 @@ class NvjpegLoader:
                                                    drop_last=True, start_index=offset * batch_size)
         self.sampler.set_epoch(self.epoch)
         self.skipped_files: list[str] = []
-        workers = {"multiprocessing_context": worker_context(start_method), "persistent_workers": True} \
-            if num_workers > 0 else {}
+        workers = loader_options(num_workers, start_method)  # fork server, persistent, parent watch
         self.loader = DataLoader(_EncodedFiles(dataset), batch_size=batch_size, sampler=self.sampler,
                                  num_workers=num_workers, collate_fn=_collate, drop_last=True,
                                  generator=torch.Generator().manual_seed(seed + self.epoch), **workers)

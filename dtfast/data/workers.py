@@ -23,6 +23,12 @@ without the preload 11 s; spawn 9 s for every pipeline. The next epoch's first b
 0.2 s for all methods. Hence forkserver + preload + persistent workers: one-off seconds per process, then as
 cheap as fork, and safe.
 
+A worker forked by the server is the server's child, not the training process's: DataLoader's own liveness check
+(its parent's pid) would not notice a training process killed with SIGKILL (preemption, OOM killer), and the
+worker and the server (which lives while any process holding its "alive" descriptor does, workers included)
+would stay forever. ``watch_parent`` (``worker_init_fn``) therefore makes each worker exit as soon as the
+process that started it is gone (a pidfd on Linux, else a 1 s poll).
+
 Requirements this puts on callers (as for any non-fork start method): the data set, collate function and
 sampler items are pickled to the workers, and a script that builds a pipeline at import time must use
 ``if __name__ == "__main__":`` (workers import the main module). ``DTFAST_WORKER_START`` (or the
@@ -32,12 +38,16 @@ single-threaded throwaway script.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
+import select
 import threading
+import time
+from collections.abc import Callable
 from multiprocessing.context import BaseContext
 
-__all__ = ["PRELOAD", "START_METHODS", "worker_context", "worker_start_method"]
+__all__ = ["PRELOAD", "START_METHODS", "loader_options", "watch_parent", "worker_context", "worker_start_method"]
 
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
 # imported once by the fork server, so that each worker forked from it starts in milliseconds
@@ -71,3 +81,39 @@ def worker_context(method: str | None = None) -> BaseContext:
                 context.set_forkserver_preload(list(PRELOAD))
                 _preload_set = True
     return context
+
+
+def _exit_when_gone(parent_pid: int) -> None:
+    try:
+        fd = os.pidfd_open(parent_pid)  # Linux >= 5.3: readable once the process has exited
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    else:
+        while True:
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass
+            time.sleep(1.0)
+    os._exit(1)  # the training process is gone: nobody will read this worker's batches
+
+
+def watch_parent(parent_pid: int, worker_id: int = 0, user_init: Callable[[int], None] | None = None) -> None:
+    """``worker_init_fn`` (bound with ``functools.partial``): exit this worker when ``parent_pid`` ends."""
+    if parent_pid != os.getppid():  # forked directly by the parent (fork): DataLoader's own check covers it
+        threading.Thread(target=_exit_when_gone, args=(parent_pid,), name="dtfast-parent-watch", daemon=True).start()
+    if user_init is not None:
+        user_init(worker_id)
+
+
+def loader_options(num_workers: int, start_method: str | None = None) -> dict:
+    """DataLoader keyword arguments for ``num_workers`` worker processes: start method (see module doc),
+    persistent workers, and the parent watch. Empty for ``num_workers == 0``."""
+    if num_workers <= 0:
+        return {}
+    return {"multiprocessing_context": worker_context(start_method), "persistent_workers": True,
+            "worker_init_fn": functools.partial(watch_parent, os.getpid())}
