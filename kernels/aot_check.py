@@ -73,14 +73,21 @@ def variants():
             for align in (16 // esize, 1):
                 for whiten, at_mode in ((0, 0), (1, 1)):
                     block_c, block_p, unroll, warps, chunk, rows = tile_config(s_cl, esize)
-                    tiles = dict(S_CL=s_cl, G_CL=g_cl, ALIGN=align, BLOCK_C=block_c, BLOCK_P=block_p, UNROLL=unroll,
-                                 LP=4)
-                    yield (f"fwd {dtype} s_cl={s_cl} g_cl={g_cl} align={align} whiten={whiten}", K._fwd_main_kernel,
-                           dtype, dict(WHITEN=whiten, EPS=1e-6, **tiles), align > 1 and s_cl == g_cl, warps)
-                    yield (f"bwd {dtype} s_cl={s_cl} g_cl={g_cl} align={align} whiten={whiten} at={at_mode}",
-                           K._bwd_kernel, dtype, dict(WHITEN=whiten, AT_MODE=at_mode, NORM_EPS=1e-12,
-                                                      CHUNK=max(chunk, 1), BWD_ROWS=rows, **tiles),
-                           align > 1 and s_cl == g_cl, warps)
+                    want = align > 1 and s_cl == g_cl
+                    # NCHW: every autotuning configuration; channels_last: the fixed tile
+                    fwd_cfgs = [(block_c, unroll, warps)] if s_cl else K.FWD_NCHW_CONFIGS
+                    bwd_cfgs = [(rows, warps)] if s_cl else K.BWD_NCHW_CONFIGS
+                    for bc, u, w in fwd_cfgs:
+                        tiles = dict(S_CL=s_cl, G_CL=g_cl, ALIGN=align, BLOCK_C=bc, BLOCK_P=block_p, UNROLL=u, LP=4)
+                        yield (f"fwd {dtype} s_cl={s_cl} g_cl={g_cl} align={align} whiten={whiten} tile={bc}x{u}"
+                               f" warps={w}", K._fwd_main_kernel, dtype, dict(WHITEN=whiten, EPS=1e-6, **tiles), want,
+                               w)
+                    for r, w in bwd_cfgs:
+                        tiles = dict(S_CL=s_cl, G_CL=g_cl, ALIGN=align, BLOCK_C=block_c, BLOCK_P=block_p,
+                                     UNROLL=unroll, LP=4, CHUNK=max(chunk, 1), BWD_ROWS=r)
+                        yield (f"bwd {dtype} s_cl={s_cl} g_cl={g_cl} align={align} whiten={whiten} at={at_mode} "
+                               f"rows={r} warps={w}", K._bwd_kernel, dtype,
+                               dict(WHITEN=whiten, AT_MODE=at_mode, NORM_EPS=1e-12, **tiles), want, w)
     for whiten in (0, 1):
         for at_mode in (0, 1):
             yield (f"sample whiten={whiten} at={at_mode}", _fwd_sample_kernel, "fp32",

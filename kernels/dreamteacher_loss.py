@@ -34,6 +34,7 @@ host memory then, so the interpreter path takes CPU tensors only.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -116,7 +117,7 @@ def _chan(s, g, cmask, n_c, n, mean_g, m2_g, mean_s, co_sg, ss_s, ss_g):
 
 
 @triton.jit
-def _fwd_main_kernel(s_ptr, g_ptr, meta_ptr, pix_ptr, part_ptr, num_levels, group,
+def _fwd_main_kernel(s_ptr, g_ptr, meta_ptr, pix_ptr, part_ptr, num_levels, group, tune_key,
                      WHITEN: tl.constexpr, S_CL: tl.constexpr, G_CL: tl.constexpr, ALIGN: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, UNROLL: tl.constexpr, LP: tl.constexpr,
                      EPS: tl.constexpr):
@@ -258,7 +259,7 @@ def _fwd_main_kernel(s_ptr, g_ptr, meta_ptr, pix_ptr, part_ptr, num_levels, grou
 
 
 @triton.jit
-def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat_ptr, num_levels, group,
+def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat_ptr, num_levels, group, tune_key,
                 WHITEN: tl.constexpr, AT_MODE: tl.constexpr, S_CL: tl.constexpr, G_CL: tl.constexpr,
                 ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, UNROLL: tl.constexpr,
                 CHUNK: tl.constexpr, BWD_ROWS: tl.constexpr, LP: tl.constexpr, NORM_EPS: tl.constexpr):
@@ -362,6 +363,31 @@ def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat
             tl.store(ds_ptr + _offs_t(d_base, c, pp, C, HW, False, ALIGN), grad.to(ds_ptr.dtype.element_ty), mask=m)
 
 
+# NCHW tiles: autotuned on the GPU over a few configurations around the CUDA C++ kernel's (128 pixels, 16-byte loads),
+# keyed per group on the level shapes, dtype and flags. The grid depends only on BLOCK_P (fixed), and both kernels
+# only store (no accumulation into outputs), so re-running a configuration while tuning is harmless. Under the
+# interpreter a single configuration (no benchmarking). Every configuration is compiled by aot_check.py.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+FWD_NCHW_CONFIGS = [(8, 4, 4), (8, 2, 4), (16, 2, 8), (16, 4, 8)]  # (BLOCK_C, UNROLL, num_warps); first = default
+BWD_NCHW_CONFIGS = [(32, 4), (16, 4), (64, 8), (32, 8)]  # (BWD_ROWS, num_warps)
+_FWD_KEY = ["tune_key", "WHITEN", "G_CL", "ALIGN"]
+_BWD_KEY = ["tune_key", "WHITEN", "AT_MODE", "G_CL", "ALIGN"]
+_fwd_main_nchw = triton.autotune(
+    configs=[triton.Config({"BLOCK_C": bc, "UNROLL": u}, num_warps=w)
+             for bc, u, w in (FWD_NCHW_CONFIGS[:1] if _INTERPRET else FWD_NCHW_CONFIGS)],
+    key=_FWD_KEY)(_fwd_main_kernel)
+_bwd_nchw = triton.autotune(
+    configs=[triton.Config({"BWD_ROWS": r}, num_warps=w)
+             for r, w in (BWD_NCHW_CONFIGS[:1] if _INTERPRET else BWD_NCHW_CONFIGS)],
+    key=_BWD_KEY)(_bwd_kernel)
+
+
+def _tune_key(plan, grp) -> int:
+    """Autotuning key of a group: its levels' (B, C, HW) and the element type (as a small int)."""
+    shapes = tuple((plan.rows[lvl][2], plan.rows[lvl][3], plan.rows[lvl][4]) for lvl in grp.levels)
+    return hash((str(grp.s_base.dtype), shapes)) % (2**31 - 1)
+
+
 def _on_device(device: torch.device):
     # Triton launches on the current CUDA device: make it the maps' device
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -393,10 +419,14 @@ def _forward(student, teacher, whiten, at_mode):
     meta = plan.meta_tensor()
     LP = triton.next_power_of_2(L)
     for gid, grp in enumerate(plan.groups):
-        _fwd_main_kernel[(grp.num_items,)](
-            grp.s_base, grp.g_base, meta, pix, part, L, gid, WHITEN=whiten, S_CL=grp.s_cl, G_CL=grp.g_cl,
-            ALIGN=grp.align, BLOCK_C=grp.block_c, BLOCK_P=grp.block_p, UNROLL=grp.unroll, LP=LP, EPS=WHITEN_EPS,
-            num_warps=grp.num_warps)
+        args = (grp.s_base, grp.g_base, meta, pix, part, L, gid, _tune_key(plan, grp))
+        opts = dict(WHITEN=whiten, S_CL=grp.s_cl, G_CL=grp.g_cl, ALIGN=grp.align, BLOCK_P=grp.block_p, LP=LP,
+                    EPS=WHITEN_EPS)
+        if grp.s_cl:
+            _fwd_main_kernel[(grp.num_items,)](*args, BLOCK_C=grp.block_c, UNROLL=grp.unroll,
+                                               num_warps=grp.num_warps, **opts)
+        else:  # NCHW: the tile ([BLOCK_C, 128], UNROLL, warps) is autotuned on the GPU; the grid does not depend on it
+            _fwd_main_nchw[(grp.num_items,)](*args, **opts)
     # one program per sample; wide blocks keep its loops over pixels and tiles to one or two iterations
     block = max(min(triton.next_power_of_2(max(row[4] for row in plan.rows)), 2048), 128)
     block_t = max(min(triton.next_power_of_2(max(row[7] for row in plan.rows)), 256), 16)
@@ -418,12 +448,15 @@ def _backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode):
     grad_at = grad_at.to(device=plan.device, dtype=torch.float32).contiguous()
     LP = triton.next_power_of_2(L)
     for gid, grp in enumerate(plan.groups):
-        _bwd_kernel[(grp.num_bwd_items,)](
-            grp.s_base, grp.g_base, grads[grp.levels[0]], meta, pix, samp, grad_mse, grad_at, L, gid,
-            WHITEN=whiten, AT_MODE=at_mode, S_CL=grp.s_cl, G_CL=grp.g_cl, ALIGN=grp.align,
-            BLOCK_C=grp.block_c, BLOCK_P=grp.block_p, UNROLL=grp.unroll, CHUNK=max(grp.bwd_chunk, 1),
-            BWD_ROWS=grp.bwd_rows, LP=LP,
-            NORM_EPS=NORM_EPS, num_warps=grp.num_warps)
+        args = (grp.s_base, grp.g_base, grads[grp.levels[0]], meta, pix, samp, grad_mse, grad_at, L, gid,
+                _tune_key(plan, grp))
+        opts = dict(WHITEN=whiten, AT_MODE=at_mode, S_CL=grp.s_cl, G_CL=grp.g_cl, ALIGN=grp.align,
+                    BLOCK_C=grp.block_c, BLOCK_P=grp.block_p, UNROLL=grp.unroll, CHUNK=max(grp.bwd_chunk, 1), LP=LP,
+                    NORM_EPS=NORM_EPS)
+        if grp.s_cl:
+            _bwd_kernel[(grp.num_bwd_items,)](*args, BWD_ROWS=grp.bwd_rows, num_warps=grp.num_warps, **opts)
+        else:  # NCHW: BWD_ROWS and warps autotuned on the GPU (the grid does not depend on them)
+            _bwd_nchw[(grp.num_bwd_items,)](*args, **opts)
     return grads
 
 
