@@ -6,6 +6,9 @@
 - ``to_views(images, mean, std)``: (teacher view in [-1, 1], student view normalised), on the batch's device.
 - ``build_input_pipeline(...)``: endless ``(teacher_images, student_images, labels)`` on the device, decoded by
   ``data.backend`` = torch (PIL workers) | dali (NVIDIA DALI, GPU or CPU) | nvjpeg (torchvision GPU decode).
+- DataLoader worker processes start from a fork server (never ``fork()`` of the multi-threaded trainer), persist
+  across epochs and exit with the process that started them (``workers.py``); scripts that build loaders with
+  workers need ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations

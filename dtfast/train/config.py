@@ -26,7 +26,13 @@ class DataConfig:
     root: str = _f("", "image folder root/<class>/<image> (ImageNet layout); empty = the embedded procedural set")
     image_size: int = _f(64, "training resolution (square crops), e.g. 256 for ImageNet")
     backend: str = _f("auto", "decoder: auto | torch | dali | nvjpeg (auto: DALI when importable, else torch)")
-    num_workers: int = _f(2, "data-loader worker processes per rank (torch backend)")
+    num_workers: int = _f(2, "data-loader worker processes per rank (torch: decoding; nvjpeg: file reading); started "
+                          "from a fork server once per run (see dtfast/data/workers.py)")
+    num_threads: int = _f(0, "dali: CPU threads per rank; 0 = the machine's cores shared among the local ranks")
+    prefetch: int = _f(-1, "batches a background thread prepares ahead (on a side CUDA stream); -1 = auto (2 on GPU, "
+                       "0 on CPU)")
+    hw_decoder_load: float = _f(0.65, "dali on GPU: share of JPEG decoding given to the hardware decoder (A100/H100) "
+                                "instead of CUDA nvJPEG, 0..1")
     num_images: int = _f(2048, "size of the embedded procedural set (only when root is empty)")
     random_resized_crop: bool = _f(False, "random-resized crops instead of the paper's plain random crops")
     strict: bool = _f(False, "fail on the first undecodable file instead of skipping it with a counted warning")

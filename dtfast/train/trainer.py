@@ -77,7 +77,7 @@ class Trainer:
         return _DTYPES[self.cfg.teacher.dtype]
 
     def _build(self) -> None:
-        from dtfast.data import build_dataset, build_loader
+        from dtfast.data import build_dataset, build_loader, resolve_backend
         from dtfast.ops import DreamTeacherLoss
         from dtfast.students import build_student, check_feature_shapes
         from dtfast.teachers import build_teacher
@@ -128,9 +128,26 @@ class Trainer:
         self.dataset = build_dataset(cfg.data.root or None, size, num_images=cfg.data.num_images,
                                      seed=cfg.train.seed, strict=cfg.data.strict,
                                      random_resized_crop=cfg.data.random_resized_crop)
+        # the concrete decoder now: a backend that cannot read these data fails at set-up, not at the first step
+        self.data_backend = resolve_backend(cfg.data.backend, self.dataset)
+        self.pipeline = None  # the InputPipeline of train(), closed when it ends (signals and errors included)
+        # one epoch of raw (uint8 images, labels) batches, torch backend (dtfast.bench's real data, tests)
         self._build_loader = lambda start_step: build_loader(
             self.dataset, cfg.train.batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
             seed=cfg.train.seed, num_workers=cfg.data.num_workers, drop_last=True, start_step=start_step)
+
+    def build_pipeline(self, start_step: int):
+        """The training input from global micro-batch ``start_step`` on: ``InputPipeline`` with ``data.backend``,
+        endless (epochs crossed inside), ``(teacher view, student view, labels)`` on the device. Close it."""
+        from dtfast.data import InputPipeline
+
+        cfg = self.cfg
+        return InputPipeline(
+            self.dataset, cfg.train.batch_size, mean=self.student.mean, std=self.student.std, rank=self.dist.rank,
+            world_size=self.dist.world_size, device=self.device, backend=self.data_backend, seed=cfg.train.seed,
+            num_workers=cfg.data.num_workers, start_step=start_step, hw_decoder_load=cfg.data.hw_decoder_load,
+            num_threads=cfg.data.num_threads or None, channels_last=cfg.student.channels_last,
+            prefetch=None if cfg.data.prefetch < 0 else cfg.data.prefetch)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
@@ -193,14 +210,21 @@ class Trainer:
                 pass
 
     def forward_backward(self, batch, timer=None) -> dict[str, torch.Tensor]:
-        """One micro-batch: teacher features, student features, loss, backward (gradients accumulate)."""
+        """One micro-batch: teacher features, student features, loss, backward (gradients accumulate).
+
+        ``batch``: ``(teacher view, student view, labels)`` from ``InputPipeline`` (views made on the device by the
+        pipeline), or ``(uint8 images (B, 3, H, W), labels)`` anywhere (dtfast.bench, ``_build_loader``): copied
+        to the device and turned into the two views here."""
         from dtfast.data import to_views
 
         cfg = self.cfg
         timer = timer or NullTimer()
-        with timer.section("data"):  # host-to-device copy and the two normalised views
-            images = batch[0].to(self.device, non_blocking=True)
-            teacher_images, student_images = to_views(images, self.student.mean, self.student.std)
+        with timer.section("data"):  # raw batches: host-to-device copy and the two normalised views
+            if len(batch) == 3 and batch[0].is_floating_point():
+                teacher_images, student_images = batch[0], batch[1]
+            else:
+                images = batch[0].to(self.device, non_blocking=True)
+                teacher_images, student_images = to_views(images, self.student.mean, self.student.std)
             if cfg.student.channels_last:
                 student_images = student_images.contiguous(memory_format=torch.channels_last)
         # noise depends only on (seed, rank, micro-batch): a resumed run draws the same noise as an uninterrupted one
@@ -239,7 +263,8 @@ class Trainer:
         return parts
 
     def _micro_batches(self, state: dict):
-        """Yields ``grad_accum`` batches, restarting the loader at epoch ends; counts time spent waiting."""
+        """Yields ``grad_accum`` batches from ``state["loader"]`` (the endless pipeline, or a ``_build_loader``
+        epoch that is restarted at its end); counts the time spent waiting for them."""
         for micro in range(self.cfg.train.grad_accum):
             t0 = time.perf_counter()
             try:
@@ -261,9 +286,14 @@ class Trainer:
         global_batch = cfg.train.batch_size * self.dist.world_size * cfg.train.grad_accum
         self._print(f"teacher {cfg.teacher.pretrained or cfg.teacher.arch} (t={cfg.teacher.timestep}), student "
                     f"{cfg.student.arch}, {len(self.dataset)} images, global batch {global_batch}, "
-                    f"{self.dist.world_size} process(es) on {self.device.type}, steps {self.step}->{cfg.train.max_steps}")
+                    f"{self.dist.world_size} process(es) on {self.device.type}, "
+                    f"steps {self.step}->{cfg.train.max_steps}")
         metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-        state = {"loader": iter(self._build_loader(self.step * cfg.train.grad_accum)), "data_wait": 0.0}
+        # exact resume: the pipeline starts with the micro-batch the next step of an uninterrupted run would take
+        self.pipeline = self.build_pipeline(self.step * cfg.train.grad_accum)
+        self._print(f"data: {self.pipeline.backend} backend, {self.pipeline.steps_per_epoch} steps per epoch, "
+                    f"prefetch {self.pipeline.prefetch}")
+        state = {"loader": self.pipeline, "data_wait": 0.0}
         self.model.train()
         window_start, window_images = time.perf_counter(), 0
         self._in_loop = True
@@ -271,6 +301,7 @@ class Trainer:
             stopped = self._loop(state, metrics_path, global_batch, window_start, window_images)
         finally:
             self._in_loop = False
+            self._close_pipeline()
         if stopped:
             return None
         if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
@@ -310,6 +341,8 @@ class Trainer:
                   "at_per_level": [float(v) for v in parts["at"].detach().float().tolist()]}
         if "grad_norm" in parts:
             record["grad_norm"] = parts["grad_norm"]
+        if self.pipeline is not None and self.pipeline.skipped_files:
+            record["data_skipped_files"] = len(self.pipeline.skipped_files)  # this rank, all epochs so far
         if self.dist.is_main:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -329,5 +362,11 @@ class Trainer:
         barrier(self.dist)
         return path
 
+    def _close_pipeline(self) -> None:
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is not None:
+            pipeline.close()  # prefetch thread and worker processes
+
     def close(self) -> None:
+        self._close_pipeline()
         shutdown(self.dist)
