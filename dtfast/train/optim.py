@@ -49,12 +49,18 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                 from deepspeed.ops.lamb import FusedLamb
             except Exception:  # noqa: BLE001 - a broken DeepSpeed install must not stop training: fall back
                 FusedLamb = None
-            if FusedLamb is not None:
+            # DeepSpeed's fused LAMB asserts contiguous parameters: channels_last conv weights are not (seen on an
+            # H100), so those students take timm's LAMB
+            contiguous = all(p.is_contiguous() for g in groups for p in g["params"])
+            if FusedLamb is not None and not contiguous:
+                log.info("optimizer: parameters are not contiguous (channels_last); DeepSpeed's FusedLamb needs them "
+                         "contiguous, using timm's Lamb")
+            elif FusedLamb is not None:
                 try:
                     optimizer = FusedLamb(groups, lr=lr, betas=betas, max_grad_norm=0.0)
                     log.info("optimizer: DeepSpeed FusedLamb")
                     return optimizer
-                except Exception as exc:  # noqa: BLE001 - any DeepSpeed build/CUDA error: fall back  # the op is a JIT build: nvcc/ninja needed
+                except Exception as exc:  # noqa: BLE001 - a JIT build (nvcc, ninja) or CUDA error: fall back
                     log.warning("optimizer: DeepSpeed's FusedLamb op is unavailable (%s); using timm's Lamb", exc)
         from timm.optim import Lamb
 
