@@ -178,7 +178,26 @@ def test_opcheck_cuda():
     torch.library.opcheck(bwd_op.default, (*grads, student, teacher, saved, 0, 0))
 
 
+_MISMATCH_SCRIPT = """
+import torch, dtfast._C
+student = [torch.randn(2, 8, 4, 4, device="cuda")]
+teacher = [torch.randn(2, 8, 4, 4)]
+try:
+    torch.ops.dtfast.dreamteacher_loss_fwd(student, teacher, 0, 0)
+except RuntimeError as error:
+    print("ERROR:", error)
+"""
+
+
 def test_device_mismatch_is_a_clear_error():
-    student, teacher = make_levels(torch.float32, "contiguous", torch.Generator().manual_seed(47), VECTOR_SHAPES)
-    with pytest.raises(RuntimeError, match="level 0: student on cuda:0, teacher on cpu"):
-        fwd_op(to_cuda(student), teacher, 0, 0)
+    # In a child process: on an H100 (torch 2.11) this call crashed the interpreter with a segmentation fault instead
+    # of raising, which took the rest of the CUDA test session down with it. Unresolved: keep it isolated.
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", _MISMATCH_SCRIPT], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert "level 0: student on cuda:0, teacher on cpu" in proc.stdout, proc.stdout + proc.stderr[-3000:]
