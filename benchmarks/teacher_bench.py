@@ -9,7 +9,8 @@ rows turn one switch of fast-eager off, the `+x` rows add one. FLOPs come from t
 meta device (per image, for the row's early-exit setting), TFLOP/s = FLOPs / median time per batch, and `%peak`
 compares it with a large matmul measured in the same run (bf16 on GPU, fp32 on CPU).
 
-The GPU run keeps to a time budget (--budget-s, default 75 s after imports incl. torch.compile warm-up): rows are ordered by value
+The GPU run keeps to a time budget (--budget-s, default 75 s after imports incl. torch.compile warm-up):
+rows are ordered by value
 and a row whose estimated cost does not fit is reported as skipped. Each finished row is appended to
 benchmarks/results/teacher_bench.jsonl at once; the table goes to teacher_bench.md at the end.
 """

@@ -32,7 +32,8 @@ def tiny_run(tmp_path_factory):
     handlers = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
     try:
         result = run_benchmark(TINY, ["bench.warmup=2", "bench.steps=2", "bench.rows=[baseline,optimized]",
-                                      "train.batch_size=4", "data.num_images=64", f"bench.results_dir={results}", "dist.engine=ddp",
+                                      "train.batch_size=4", "data.num_images=64", f"bench.results_dir={results}",
+                                      "dist.engine=ddp",
                                       "bench.peak_tflops=0"], out=str(out / "run"))
     finally:
         torch.set_num_threads(threads)
@@ -265,7 +266,8 @@ def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path):
     torch.set_num_threads(1)
     try:
         result = run_benchmark(TINY, ["bench.warmup=1", "bench.steps=1", "bench.rows=[config,baseline]",
-                                      "train.batch_size=2", "data.num_images=16", "loss.backend=cuda", "dist.engine=ddp",
+                                      "train.batch_size=2", "data.num_images=16", "loss.backend=cuda",
+                                      "dist.engine=ddp",
                                       "bench.results_dir=", "bench.peak_tflops=1.0"], out=str(tmp_path))
     finally:
         torch.set_num_threads(threads)

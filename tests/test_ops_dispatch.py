@@ -24,7 +24,8 @@ def fused_backends(device):
     triton_ok = _backends.triton_available() and (device == "cuda" or interp)
     ext_ok = _backends.extension_has(device) if device in ("cpu", "cuda") else False
     return [
-        pytest.param("triton", marks=pytest.mark.skipif(not triton_ok, reason="Triton needs CUDA or TRITON_INTERPRET=1")),
+        pytest.param("triton",
+                     marks=pytest.mark.skipif(not triton_ok, reason="Triton needs CUDA or TRITON_INTERPRET=1")),
         pytest.param(device, marks=pytest.mark.skipif(not ext_ok, reason=NO_EXT + f" (with its {device} kernel)")),
     ]
 

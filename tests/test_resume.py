@@ -56,7 +56,8 @@ def test_deepspeed_resume_continues_exactly(tmp_path):
     for ra, rb in zip(a, b):  # same model, optimizer, LR, data position, noise: the same numbers
         for key in ("loss", "mse", "at", "lr", "grad_norm"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-7), (key, ra, rb)
-    wa, wb = load_file(os.path.join(full, "backbone.safetensors")), load_file(os.path.join(split, "backbone.safetensors"))
+    wa = load_file(os.path.join(full, "backbone.safetensors"))
+    wb = load_file(os.path.join(split, "backbone.safetensors"))
     assert wa.keys() == wb.keys()
     for key in wa:
         assert (wa[key].double() - wb[key].double()).abs().max() <= 1e-6, key

@@ -93,7 +93,9 @@ def test_features_equal_stock_diffusers_path(components):
         for index in teacher.blocks:
             block = unet.up_blocks[index]
             layer = block.attentions[-1] if hasattr(block, "attentions") else block.resnets[-1]
-            hook = lambda m, i, o, index=index: found.__setitem__(index, o[0] if isinstance(o, tuple) else o)
+            def hook(module, inputs, output, index=index):
+                found[index] = output[0] if isinstance(output, tuple) else output
+
             handles.append(layer.register_forward_hook(hook))
         unet(noisy, teacher.timestep, encoder_hidden_states=text)
         for handle in handles:

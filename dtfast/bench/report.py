@@ -89,7 +89,8 @@ def header(result: dict[str, Any]) -> str:
         (f"dtfast.bench on {meta['machine']['device_name']} (torch {meta['machine']['torch']}), "
          f"commit {meta['commit']}, {meta['date']}"),
         f"command: {meta['command']}",
-        f"data: {meta['data']}, image size {meta['image_size']}, {meta['warmup']} warm-up + {meta['steps']} timed steps",
+        f"data: {meta['data']}, image size {meta['image_size']}, "
+        f"{meta['warmup']} warm-up + {meta['steps']} timed steps",
         (f"FLOPs/image (GFLOP): teacher forward {_fmt(gf.get('teacher_early_exit'), '.1f')} with early exit, "
          f"{_fmt(gf.get('teacher_full'), '.1f')} full; student fwd+bwd {_fmt(gf.get('student_train'), '.2f')}"),
         f"peak: {meta['peak']['tflops']:.2f} TFLOP/s ({meta['peak']['source']}"

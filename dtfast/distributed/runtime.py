@@ -26,7 +26,8 @@ def import_deepspeed(device_type: str):
 
     name = get_accelerator().device_name()
     if name != wanted:
-        raise RuntimeError(f"DeepSpeed was imported with accelerator {name!r} but this run uses device {device_type!r}; "
+        raise RuntimeError(f"DeepSpeed was imported with accelerator {name!r} "
+                           f"but this run uses device {device_type!r}; "
                            f"set DS_ACCELERATOR={wanted} before starting the run")
     if wanted == "cpu":
         import deepspeed.ops

@@ -44,7 +44,8 @@ def atomic_write_text(path: str, text: str) -> None:
     _fsync_dir(folder)
 
 
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str,
+                            metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     folder = os.path.dirname(os.path.abspath(path))
