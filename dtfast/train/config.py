@@ -215,11 +215,15 @@ def _apply(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, name, _coerce(key, value, expected))
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> PretrainConfig:
-    """Defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides, then validation."""
+def build_config(cls: type, path: str | None = None, overrides: list[str] | None = None,
+                 validate_fn: Any = None) -> Any:
+    """``cls()`` defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides, then ``validate_fn``.
+
+    Shared by every entry point (pretraining, teacher training, evaluation): one parser, one set of error messages.
+    """
     import yaml
 
-    cfg = PretrainConfig()
+    cfg = cls()
     if path:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
@@ -242,8 +246,14 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = _parse_scalar(text) if text.strip() else ""
         _apply(cfg, nested)
-    validate(cfg)
+    if validate_fn is not None:
+        validate_fn(cfg)
     return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> PretrainConfig:
+    """Defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides, then validation."""
+    return build_config(PretrainConfig, path, overrides, validate)
 
 
 _CHOICES = {
