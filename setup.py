@@ -153,7 +153,7 @@ if __name__ == "__main__":  # pip / setuptools run this file as __main__
         python_requires=">=3.10",
         packages=find_packages(include=["dtfast", "dtfast.*"]) + ["dtfast.kernels"],
         package_dir={"dtfast.kernels": "kernels"},
-        package_data={"dtfast": ["assets/*", "configs/*.yaml"]},
+        package_data={"dtfast": ["assets/**/*"]},
         install_requires=["torch>=2.4,<=2.14.1", "numpy"],
         extras_require={
             # transformers reads a Stable-Diffusion folder's text_encoder/ and tokenizer/; DALI decodes JPEGs (GPU or

@@ -8,28 +8,15 @@ With no arguments it runs the embedded demo (procedural images, small teacher, R
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
-    from dtfast.train.config import help_text
+    from dtfast.train.config import PretrainConfig, parse_cli
 
-    parser = argparse.ArgumentParser(
-        prog="python -m dtfast.pretrain",
-        description="DreamTeacher pretraining: distil a frozen diffusion model's features into a timm backbone.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (override any with key.sub=value):\n" + help_text(),
-    )
-    parser.add_argument("--config", default=None, help="YAML preset, e.g. configs/imagenet_r50_adm256.yaml")
-    parser.add_argument("--resume", default=None, help="shorthand for train.resume=VALUE (auto | never | path)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the YAML file")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    if args.resume is not None:
-        overrides.append(f"train.resume={args.resume}")
-    return args.config, overrides
+    return parse_cli("python -m dtfast.pretrain", "DreamTeacher pretraining: distil a frozen diffusion model's "
+                     "features into a timm backbone.", PretrainConfig, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,28 +9,16 @@ Writes ``<out>/teacher/`` (diffusers UNet2DModel + DDPMScheduler, EMA weights): 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
-    from dtfast.teacher_training.config import TeacherTrainConfig, help_text
+    from dtfast.teacher_training.config import TeacherTrainConfig
+    from dtfast.train.config import parse_cli
 
-    parser = argparse.ArgumentParser(
-        prog="python -m dtfast.train_teacher",
-        description="DDPM training of a diffusers UNet2DModel teacher on an image folder or the embedded set.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (override any with key.sub=value):\n" + help_text(TeacherTrainConfig),
-    )
-    parser.add_argument("--config", default=None, help="YAML file with any of the keys below")
-    parser.add_argument("--resume", default=None, help="shorthand for train.resume=VALUE (auto | never | path)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the YAML file")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    if args.resume is not None:
-        overrides.append(f"train.resume={args.resume}")
-    return args.config, overrides
+    return parse_cli("python -m dtfast.train_teacher", "DDPM training of a diffusers UNet2DModel teacher on an image "
+                     "folder or the embedded set.", TeacherTrainConfig, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
-from dtfast.train.config import ConfigError, _apply, _f, _parse_scalar, get_key, help_text, to_dict
+from dtfast.train.config import ConfigError, _f, build_config, get_key, help_text, to_dict
 
 __all__ = ["ConfigError", "EvalConfig", "help_text", "load_eval_config", "to_dict"]
 
@@ -69,27 +68,4 @@ def validate(cfg: EvalConfig) -> None:
 
 def load_eval_config(path: str | None = None, overrides: list[str] | None = None) -> EvalConfig:
     """Defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides, then validation."""
-    import yaml
-
-    cfg = EvalConfig()
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        _apply(cfg, data)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key.sub=value")
-        key, text = item.split("=", 1)
-        nested: dict[str, Any] = {}
-        cursor = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = _parse_scalar(text) if text.strip() else ""
-        _apply(cfg, nested)
-    validate(cfg)
-    return cfg
+    return build_config(EvalConfig, path, overrides, validate)

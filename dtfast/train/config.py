@@ -340,3 +340,21 @@ def help_text(cls: type = PretrainConfig, prefix: str = "") -> str:
         default = getattr(default_obj, f.name)
         lines.append(f"  {key:<28} {ftype.__name__:<6} default={default!r:<16} {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def parse_cli(prog: str, description: str, cls: type, argv: list[str] | None = None) -> tuple[str | None, list[str]]:
+    """``--config FILE``, ``--resume VALUE`` and ``key.sub=value`` overrides; ``--help`` lists every key of ``cls``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (override any with key.sub=value):\n" + help_text(cls),
+    )
+    parser.add_argument("--config", default=None, help="YAML file with any of the keys below")
+    parser.add_argument("--resume", default=None, help="shorthand for train.resume=VALUE (auto | never | path)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the YAML file")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"train.resume={args.resume}")
+    return args.config, overrides
