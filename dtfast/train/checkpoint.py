@@ -160,3 +160,14 @@ def compare_configs(saved: dict[str, Any], current: dict[str, Any], keys: list[s
         if a != b:
             diffs.append(f"{key}: checkpoint has {a!r}, this run has {b!r}")
     return diffs
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop the lines of a metrics.jsonl logged after ``step`` (a resumed run logs them again), atomically."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        lines = [line for line in fh if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))

@@ -175,15 +175,8 @@ class Trainer:
         self._print(f"resumed from {path} at step {self.step}")
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines logged after the checkpoint we resume from: they will be logged again."""
-        path = os.path.join(self.cfg.out, "metrics.jsonl")
-        if not self.dist.is_main or not os.path.isfile(path):
-            return
-        with open(path) as fh:
-            lines = [line for line in fh if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-        if len(kept) != len(lines):
-            ckpt.atomic_write_text(path, "".join(kept))
+        if self.dist.is_main:
+            ckpt.truncate_metrics(os.path.join(self.cfg.out, "metrics.jsonl"), step)
 
     # ------------------------------------------------------------------ loop
     def _print(self, msg: str) -> None:
