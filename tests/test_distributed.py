@@ -26,6 +26,13 @@ def torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess
                DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # Known intermittent abort (about 1 run in 10 in CI on 2026-11-27, not reproduced in 7 local runs): a native
+        # thread is torn down unjoined in one rank of this multi-engine run. Not yet root-caused (see the issue
+        # note); one rerun keeps CI meaningful, and a second abort still fails the test.
+        print("rank aborted with 'terminate called without an active exception'; rerunning once:\n"
+              + proc.stderr[-2000:])
+        proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     return proc
 
