@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._loss_meta import META, NUM_WARPS, PIX_PLANES, SAMPLE_STATS, build_plan  # noqa: F401 (aot_check)
+from ._loss_meta import META, NUM_WARPS, PIX_PLANES, SAMPLE_STATS, prepare  # noqa: F401 (aot_check)
 from ._loss_reduce import _find_level, _fwd_level_kernel, _fwd_sample_kernel
 
 WHITEN_EPS = 1e-6
@@ -382,12 +382,6 @@ _bwd_nchw = triton.autotune(
     key=_BWD_KEY)(_bwd_kernel)
 
 
-def _tune_key(plan, grp) -> int:
-    """Autotuning key of a group: its levels' (B, C, HW) and the element type (as a small int)."""
-    shapes = tuple((plan.rows[lvl][2], plan.rows[lvl][3], plan.rows[lvl][4]) for lvl in grp.levels)
-    return hash((str(grp.s_base.dtype), shapes)) % (2**31 - 1)
-
-
 def _on_device(device: torch.device):
     # Triton launches on the current CUDA device: make it the maps' device
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -401,14 +395,46 @@ def dreamteacher_loss_forward(student: list[Tensor], teacher: list[Tensor], whit
 
 
 def dreamteacher_loss_backward(grad_mse: Tensor, grad_at: Tensor, student: list[Tensor], teacher: list[Tensor],
-                               saved: list[Tensor], whiten: int, at_mode: int) -> list[Tensor]:
-    """Gradients of sum_l (grad_mse[l] * mse_l + grad_at[l] * at_l) w.r.t. each student map (same layout)."""
+                               saved: list[Tensor], whiten: int, at_mode: int, *,
+                               flat_grads: bool = False) -> list[Tensor]:
+    """Gradients of sum_l (grad_mse[l] * mse_l + grad_at[l] * at_l) w.r.t. each student map (same layout).
+
+    ``flat_grads=True``: the gradients of levels sharing dtype and layouts are views into one buffer (one allocation,
+    metadata reused from the forward: the cheapest on the host). The buffer lives until its last view is freed, and
+    the views alias each other's storage, which torch custom ops may not return: the default allocates each map."""
     with _on_device(student[0].device):
-        return _backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode)
+        return _backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode, flat_grads)
+
+
+def _fwd_launches(plan, at_mode):
+    """([(grid, args after the pointers, kwargs)] of the forward main kernel per group, the sample and level kernels'
+    kwargs): computed once per plan and at_mode (memoised in ``plan.extra``)."""
+    key = ("fwd", at_mode)
+    found = plan.extra.get(key)
+    if found is not None:
+        return found
+    L = plan.num_levels
+    LP = triton.next_power_of_2(L)
+    mains = []
+    for gid, grp in enumerate(plan.groups):
+        opts = dict(WHITEN=plan.whiten, S_CL=grp.s_cl, G_CL=grp.g_cl, ALIGN=grp.align, BLOCK_P=grp.block_p, LP=LP,
+                    EPS=WHITEN_EPS)
+        if grp.s_cl:
+            opts.update(BLOCK_C=grp.block_c, UNROLL=grp.unroll, num_warps=grp.num_warps)
+        # NCHW: the tile ([BLOCK_C, 128], UNROLL, warps) is autotuned on the GPU; the grid does not depend on it
+        mains.append(((grp.num_items,), (L, gid, grp.tune_key), opts))
+    # one program per sample; wide blocks keep its loops over pixels and tiles to one or two iterations
+    block = max(min(triton.next_power_of_2(max(row[4] for row in plan.rows)), 2048), 128)
+    block_t = max(min(triton.next_power_of_2(max(row[7] for row in plan.rows)), 256), 16)
+    sample = dict(WHITEN=plan.whiten, AT_MODE=at_mode, BLOCK=block, BLOCK_T=block_t, LP=LP, EPS=WHITEN_EPS,
+                  NORM_EPS=NORM_EPS, num_warps=8 if block >= 1024 else 4)
+    level = dict(AT_MODE=at_mode, BLOCK=128, num_warps=4)
+    found = plan.extra[key] = (mains, sample, level)
+    return found
 
 
 def _forward(student, teacher, whiten, at_mode):
-    plan = build_plan(student, teacher, whiten)
+    plan, s_list, g_list = prepare(student, teacher, whiten)
     device = plan.device
     L = plan.num_levels
     pix = torch.empty(plan.pix_size, dtype=torch.float32, device=device)
@@ -417,46 +443,55 @@ def _forward(student, teacher, whiten, at_mode):
     mse = torch.empty(L, dtype=torch.float32, device=device)
     at = torch.empty(L, dtype=torch.float32, device=device)
     meta = plan.meta_tensor()
-    LP = triton.next_power_of_2(L)
-    for gid, grp in enumerate(plan.groups):
-        args = (grp.s_base, grp.g_base, meta, pix, part, L, gid, _tune_key(plan, grp))
-        opts = dict(WHITEN=whiten, S_CL=grp.s_cl, G_CL=grp.g_cl, ALIGN=grp.align, BLOCK_P=grp.block_p, LP=LP,
-                    EPS=WHITEN_EPS)
-        if grp.s_cl:
-            _fwd_main_kernel[(grp.num_items,)](*args, BLOCK_C=grp.block_c, UNROLL=grp.unroll,
-                                               num_warps=grp.num_warps, **opts)
-        else:  # NCHW: the tile ([BLOCK_C, 128], UNROLL, warps) is autotuned on the GPU; the grid does not depend on it
-            _fwd_main_nchw[(grp.num_items,)](*args, **opts)
-    # one program per sample; wide blocks keep its loops over pixels and tiles to one or two iterations
-    block = max(min(triton.next_power_of_2(max(row[4] for row in plan.rows)), 2048), 128)
-    block_t = max(min(triton.next_power_of_2(max(row[7] for row in plan.rows)), 256), 16)
-    _fwd_sample_kernel[(plan.num_samples,)](meta, pix, part, samp, L, WHITEN=whiten, AT_MODE=at_mode, BLOCK=block,
-                                            BLOCK_T=block_t, LP=LP, EPS=WHITEN_EPS, NORM_EPS=NORM_EPS,
-                                            num_warps=8 if block >= 1024 else 4)
-    _fwd_level_kernel[(L,)](meta, samp, mse, at, AT_MODE=at_mode, BLOCK=128, num_warps=4)
+    mains, sample, level = _fwd_launches(plan, at_mode)
+    for (grid, tail, opts), grp in zip(mains, plan.groups):
+        lvl = grp.levels[0]
+        kernel = _fwd_main_kernel if grp.s_cl else _fwd_main_nchw
+        kernel[grid](s_list[lvl], g_list[lvl], meta, pix, part, *tail, **opts)
+    _fwd_sample_kernel[(plan.num_samples,)](meta, pix, part, samp, L, **sample)
+    _fwd_level_kernel[(L,)](meta, samp, mse, at, **level)
     return mse, at, [pix, samp]
 
 
-def _backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode):
-    plan = build_plan(student, teacher, whiten)
-    grads = [torch.empty_like(s) for s in plan.student]
-    plan.set_grad_offsets(grads)
-    meta = plan.meta_tensor()
-    pix, samp = saved
+def _bwd_launches(plan, at_mode):
+    """[(grid, args after the pointers, kwargs without ALIGN)] of the backward per group, once per plan and at_mode."""
+    key = ("bwd", at_mode)
+    found = plan.extra.get(key)
+    if found is not None:
+        return found
     L = plan.num_levels
-    grad_mse = grad_mse.to(device=plan.device, dtype=torch.float32).contiguous()
-    grad_at = grad_at.to(device=plan.device, dtype=torch.float32).contiguous()
     LP = triton.next_power_of_2(L)
+    found = []
     for gid, grp in enumerate(plan.groups):
-        args = (grp.s_base, grp.g_base, grads[grp.levels[0]], meta, pix, samp, grad_mse, grad_at, L, gid,
-                _tune_key(plan, grp))
-        opts = dict(WHITEN=whiten, AT_MODE=at_mode, S_CL=grp.s_cl, G_CL=grp.g_cl, ALIGN=grp.align,
-                    BLOCK_C=grp.block_c, BLOCK_P=grp.block_p, UNROLL=grp.unroll, CHUNK=max(grp.bwd_chunk, 1), LP=LP,
-                    NORM_EPS=NORM_EPS)
+        opts = dict(WHITEN=plan.whiten, AT_MODE=at_mode, S_CL=grp.s_cl, G_CL=grp.g_cl, BLOCK_C=grp.block_c,
+                    BLOCK_P=grp.block_p, UNROLL=grp.unroll, CHUNK=max(grp.bwd_chunk, 1), LP=LP, NORM_EPS=NORM_EPS)
         if grp.s_cl:
-            _bwd_kernel[(grp.num_bwd_items,)](*args, BWD_ROWS=grp.bwd_rows, num_warps=grp.num_warps, **opts)
-        else:  # NCHW: BWD_ROWS and warps autotuned on the GPU (the grid does not depend on them)
-            _bwd_nchw[(grp.num_bwd_items,)](*args, **opts)
+            opts.update(BWD_ROWS=grp.bwd_rows, num_warps=grp.num_warps)
+        # NCHW: BWD_ROWS and warps autotuned on the GPU (the grid does not depend on them)
+        found.append(((grp.num_bwd_items,), (L, gid, grp.tune_key), opts))
+    plan.extra[key] = found
+    return found
+
+
+def _backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode, flat_grads=False):
+    plan, s_list, g_list = prepare(student, teacher, whiten)
+    if flat_grads:
+        bases, grads = plan.flat_grads()
+        meta = plan.meta_tensor()
+        aligns = [grp.align if base.data_ptr() % 16 == 0 else 1 for grp, base in zip(plan.groups, bases)]
+    else:
+        grads = [torch.empty_like(s) for s in s_list]
+        bases = [grads[grp.levels[0]] for grp in plan.groups]
+        meta, aligns = plan.grad_meta(grads)
+    pix, samp = saved
+    if grad_mse.dtype != torch.float32 or grad_mse.device != plan.device or not grad_mse.is_contiguous():
+        grad_mse = grad_mse.to(device=plan.device, dtype=torch.float32).contiguous()
+    if grad_at.dtype != torch.float32 or grad_at.device != plan.device or not grad_at.is_contiguous():
+        grad_at = grad_at.to(device=plan.device, dtype=torch.float32).contiguous()
+    for (grid, tail, opts), grp, base, align in zip(_bwd_launches(plan, at_mode), plan.groups, bases, aligns):
+        lvl = grp.levels[0]
+        kernel = _bwd_kernel if grp.s_cl else _bwd_nchw
+        kernel[grid](s_list[lvl], g_list[lvl], base, meta, pix, samp, grad_mse, grad_at, *tail, ALIGN=align, **opts)
     return grads
 
 

@@ -159,10 +159,10 @@ def _kernel_forward(student, teacher, whiten, at_mode, backend):
     return fwd(student, teacher, whiten, at_mode)
 
 
-def _kernel_backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode, backend):
+def _kernel_backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode, backend, flat_grads=False):
     if backend == "triton":
         return _backends.triton_kernels().dreamteacher_loss_backward(grad_mse, grad_at, student, teacher, saved,
-                                                                     whiten, at_mode)
+                                                                     whiten, at_mode, flat_grads=flat_grads)
     _, bwd = _backends.extension_ops()
     return bwd(grad_mse, grad_at, student, teacher, saved, whiten, at_mode)
 
@@ -184,8 +184,10 @@ class _EagerFusedLoss(torch.autograd.Function):
         num_levels, whiten, at_mode, backend = ctx.options
         tensors = ctx.saved_tensors
         student, teacher = list(tensors[:num_levels]), list(tensors[num_levels:2 * num_levels])
+        # flat_grads: Triton's gradients as views into one buffer per launch group, whose metadata is the forward's
+        # (custom ops may not return aliasing outputs, so the custom-op path above allocates them one by one)
         grads = _kernel_backward(grad_mse.contiguous(), grad_at.contiguous(), student, teacher,
-                                 list(tensors[2 * num_levels:]), whiten, at_mode, backend)
+                                 list(tensors[2 * num_levels:]), whiten, at_mode, backend, flat_grads=True)
         return (None, None, None, None, *grads, *([None] * num_levels))
 
 
