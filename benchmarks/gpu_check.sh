@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine runs, in ONE call of <= 8 minutes (see ../shared/device/README.md):
-#   wheels -> extension build -> CUDA tests of the fused loss -> loss benchmark -> dtfast.bench (ImageNet R50 +
+#   wheels -> extension build -> CUDA tests of the fused loss -> loss benchmark (+ Triton profile) -> dtfast.bench (ImageNet R50 +
 #   ADM-256, random teacher weights, baseline and optimised rows at 2-3 batch sizes) -> teacher benchmark -> the
 #   other CUDA tests -> data benchmark (nvJPEG) -> op test files in full.
 # Every stage runs under its own `timeout`, capped by what is left of GPU_CHECK_BUDGET (seconds, default 450), and
@@ -130,7 +130,10 @@ fi
 
 # ---- 4. loss benchmark ---------------------------------------------------------------------------------------------
 if [[ -f benchmarks/loss_bench.py ]]; then
-    run_stage loss_bench "$(cap loss_bench 75)" $PY benchmarks/loss_bench.py --device cuda
+    # --profile (after the timings are recorded, ~10 s): why the Triton fwd+bwd exceeds fwd + bwd (issue #3):
+    # synchronising calls, host issue vs GPU time per iteration, torch.profiler kernels/API calls, cache counters;
+    # appended to benchmarks/results/loss_profile.jsonl (comes back in results.tar.gz)
+    run_stage loss_bench "$(cap loss_bench 75)" $PY benchmarks/loss_bench.py --device cuda --profile
 else
     missing loss_bench benchmarks/loss_bench.py
 fi

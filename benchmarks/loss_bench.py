@@ -10,6 +10,7 @@ same run, with each variant's achieved fraction of it (floor time / measured tim
     python benchmarks/loss_bench.py                     # CPU, float32, batch 8
     python benchmarks/loss_bench.py --device cuda       # GPU, bfloat16, batch 64, triton.testing.do_bench
     python benchmarks/loss_bench.py --quick --no-record # smoke run on tiny shapes
+    python benchmarks/loss_bench.py --device cuda --profile  # + diagnosis of the Triton fwd+bwd (see profile_triton)
 
 Appends one JSON row per run to benchmarks/results/loss_bench.jsonl and a table to loss_bench.md.
 """
@@ -58,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions on CPU (median; default 5, quick 3)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions: a smoke run")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA, after the timings: diagnose the Triton fwd+bwd (synchronising calls, host issue\n"
+                        "time vs GPU time per iteration, torch.profiler kernel/API summary, allocator and plan-cache\n"
+                        "counters); printed and appended to benchmarks/results/loss_profile.jsonl")
     p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     args.dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
@@ -284,7 +289,30 @@ def main(argv=None) -> dict:
         with open(out / "loss_bench.md", "a") as f:
             f.write(f"\n### {record['date']} commit {record['commit']}\n`{record['command']}`\n\n{header}\n\n"
                     f"{table}\n")
+    if args.profile:
+        run_profile(student, teacher, args, record)
     return record
+
+
+def run_profile(student, teacher, args, record) -> None:
+    """--profile: the Triton fwd+bwd diagnosis of benchmarks/loss_profile.py on these maps (CUDA only), after the
+    timings are recorded (a failure or timeout here loses only the diagnosis)."""
+    if args.device != "cuda" or not isinstance(record["results"].get("triton"), dict):
+        print(f"--profile: skipped (needs --device cuda and a Triton row; got {args.device}, "
+              f"triton: {record['results'].get('triton', 'not run')})")
+        return
+    from benchmarks.loss_profile import format_report, profile_triton, record_profile
+
+    sys.stdout.flush()
+    try:
+        report = profile_triton(student, teacher, args.whiten, args.at_mode)
+    except Exception as exc:  # the timings above are already recorded
+        print(f"--profile failed: {type(exc).__name__}: {exc}")
+        return
+    print(format_report(report))
+    if not args.no_record:
+        record_profile(report, record["levels"], record["dtype"], record["command"] + " (profile)",
+                       Path(args.results_dir))
 
 
 if __name__ == "__main__":
