@@ -21,8 +21,30 @@ def check_options(whiten: str, at_mode: str) -> None:
         raise ValueError(f"dreamteacher_loss: at_mode must be one of {AT_MODES}, got {at_mode!r}")
 
 
+def _well_formed(student_feats, teacher_feats) -> bool:
+    """True when check_feature_lists has nothing to report (it then only runs the detailed checks on failure)."""
+    if isinstance(student_feats, Tensor) or isinstance(teacher_feats, Tensor) or not student_feats \
+            or len(student_feats) != len(teacher_feats):
+        return False
+    device = None
+    for s, g in zip(student_feats, teacher_feats):
+        if not isinstance(s, Tensor) or not isinstance(g, Tensor):
+            return False
+        shape = s.shape
+        if len(shape) != 4 or shape != g.shape or not s.numel() or s.dtype != g.dtype \
+                or not s.dtype.is_floating_point:
+            return False
+        if device is None:
+            device = s.device
+        if s.device != device or g.device != device:
+            return False
+    return True
+
+
 def check_feature_lists(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> None:
     """Raise ValueError for a level-count, rank, shape, dtype or device mismatch (naming level and shapes)."""
+    if _well_formed(student_feats, teacher_feats):  # the common case, in one pass (host cost of every loss call)
+        return
     if isinstance(student_feats, Tensor) or isinstance(teacher_feats, Tensor):
         raise ValueError("dreamteacher_loss: pass lists of (B, C, H, W) maps, one per level (wrap a single map "
                          "in a list)")
