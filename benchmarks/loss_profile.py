@@ -243,7 +243,8 @@ def record_profile(report: dict, shapes, dtype: str, command: str, results_dir: 
     from benchmarks.loss_bench import git_commit
 
     row = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-           "machine": (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"), "commit": git_commit(), "torch": torch.__version__,
+           "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "commit": git_commit(), "torch": torch.__version__,
            "command": command,
            "levels": shapes, "dtype": dtype, "report": report}
     try:

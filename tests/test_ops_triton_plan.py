@@ -48,6 +48,9 @@ def test_plan_cache_hit_on_same_buffers_with_new_values(device, meta):
     check_against_oracle(student, teacher, "channel", "paper", seed=2)
     delta = _delta(meta, before)
     assert delta["plan_builds"] == 0 and delta["plan_hits"] >= 2  # forward and backward both hit
+    # the second run launched the autotuned NCHW kernels with the configuration memoised on the plan
+    memo = {key[0] for plan in meta._PLAN_CACHE.values() for key in plan.extra}
+    assert {"fwd_tuned", "bwd_tuned"} <= memo
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
