@@ -13,6 +13,7 @@ same run, with each variant's achieved fraction of it (floor time / measured tim
     python benchmarks/loss_bench.py --device cuda --profile  # + diagnosis of the Triton fwd+bwd (see profile_triton)
 
 Appends one JSON row per run to benchmarks/results/loss_bench.jsonl and a table to loss_bench.md.
+The Triton backend's host (Python) cost alone, on any machine: benchmarks/loss_host_overhead.py.
 """
 
 from __future__ import annotations
