@@ -1,8 +1,12 @@
-"""Smoke test of benchmarks/loss_bench.py: its main function on tiny shapes, recording into a temporary folder."""
+"""Smoke tests of benchmarks/loss_bench.py (its main function on tiny shapes, recording into a temporary folder)
+and benchmarks/loss_host_overhead.py."""
 
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "loss_bench.py"
 
@@ -25,3 +29,28 @@ def test_loss_bench_quick_run_records_a_row(tmp_path, capsys):
     lines = (tmp_path / "loss_bench.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["commit"] == record["commit"]
     assert "| byte floor |" in (tmp_path / "loss_bench.md").read_text()
+
+
+def test_loss_host_overhead_smoke(monkeypatch, capsys):
+    """benchmarks/loss_host_overhead.py on tiny maps: every row measured, the Triton kernels restored afterwards."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton backend takes CPU tensors only when interpreting
+    spec = importlib.util.spec_from_file_location("loss_host_overhead", BENCH.parent / "loss_host_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from triton.runtime.jit import KernelInterface
+
+    from dtfast.ops._backends import triton_kernels
+
+    threads = torch.get_num_threads()
+    try:
+        record = module.main(["--levels", "8x4x4,16x2x2", "--iters", "2", "--repeats", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(record["us_per_call_best"]) == {"kernels fwd", "kernels bwd", "loss fwd", "loss bwd", "loss fwd+bwd",
+                                               "custom op fwd+bwd"}
+    assert all(v > 0 for v in record["us_per_call_best"].values())
+    assert record["stubbed_launches"]["_fwd_level_kernel"] > 0
+    kern = triton_kernels()
+    assert all(isinstance(getattr(kern, name), KernelInterface) for name in record["stubbed_launches"])
+    assert "| loss fwd+bwd |" in capsys.readouterr().out
