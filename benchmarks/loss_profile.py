@@ -12,9 +12,12 @@ forward+backward 1.328 ms. This runs the Triton fwd+bwd (the eager ``dreamteache
   (c) torch.profiler over a few iterations: CUDA time per kernel, GPU busy time vs the span of the GPU work (idle
       gaps = the GPU waiting on the host), CPU-side CUDA API calls (launches, cudaHostAlloc, cudaMalloc/cudaFree,
       synchronisations, memcpy) with counts and host time;
-  (d) counters over the iterations: the plan cache (kernels/_loss_meta.py: plan hits/builds, metadata tensors made),
-      the caching allocator (device mallocs/frees, retries, syncs of all streams) and, where torch has them, the pinned
-      host allocator's allocations.
+  (d) counters per iteration of each variant: the plan cache (kernels/_loss_meta.py: plan hits/builds, metadata
+      tensors made), the caching allocator (device mallocs/frees, retries, syncs of all streams) and, where torch
+      has them, the pinned host allocator's allocations.
+A variant with the plan/metadata caches cleared before the forward and before the backward reproduces the pre-cache
+host path (plan built and metadata copied through pinned memory by every forward and every backward): its difference
+from the cached variant is what the caches bought on this GPU.
 
     python benchmarks/loss_profile.py                # ADM-256 levels, bf16, batch 64
     python benchmarks/loss_bench.py --device cuda --profile   # the same after loss_bench's timings
@@ -62,6 +65,15 @@ def _variants(student, teacher, whiten: str, at_mode: str):
     def eager_fwd():
         return dreamteacher_loss(student, teacher, **opts)
 
+    meta = _backends.kernel_module("_loss_meta")
+
+    def eager_full_uncached():  # as before the plan cache: plan, rows and metadata copy built by fwd and by bwd
+        meta.clear_caches()
+        clear()
+        loss = dreamteacher_loss(student, teacher, **opts)
+        loss.register_hook(lambda grad: meta.clear_caches())  # runs as the backward starts
+        loss.backward()
+
     def kernels_full():  # the bare kernel functions: no validation, dispatch or autograd
         _, _, saved = kern.dreamteacher_loss_forward(student, teacher, wh, am)
         kern.dreamteacher_loss_backward(ones, ones, student, teacher, saved, wh, am, flat_grads=True)
@@ -70,7 +82,7 @@ def _variants(student, teacher, whiten: str, at_mode: str):
         return kern.dreamteacher_loss_forward(student, teacher, wh, am)
 
     return {"eager fwd+bwd": eager_full, "eager fwd": eager_fwd, "kernels fwd+bwd": kernels_full,
-            "kernels fwd": kernels_fwd}
+            "kernels fwd": kernels_fwd, "eager fwd+bwd, caches cleared": eager_full_uncached}
 
 
 def _sync_warnings(fn, iters: int = 3) -> list[str]:
@@ -170,26 +182,33 @@ def profile_triton(student, teacher, whiten: str = "channel", at_mode: str = "pa
         fn()
         fn()
     torch.cuda.synchronize()
-    report = {"sync_warnings": _sync_warnings(fns["eager fwd+bwd"])}
-    before = _counters()
-    report["per_iter"] = {name: _issue_times(fn, iters) for name, fn in fns.items()}
-    after = _counters()
-    report["counters_per_iter"] = {k: (after[k] - before.get(k, 0)) / (iters * len(fns)) for k in after}
+    report = {"sync_warnings": _sync_warnings(fns["eager fwd+bwd"]),
+              "sync_warnings_caches_cleared": _sync_warnings(fns["eager fwd+bwd, caches cleared"])}
+    report["per_iter"], report["counters_per_iter"] = {}, {}
+    for name, fn in fns.items():
+        before = _counters()
+        report["per_iter"][name] = _issue_times(fn, iters)
+        after = _counters()
+        report["counters_per_iter"][name] = {k: (v - before.get(k, 0)) / iters for k, v in after.items()
+                                             if v != before.get(k, 0)}
     report["profile_eager_full"] = _profile(fns["eager fwd+bwd"], profile_iters)
     report["profile_kernels_full"] = _profile(fns["kernels fwd+bwd"], profile_iters)
+    report["profile_eager_full_caches_cleared"] = _profile(fns["eager fwd+bwd, caches cleared"], profile_iters)
     return report
 
 
 def format_report(report: dict) -> str:
     lines = ["### Triton fwd+bwd diagnosis (loss_profile)",
              "synchronising calls under set_sync_debug_mode('warn') (3 eager fwd+bwd): "
-             + ("; ".join(report["sync_warnings"]) or "none")]
+             + ("; ".join(report["sync_warnings"]) or "none"),
+             "the same with the plan/metadata caches cleared every call (the pre-cache behaviour): "
+             + ("; ".join(report["sync_warnings_caches_cleared"]) or "none")]
     lines += ["", "| per iteration, back to back | host issue us | wall us | GPU us |", "|---|---|---|---|"]
     for name, row in report["per_iter"].items():
         lines.append(f"| {name} | {row['host_issue_us']:.1f} | {row['wall_us']:.1f} | {row['gpu_us']:.1f} |")
-    lines += ["", "counters per iteration (all variants): " + ", ".join(
-        f"{k} {v:.2f}" for k, v in report["counters_per_iter"].items() if v)]
-    for key in ("profile_eager_full", "profile_kernels_full"):
+    lines += [""] + [f"counters per iteration, {name}: " + (", ".join(f"{k} {v:.2f}" for k, v in c.items()) or "none")
+                     for name, c in report["counters_per_iter"].items()]
+    for key in ("profile_eager_full", "profile_kernels_full", "profile_eager_full_caches_cleared"):
         prof = report[key]
         idle = prof["gpu_idle_fraction"]
         lines += ["", f"torch.profiler, {key[8:]} x{prof['iters']}: GPU busy "
