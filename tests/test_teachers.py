@@ -207,3 +207,18 @@ def test_bf16_on_cpu():
     teacher = build_teacher("tiny", dtype=torch.bfloat16, strides=(16, 32))
     features = teacher(images(1))
     assert all(f.dtype == torch.bfloat16 and torch.isfinite(f.float()).all() for f in features)
+
+
+def test_embedded_teacher_loads_and_is_trained():
+    """`embedded:<name>` resolves to the teacher shipped in the package (the demo's default): it loads as a
+    pretrained (not random) teacher at its training size, and an unknown name lists what is shipped."""
+    from dtfast.teachers.loading import embedded_teachers
+
+    names = embedded_teachers()
+    assert names, "no teacher shipped in dtfast/assets"
+    teacher = build_teacher(pretrained=f"embedded:{names[0]}", timestep=50)
+    assert not teacher.is_random
+    feats = teacher(images(1, 32), generator=torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(f).all() for f in feats)
+    with pytest.raises(FileNotFoundError, match=f"shipped: .*{names[0]}"):
+        build_teacher(pretrained="embedded:no_such_teacher")

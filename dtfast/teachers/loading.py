@@ -37,9 +37,27 @@ def _download_help(name: str) -> str:
     )
 
 
+EMBEDDED_PREFIX = "embedded:"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def embedded_teachers() -> list[str]:
+    """Names of the teachers shipped inside the package (``dtfast/assets/<name>``)."""
+    if not ASSETS.is_dir():
+        return []
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "dtfast_teacher.json").is_file())
+
+
 def resolve_pretrained(pretrained: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a hub id fetched (or found in the HF cache) with huggingface_hub."""
+    """``embedded:<name>`` (a teacher shipped in dtfast/assets), a local folder as is; otherwise a hub id fetched
+    (or found in the HF cache) with huggingface_hub."""
     text = os.fspath(pretrained)
+    if text.startswith(EMBEDDED_PREFIX):
+        name = text[len(EMBEDDED_PREFIX):]
+        if name not in embedded_teachers():
+            raise FileNotFoundError(f"teacher.pretrained={text!r}: no embedded teacher {name!r} in {ASSETS}; "
+                                    f"shipped: {embedded_teachers() or 'none'}")
+        return ASSETS / name
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
