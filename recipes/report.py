@@ -7,7 +7,8 @@ import statistics
 ROWS = ("random init", "distilled, random teacher", "distilled, trained teacher", "supervised (upper bound)")
 METRICS = (("linear_top1", "linear probe top-1 (%)"), ("knn_top1", "k-NN top-1 (%)"))
 # the acceptance pairs: (better row, worse row); the margin must exceed 3 standard deviations over seeds
-ACCEPTANCE = (("distilled, trained teacher", "random init"), ("distilled, trained teacher", "distilled, random teacher"))
+ACCEPTANCE = (("distilled, trained teacher", "random init"),
+              ("distilled, trained teacher", "distilled, random teacher"))
 
 
 def _stats(values: list[float]) -> dict:
@@ -39,7 +40,8 @@ def summarise(results: dict[str, dict[str, dict]]) -> dict:
 
 def write_table(record: dict, path: str) -> None:
     summary = record["summary"]
-    seeds = sorted({int(seed) for row in record.get("per_seed", {}).values() for seed in row}) or record["args"]["seeds"]
+    seeds = (sorted({int(seed) for row in record.get("per_seed", {}).values() for seed in row})
+             or record["args"]["seeds"])
     if not record.get("complete", True):
         seeds = f"{seeds} (PARTIAL: {len(seeds)} of {len(record['args']['seeds'])} seeds done)"
     header = (f"Data: {record['data']}. Student: {record['args']['student']}, probe features: "

@@ -33,7 +33,7 @@ TEACHER_MODEL = ["model.arch=tiny", "model.block_out_channels=[16,32,32,64,64,64
 
 PRESETS = {
     # the real recipe, sized for <= 60 minutes on an idle 2-core CPU at 32x32
-    "full": dict(teacher_steps=300, teacher_batch=32, distill_steps=150, distill_batch=32, supervised_steps=150,
+    "full": dict(teacher_steps=3000, teacher_batch=32, distill_steps=600, distill_batch=32, supervised_steps=600,
                  supervised_batch=32, num_images=4096, num_train=4000, num_val=2000),
     # seconds: the CI check that the whole pipeline runs end to end
     "quick": dict(teacher_steps=4, teacher_batch=8, distill_steps=3, distill_batch=8, supervised_steps=3,
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timestep", type=int, default=50, help="teacher timestep t (paper: 50 for in-domain data)")
     p.add_argument("--student", default="resnet18")
     p.add_argument("--teacher", default="", help="use this trained teacher folder instead of training one")
-    p.add_argument("--features", choices=("last", "all"), default="last", help="probe features (see dtfast.evaluate)")
+    p.add_argument("--features", choices=("last", "all"), default="all", help="probe features (see dtfast.evaluate)")
     p.add_argument("--workers", type=int, default=1, help="data-loader workers")
     for key in PRESETS["full"]:
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None, help="override the preset")
@@ -90,8 +90,9 @@ def train_teacher(args: argparse.Namespace) -> str:
         return folder
     os.makedirs(out, exist_ok=True)
     run([sys.executable, "-m", "dtfast.train_teacher", f"out={out}", *TEACHER_MODEL, *data_keys(args),
-         f"data.image_size={args.image_size}", f"data.num_workers={args.workers}", f"train.max_steps={args.teacher_steps}",
-         f"train.batch_size={args.teacher_batch}", "train.log_every=10", "train.save_every=50"],
+         f"data.image_size={args.image_size}", f"data.num_workers={args.workers}",
+         f"train.max_steps={args.teacher_steps}", f"train.batch_size={args.teacher_batch}", "train.log_every=50",
+         "train.save_every=250"],
         os.path.join(out, "log.txt"))
     return folder
 
@@ -121,9 +122,9 @@ def distil(args: argparse.Namespace, teacher: str, name: str, seed: int) -> str:
     os.makedirs(out, exist_ok=True)
     run([sys.executable, "-m", "dtfast.pretrain", f"out={out}", f"teacher.pretrained={os.path.abspath(teacher)}",
          f"teacher.timestep={args.timestep}", f"student.arch={args.student}", *data_keys(args),
-         f"data.image_size={args.image_size}", f"data.num_workers={args.workers}", f"train.max_steps={args.distill_steps}",
-         f"train.batch_size={args.distill_batch}", f"train.seed={seed}", "train.save_every=50",
-         f"train.warmup_steps={max(1, args.distill_steps // 10)}", "train.log_every=10"],
+         f"data.image_size={args.image_size}", f"data.num_workers={args.workers}",
+         f"train.max_steps={args.distill_steps}", f"train.batch_size={args.distill_batch}", f"train.seed={seed}",
+         "train.save_every=200", f"train.warmup_steps={max(1, args.distill_steps // 10)}", "train.log_every=50"],
         os.path.join(out, "log.txt"))
     return backbone
 

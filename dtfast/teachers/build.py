@@ -13,7 +13,7 @@ from torch import nn
 
 from .archs import ADM_SCHEDULER, LATENT_ARCHS, PIXEL_ARCHS, pixel_arch
 from .base import FrozenDiffusionTeacher, TeacherOptions, warn_random
-from .loading import detect_layout, resolve_pretrained, scheduler_folder
+from .loading import EMBEDDED_PREFIX, detect_layout, resolve_pretrained, scheduler_folder
 from .pixel import DiffusionTeacher
 
 logger = logging.getLogger("dtfast.teachers")
@@ -81,7 +81,8 @@ def build_teacher(
     """Build a frozen diffusion teacher.
 
     Args:
-        arch: a named architecture with random weights (`adm256`, `tiny`; latent: `sd15`, `tiny-sd`).
+        arch: a named architecture with random weights (`adm256`, `tiny`; latent: `sd15`, `tiny-sd`), or
+            `embedded:<name>`, a trained teacher shipped in the package (`dtfast/assets/<name>`).
             Ignored when `pretrained` is given.
         pretrained: a local diffusers folder (a UNet2DModel at the root or in `unet/`, optional `scheduler/`; or a
             Stable Diffusion layout `vae/ unet/ scheduler/ text_encoder/ tokenizer/`) or a hub id.
@@ -97,6 +98,8 @@ def build_teacher(
     device = torch.device(device if device is not None else "cpu")
     dtype = dtype or default_dtype(device)
     opts = TeacherOptions.from_kwargs(**options).resolved(device)
+    if (pretrained is None or str(pretrained) == "") and arch and arch.startswith(EMBEDDED_PREFIX):
+        pretrained, arch = arch, None  # a shipped, trained teacher named like an architecture
     if pretrained is not None and str(pretrained) != "":
         if arch:
             logger.info("teacher: pretrained=%s given, arch=%r ignored", pretrained, arch)

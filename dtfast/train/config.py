@@ -24,7 +24,7 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - "help" re
 @dataclass
 class DataConfig:
     root: str = _f("", "image folder root/<class>/<image> (ImageNet layout); empty = the embedded procedural set")
-    image_size: int = _f(64, "training resolution (square crops), e.g. 256 for ImageNet")
+    image_size: int = _f(32, "training resolution (square crops), e.g. 256 for ImageNet; 32 = the embedded teacher's")
     backend: str = _f("auto", "decoder: auto | torch | dali | nvjpeg (auto: DALI when importable, else torch)")
     num_workers: int = _f(2, "data-loader worker processes per rank (torch: decoding; nvjpeg: file reading); started "
                           "from a fork server once per run (see dtfast/data/workers.py)")
@@ -40,9 +40,11 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
-    pretrained: str = _f("", "diffusers folder or hub id of the frozen teacher; empty = `arch` with random weights")
-    arch: str = _f("tiny", "named teacher architecture used when `pretrained` is empty: tiny | adm256 | sd15")
-    timestep: int = _f(150, "diffusion timestep t of the stochastic encoding (paper: 150 ImageNet, 50 in-domain)")
+    pretrained: str = _f("", "diffusers folder or hub id of the frozen teacher; empty = `arch`")
+    arch: str = _f("embedded:teacher_tiny32", "used when `pretrained` is empty: embedded:teacher_tiny32 (the small "
+                   "DDPM trained on the procedural set that ships with dtfast, 32x32) | tiny | adm256 | sd15 (named "
+                   "architectures with RANDOM weights: speed tests and controls only)")
+    timestep: int = _f(50, "diffusion timestep t of the stochastic encoding (paper: 150 ImageNet, 50 in-domain)")
     strides: list = _f([4, 8, 16, 32], "feature strides of the input image, ascending")
     compile: bool = _f(False, "torch.compile the teacher (early exit compiled in)")
     early_exit: bool = _f(True, "stop the UNet after the last decoder level that gives a feature (about 2.3x fewer "
