@@ -26,7 +26,11 @@ A small pixel-space DDPM (diffusers `UNet2DModel`, the `tiny` layout of `dtfast.
 multiple of 32 works convolutionally, but it has only seen {size}x{size} images) and **t = 50** (the recipe's
 `teacher.timestep`; the DreamTeacher choice for small in-domain data).
 
-    python -m dtfast.pretrain teacher.pretrained={rel} data.image_size={size} teacher.timestep=50
+    python -m dtfast.pretrain teacher.arch=embedded:{name} data.image_size={size} teacher.timestep=50
+    python -m dtfast.pretrain teacher.pretrained={rel} data.image_size={size} teacher.timestep=50   # the same
+
+It is the default teacher of `python -m dtfast.pretrain` (`teacher.arch=embedded:{name}`, 32x32, t = 50), so the
+main job distils a trained model out of the box. What it is worth: `recipes/RESULTS.md` (the small-scale proof).
 
 Produced by (from a clean checkout, on {machine}):
 
