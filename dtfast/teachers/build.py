@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Sequence
@@ -49,7 +50,9 @@ def load_model(model_class: type, folder: Path, device: torch.device, dtype: tor
             config = model_class.load_config(folder)
             with torch.device("meta"):
                 return nn.Module.to(model_class.from_config(config), dtype=dtype)
-        return model_class.from_pretrained(folder, torch_dtype=dtype).to(device)
+        # without accelerate, diffusers falls back to a full-memory load anyway, after printing a long notice
+        low_memory = importlib.util.find_spec("accelerate") is not None
+        return model_class.from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=low_memory).to(device)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ValueError(
             f"could not load a {model_class.__name__} from {folder}: {error}. Expected a diffusers folder with "
