@@ -165,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                                        f"probe.features={args.features}"])
     data = timed("load probe data", load_probe_data, eval_cfg)
     teacher = args.teacher or timed("teacher training", train_teacher, args)
+    earlier = 0.0  # a teacher trained by an earlier (interrupted) run of this recipe: count its logged time
+    if not args.teacher and timings["teacher training"] < 60:
+        earlier = logged_seconds(os.path.join(args.out, "teacher", "metrics.jsonl"))
+        timings["teacher training"] += earlier
     control = random_teacher(args)
     command = " ".join(["recipes/small_scale.py", *(argv if argv is not None else sys.argv[1:])])
     results: dict[str, dict[str, dict]] = {row: {} for row in ROWS}
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                  timed("distillation", distil, args, control, "distill_random", seed))
         evaluate("supervised (upper bound)", seed,
                  timed("supervised", supervised, args, data.num_classes, seed))
-        timings["total"] = time.perf_counter() - start
+        timings["total"] = time.perf_counter() - start + earlier
         record = {"command": command, "machine": machine(), "args": vars(args), "teacher": teacher,
                   "data": data.description, "summary": summarise(results), "per_seed": results,
                   "timings_s": timings, "complete": seed == args.seeds[-1]}
@@ -208,6 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, "results.md")) as fh:
         print(fh.read())
     return 0
+
+
+def logged_seconds(metrics: str) -> float:
+    """The training time a dtfast metrics.jsonl logged (its last ``elapsed_s``; 0 if there is none)."""
+    if not os.path.isfile(metrics):
+        return 0.0
+    with open(metrics) as fh:
+        lines = [line for line in fh if line.strip()]
+    return float(json.loads(lines[-1]).get("elapsed_s", 0.0)) if lines else 0.0
 
 
 def machine() -> str:
