@@ -33,7 +33,7 @@ TEACHER_MODEL = ["model.arch=tiny", "model.block_out_channels=[16,32,32,64,64,64
 
 PRESETS = {
     # the real recipe, sized for <= 60 minutes on an idle 2-core CPU at 32x32
-    "full": dict(teacher_steps=3000, teacher_batch=32, distill_steps=600, distill_batch=32, supervised_steps=600,
+    "full": dict(teacher_steps=3000, teacher_batch=32, distill_steps=600, distill_batch=32, supervised_steps=1500,
                  supervised_batch=32, num_images=4096, num_train=4000, num_val=2000),
     # seconds: the CI check that the whole pipeline runs end to end
     "quick": dict(teacher_steps=4, teacher_batch=8, distill_steps=3, distill_batch=8, supervised_steps=3,
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher", default="", help="use this trained teacher folder instead of training one")
     p.add_argument("--features", choices=("last", "all"), default="all", help="probe features (see dtfast.evaluate)")
     p.add_argument("--workers", type=int, default=1, help="data-loader workers")
+    p.add_argument("--supervised-lr", type=float, default=1e-3, help="peak learning rate of the supervised row")
     for key in PRESETS["full"]:
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None, help="override the preset")
     args = p.parse_args(argv)
@@ -139,7 +140,8 @@ def supervised(args: argparse.Namespace, num_classes: int, seed: int) -> str:
     dataset = build_dataset(args.data or None, args.image_size, split="train", num_images=args.num_images,
                             seed=seed)
     return train_supervised(args.student, dataset, num_classes, out, steps=args.supervised_steps,
-                            batch_size=args.supervised_batch, seed=seed, num_workers=args.workers,
+                            batch_size=args.supervised_batch, lr=args.supervised_lr, seed=seed,
+                            num_workers=args.workers,
                             warmup_steps=max(1, args.supervised_steps // 10))
 
 
