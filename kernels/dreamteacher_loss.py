@@ -423,10 +423,11 @@ def _launch_tuned(tuner, kernel, grid, args, opts, memo, key):
 def _fwd_launches(plan, at_mode):
     """([(grid, args after the pointers, kwargs)] of the forward main kernel per group, the sample and level kernels'
     kwargs): computed once per plan and at_mode (memoised in ``plan.extra``)."""
-    key = ("fwd", at_mode)
-    found = plan.extra.get(key)
-    if found is not None:
-        return found
+    found = plan.extra.get(("fwd", at_mode))
+    return found if found is not None else plan.extra.setdefault(("fwd", at_mode), _build_fwd(plan, at_mode))
+
+
+def _build_fwd(plan, at_mode):
     L = plan.num_levels
     LP = triton.next_power_of_2(L)
     mains = []
@@ -443,8 +444,7 @@ def _fwd_launches(plan, at_mode):
     sample = dict(WHITEN=plan.whiten, AT_MODE=at_mode, BLOCK=block, BLOCK_T=block_t, LP=LP, EPS=WHITEN_EPS,
                   NORM_EPS=NORM_EPS, num_warps=8 if block >= 1024 else 4)
     level = dict(AT_MODE=at_mode, BLOCK=128, num_warps=4)
-    found = plan.extra[key] = (mains, sample, level)
-    return found
+    return mains, sample, level
 
 
 def _forward(student, teacher, whiten, at_mode):
@@ -472,10 +472,11 @@ def _forward(student, teacher, whiten, at_mode):
 
 def _bwd_launches(plan, at_mode):
     """[(grid, args after the pointers, kwargs without ALIGN)] of the backward per group, once per plan and at_mode."""
-    key = ("bwd", at_mode)
-    found = plan.extra.get(key)
-    if found is not None:
-        return found
+    found = plan.extra.get(("bwd", at_mode))
+    return found if found is not None else plan.extra.setdefault(("bwd", at_mode), _build_bwd(plan, at_mode))
+
+
+def _build_bwd(plan, at_mode):
     L = plan.num_levels
     LP = triton.next_power_of_2(L)
     found = []
@@ -486,7 +487,6 @@ def _bwd_launches(plan, at_mode):
             opts.update(BWD_ROWS=grp.bwd_rows, num_warps=grp.num_warps)
         # NCHW: BWD_ROWS and warps autotuned on the GPU (the grid does not depend on them)
         found.append(((grp.num_bwd_items,), (L, gid, grp.tune_key), opts))
-    plan.extra[key] = found
     return found
 
 
