@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine runs, in ONE call of <= 8 minutes (see ../shared/device/README.md):
+# Everything a lent GPU machine runs, in ONE call of <= 9 minutes (see ../shared/device/README.md):
 #   wheels -> extension build -> CUDA tests of the fused loss -> loss benchmark (+ Triton profile) -> dtfast.bench (ImageNet R50 +
-#   ADM-256, random teacher weights, baseline and optimised rows at 2-3 batch sizes) -> teacher benchmark -> the
-#   other CUDA tests -> data benchmark (nvJPEG) -> op test files in full.
+#   ADM-256, random teacher weights, baseline and optimised rows at 2-3 batch sizes, synthetic data) -> the same
+#   training step on generated JPEGs decoded by nvJPEG (data-wait share) -> teacher benchmark -> data benchmark
+#   (nvJPEG) -> the other CUDA tests -> op test files in full.
 # Every stage runs under its own `timeout`, capped by what is left of GPU_CHECK_BUDGET (seconds, default 450), and
 # a stage that fails or is missing is recorded and skipped: one hang cannot eat the budget. Stages are ordered by
-# value, so the ones that get skipped when time runs out are the least important.
+# value, so the ones that get skipped when time runs out are the least important. The stage logs are packed into
+# $OUT after every stage, so they come back even when the device call is cut off.
 #
 # Usage (repository root, on the GPU machine; carry `.whl`):   bash benchmarks/gpu_check.sh
 # What comes back under $OUT (<= 8 files, flat): summary.txt (the table printed last), gpu_info.json,
-#   logs.tar.gz (one log per stage), results.tar.gz (benchmarks/results/ after the run + the bench folder),
-#   bench_r50.{json,md,png} (dtfast.bench). Record them here with:
+#   logs.tar.gz (one log per stage), results.tar.gz (benchmarks/results/ after the run + the bench folders),
+#   bench_r50.{json,md,png} (dtfast.bench, synthetic data), bench_real.json (nvJPEG data). Record them here with:
 #   python benchmarks/record_gpu_results.py <folder the files came back to>
 # Knobs (environment): GPU_CHECK_BUDGET, BENCH_BATCHES (default [128,256,64]), BENCH_ROWS, BENCH_STEPS,
-#   TEACHER_BENCH_ARGS (extra teacher_bench.py arguments, e.g. --rows), BENCH_WARMUP, BENCH_ENGINE (default ddp), BENCH_CONFIG (default configs/imagenet_r50_adm256.yaml), SKIP_STAGES
-#   (space-separated stage names), CAP_<stage>=SECONDS (a stage's own timeout cap).
-# Default caps (s): wheels 90, build_ext 150, cuda_tests_ops 75, loss_bench 75, dtfast_bench 210, teacher_bench 90,
-#   cuda_tests_rest 150, data_bench 45, op_tests 90; each is further capped by what is left of the budget.
+#   TEACHER_BENCH_ARGS (extra teacher_bench.py arguments, e.g. --rows), BENCH_WARMUP, BENCH_ENGINE (default ddp),
+#   BENCH_CONFIG (default configs/imagenet_r50_adm256.yaml), REAL_IMAGES / REAL_ROWS / REAL_BATCHES / REAL_STEPS /
+#   REAL_BACKEND (the real-data stage), SKIP_STAGES (space-separated stage names), CAP_<stage>=SECONDS (a stage's
+#   own timeout cap).
+# Default caps (s): wheels 90, build_ext 150, cuda_tests_ops 75, loss_bench 75, dtfast_bench 240, make_jpegs 40,
+#   bench_real 150, teacher_bench 90, data_bench 45, cuda_tests_rest 150, op_tests 90; each is further capped by
+#   what is left of the budget.
 set -u -o pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -56,6 +61,8 @@ run_stage() {
     local last; last=$(grep -v '^\s*$' "$LOGS/$name.log" | tail -n 1 | tr '\t' ' ' | cut -c1-110)
     printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$dt" "$last" >> "$SUMMARY"
     echo "=== [$(elapsed)s] stage $name: $status in ${dt}s"
+    # the logs so far come back even if the device call itself is cut off before the packaging at the end
+    tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs stages.tsv 2>/dev/null
     return $rc
 }
 
@@ -139,43 +146,70 @@ else
 fi
 
 # ---- 5. dtfast.bench: the training step, R50 + ADM-256 at 256x256, bf16, random teacher weights --------------------
+# bench_budget MAX: dtfast.bench's own time budget inside a stage capped at MAX (what the stage will get, less 25 s
+# for writing its files); a row whose build + warm-up (compile) would not leave time for the others is cut off
+bench_budget() {
+    local left=$(( BUDGET - $(elapsed) - RESERVE )) max=$1
+    local limit=$(( max < left ? max : left ))
+    echo $(( limit > 60 ? limit - 25 : 30 ))
+}
 BENCH_OUT=$WORK/bench_r50
-BENCH_MAX=$(cap dtfast_bench 210)
-LEFT=$(( BUDGET - $(elapsed) - RESERVE ))
-BENCH_LIMIT=$(( BENCH_MAX < LEFT ? BENCH_MAX : LEFT ))
+BENCH_MAX=$(cap dtfast_bench 240)
 # One process, one GPU: dist.engine=ddp is the plain module there (no wrapper, no process group); DeepSpeed would
 # need a launcher's environment. BENCH_ENGINE=deepspeed measures its single-GPU engine instead.
 # bench.time_budget_s: a row is skipped at the next batch size when the time it took at the previous one no longer
 # fits (a compiled row recompiles per batch size), so the cheap rows still run; the stage timeout is the backstop
 run_stage dtfast_bench "$BENCH_MAX" $PY -m dtfast.bench --config "${BENCH_CONFIG:-configs/imagenet_r50_adm256.yaml}" \
     --out "$BENCH_OUT" \
-    "bench.rows=${BENCH_ROWS:-[baseline,optimized,optimized-compile]}" \
+    "bench.rows=${BENCH_ROWS:-[baseline,optimized-compile,optimized]}" \
     "bench.batch_sizes=${BENCH_BATCHES:-[128,256,64]}" "bench.warmup=${BENCH_WARMUP:-3}" \
-    "bench.steps=${BENCH_STEPS:-6}" "bench.time_budget_s=$(( BENCH_LIMIT > 60 ? BENCH_LIMIT - 25 : 30 ))" \
+    "bench.steps=${BENCH_STEPS:-6}" "bench.time_budget_s=$(bench_budget "$BENCH_MAX")" \
     "dist.engine=${BENCH_ENGINE:-ddp}" "bench.results_dir="   # recorded from bench_r50.json by record_gpu_results.py
 for ext in json md png; do
     [[ -f $BENCH_OUT/bench.$ext ]] && cp "$BENCH_OUT/bench.$ext" "$OUT/bench_r50.$ext"
 done
 
-# ---- 6. teacher benchmark ------------------------------------------------------------------------------------------
+# ---- 6. the training step on real JPEGs decoded by nvJPEG: the data-wait share of the step (issue #5) -------------
+# A generated folder of ImageNet-sized JPEGs (about 500x375, quality 90; data_bench's generator), the preset as
+# configured (compile on: the inductor cache of stage 5 is reused) with data.backend=nvjpeg and bench.data=real.
+REAL_ROOT=$WORK/jpegs
+REAL_OUT=$WORK/bench_real
+if [[ -f benchmarks/data_bench.py ]]; then
+    run_stage make_jpegs "$(cap make_jpegs 40)" $PY -c "import sys; sys.path.insert(0, 'benchmarks'); import data_bench
+print('generated', sys.argv[2], 'JPEGs, mean KiB', data_bench.make_folder(sys.argv[1], int(sys.argv[2])))" \
+        "$REAL_ROOT" "${REAL_IMAGES:-1536}"
+    REAL_MAX=$(cap bench_real 150)
+    run_stage bench_real "$REAL_MAX" $PY -m dtfast.bench --config "${BENCH_CONFIG:-configs/imagenet_r50_adm256.yaml}" \
+        --out "$REAL_OUT" "bench.rows=${REAL_ROWS:-[config]}" "bench.batch_sizes=${REAL_BATCHES:-[128]}" \
+        bench.data=real "data.root=$REAL_ROOT" "data.backend=${REAL_BACKEND:-nvjpeg}" \
+        "bench.warmup=${BENCH_WARMUP:-3}" "bench.steps=${REAL_STEPS:-8}" \
+        "bench.time_budget_s=$(bench_budget "$REAL_MAX")" "dist.engine=${BENCH_ENGINE:-ddp}" "bench.results_dir="
+    [[ -f $REAL_OUT/bench.json ]] && cp "$REAL_OUT/bench.json" "$OUT/bench_real.json"
+else
+    missing bench_real benchmarks/data_bench.py
+fi
+
+# ---- 7. teacher benchmark ------------------------------------------------------------------------------------------
 if [[ -f benchmarks/teacher_bench.py ]]; then
     run_stage teacher_bench "$(cap teacher_bench 90)" $PY benchmarks/teacher_bench.py --device cuda ${TEACHER_BENCH_ARGS:-}
 else
     missing teacher_bench benchmarks/teacher_bench.py
 fi
 
-# ---- 6b. the other tests that need CUDA (teachers' fast path, DeepSpeed on GPU, nvJPEG data path) ---------------------
-run_stage cuda_tests_rest "$(cap cuda_tests_rest 150)" $PY -m pytest --maxfail=25 -q -p no:cacheprovider -m needs_cuda tests \
-    --ignore-glob='tests/test_ops*'
-
-# ---- 7. data benchmark (torchvision nvJPEG path; DALI's wheel cannot travel) ----------------------------------------
+# ---- 8. data benchmark (torchvision nvJPEG path; DALI's wheel cannot travel) ----------------------------------------
 if [[ -f benchmarks/data_bench.py ]]; then
-    run_stage data_bench "$(cap data_bench 45)" $PY benchmarks/data_bench.py --device cuda
+    REAL_ARGS=()
+    [[ -d $REAL_ROOT ]] && REAL_ARGS=(--root "$REAL_ROOT")   # the folder stage 6a generated
+    run_stage data_bench "$(cap data_bench 45)" $PY benchmarks/data_bench.py --device cuda "${REAL_ARGS[@]}"
 else
     missing data_bench benchmarks/data_bench.py
 fi
 
-# ---- 8. the op test files in full (CPU and CUDA cases), with what time is left -------------------------------------
+# ---- 9. the other tests that need CUDA (teachers' fast path, DeepSpeed on GPU, nvJPEG data path) ---------------------
+run_stage cuda_tests_rest "$(cap cuda_tests_rest 150)" $PY -m pytest --maxfail=25 -q -p no:cacheprovider -m needs_cuda tests \
+    --ignore-glob='tests/test_ops*'
+
+# ---- 10. the op test files in full (CPU and CUDA cases), with what time is left -------------------------------------
 if compgen -G "tests/test_ops*.py" > /dev/null; then
     run_stage op_tests "$(cap op_tests 90)" $PY -m pytest -q -p no:cacheprovider tests/test_ops*.py
 else
@@ -183,36 +217,42 @@ else
 fi
 
 # ---- package: <= 8 flat files --------------------------------------------------------------------------------------
-tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null || echo "FAILED to pack logs"
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs stages.tsv 2>/dev/null || echo "FAILED to pack logs"
 RESULT_DIRS=(benchmarks/results)
 [[ -e $BENCH_OUT ]] && RESULT_DIRS+=("$BENCH_OUT")
+[[ -e $REAL_OUT ]] && RESULT_DIRS+=("$REAL_OUT")
 tar -czf "$OUT/results.tar.gz" --exclude='*.pt' --exclude='*.safetensors' --exclude='checkpoints' \
     --exclude='inductor_cache' "${RESULT_DIRS[@]}" 2>/dev/null || echo "FAILED to pack results"
 
 {
     echo "dtfast gpu_check on $CARD: $(elapsed)s of ${BUDGET}s"
-    if [[ -f $OUT/bench_r50.json ]]; then
-        $PY - "$OUT/bench_r50.json" <<'EOF' || echo "(could not read bench_r50.json)"
+    for json_file in "$OUT/bench_r50.json" "$OUT/bench_real.json"; do
+        [[ -f $json_file ]] || continue
+        $PY - "$json_file" <<'EOF' || echo "(could not read $json_file)"
 import json, sys
 result = json.load(open(sys.argv[1]))
 flops = result.get("flops", {})
 peak = result["meta"]["peak"]["tflops"]
 meta = result["meta"]
-print(f"dtfast.bench {meta['preset']} at {meta['image_size']}px: peak {peak:.1f} TFLOP/s ({meta['peak']['source']}); "
-      f"GFLOP/img teacher "
+print(f"dtfast.bench {meta['preset']} at {meta['image_size']}px, {meta['data']} data: peak {peak:.1f} TFLOP/s "
+      f"({meta['peak']['source']}); GFLOP/img teacher "
       f"{(flops.get('teacher_early_exit') or 0) / 1e9:.0f} (early exit) / {(flops.get('teacher_full') or 0) / 1e9:.0f}"
       f" (full), student fwd+bwd {(flops.get('student_train') or 0) / 1e9:.0f}")
-print(f"{'row':<24}{'batch':>6}{'img/s':>9}{'MFU':>7}{'x base':>8}{'step ms':>9}{'peak GB':>9}")
+print(f"{'row':<24}{'batch':>6}{'img/s':>9}{'MFU':>7}{'x base':>8}{'step ms':>9}{'teach ms':>9}{'data %':>7}"
+      f"{'peak GB':>9}")
 for r in result["rows"]:
     if r.get("status") != "ok":
         print(f"{r['row']:<24}{r['batch_size']:>6}  {r.get('status')}: {r.get('error', '')[:70]}")
         continue
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
     speedup = f"{r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else "-"
+    stages = r.get("stage_s_per_step", {})
+    data_share = 100 * stages.get("data", 0.0) / r["step_time_s"]["mean"]
     print(f"{r['row']:<24}{r['batch_size']:>6}{r['images_per_s']:>9.1f}{mfu:>7}{speedup:>8}"
-          f"{1e3 * r['step_time_s']['median']:>9.1f}{r['peak_memory_gb']:>9.1f}")
+          f"{1e3 * r['step_time_s']['median']:>9.1f}{1e3 * stages.get('teacher', 0.0):>9.1f}{data_share:>6.1f}%"
+          f"{r['peak_memory_gb']:>9.1f}")
 EOF
-    fi
+    done
     echo
     printf '%-16s %-11s %6s  %s\n' stage status secs "last log line"
     while IFS=$'\t' read -r name status secs last; do

@@ -63,6 +63,8 @@ def record_bench_json(path: str, results: str, card: str, commit: str | None) ->
             continue
     written = []
     stem = f"bench_{report.slug(meta['machine']['device_name'])}_{report.slug(meta['preset'])}"
+    if meta.get("data") == "real":  # gpu_check's real-data stage: its own table beside the synthetic one
+        stem += "_real-data"
     png = os.path.join(os.path.dirname(path), os.path.splitext(os.path.basename(path))[0] + ".png")
     fresh = [r for r in result["rows"]
              if (meta["date"], r["row"], r["batch_size"], meta["machine"]["device_name"]) not in seen]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -289,3 +290,57 @@ def test_time_budget_skips_rows_that_no_longer_fit(tmp_path):
     assert [(r["batch_size"], r["status"]) for r in result["rows"]] == [(2, "skipped"), (4, "skipped")]
     assert "time budget" in result["rows"][0]["error"]
     assert (tmp_path / "bench.json").is_file() and "skipped" in (tmp_path / "bench.md").read_text()
+
+
+def test_warmup_deadline_raises_even_when_the_timeout_is_swallowed():
+    from dtfast.bench.core import WarmupTimeout, _warmup_deadline
+
+    with pytest.raises(WarmupTimeout, match="ran past"):
+        with _warmup_deadline(0.2):
+            time.sleep(5)
+    with pytest.raises(WarmupTimeout, match="caught on the way"):
+        with _warmup_deadline(0.2):
+            try:  # a compiler's error handling that eats the exception and goes on
+                time.sleep(5)
+            except WarmupTimeout:
+                pass
+    with pytest.raises(WarmupTimeout, match="spent"):
+        with _warmup_deadline(-1.0):
+            pass
+    with _warmup_deadline(None):  # no limit: nothing happens
+        time.sleep(0.01)
+    with _warmup_deadline(5.0):  # finishes in time: the alarm is cancelled
+        time.sleep(0.01)
+    time.sleep(0.05)
+
+
+def test_slow_warmup_fails_its_row_and_the_others_are_measured(tmp_path, monkeypatch):
+    from dtfast.bench import core, runner
+
+    original = runner.Measurement.warmup
+
+    def warmup(self, steps):
+        if self.trainer.cfg.loss.backend != "torch":  # the optimized row: a compile that takes too long
+            time.sleep(60)
+        original(self, steps)
+
+    monkeypatch.setattr(runner.Measurement, "warmup", warmup)
+    allowances = []
+    real_allowance = core._warmup_allowance
+
+    def allowance(budget_s, started, active, steps):
+        allowances.append(real_allowance(budget_s, started, active, steps))
+        return 1.0 if active else None  # the first row: no limit; the second: one second
+
+    monkeypatch.setattr(core, "_warmup_allowance", allowance)
+    t0 = time.perf_counter()
+    result = run_benchmark(TINY, ["bench.rows=[baseline,optimized]", "bench.batch_sizes=[2]", "bench.warmup=1",
+                                  "bench.steps=2", "bench.time_budget_s=3600", "bench.peak_tflops=1",
+                                  "bench.results_dir=", "dist.engine=ddp"], out=str(tmp_path))
+    assert time.perf_counter() - t0 < 55
+    baseline, optimized = result["rows"]
+    assert baseline["status"] == "ok" and baseline["steps"] == 2
+    assert optimized["status"] == "failed" and "WarmupTimeout" in optimized["error"]
+    # the real allowance: the budget minus elapsed time, the warmed-up row's timed steps and a margin
+    assert allowances[0] is not None and 3500 < allowances[0] < 3595
+    assert allowances[1] < allowances[0]

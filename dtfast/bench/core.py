@@ -5,15 +5,20 @@ size, so ``resident_before_gb`` includes the other rows' models on GPU) and warm
 run interleaved across the rows (row A step 1, row B step 1, ...), so that the slow drifts of a shared machine
 hit every row alike. Results are written after every batch size, so a run stopped by a time limit keeps what it
 measured; with ``bench.time_budget_s`` a row is skipped when the time it took at the previous batch size no
-longer fits (a compiled row recompiles for each batch size), so the cheap rows still get measured. A row that
+longer fits (a compiled row recompiles for each batch size), so the cheap rows still get measured, and a row's
+build + warm-up (torch.compile happens there) is cut off when it would leave no time for the timed steps of the
+rows already warmed up (one process only: an alarm on one rank would desynchronise the others). A row that
 fails (out of memory, a backend that is not available) is recorded with its error and the others go on.
 Under torchrun every rank runs the same rows; only rank 0 writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -101,14 +106,15 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
             pending += steps_s
             t_row = time.perf_counter()
             try:
-                if row.name not in trainers:
-                    config_items, options = split_overrides(row.overrides)
-                    row_cfg = load_config(config_path, overrides + config_items)
-                    trainers[row.name] = build_trainer(row_cfg, options)
-                if not result["flops"]:
-                    result["flops"] = flop_count.count_flops(trainers[row.name], cfg.data.image_size)
-                measurement = Measurement(trainers[row.name], batch_size, bench.data, cfg.train.seed)
-                measurement.warmup(bench.warmup)
+                with _warmup_deadline(_warmup_allowance(bench.time_budget_s, started, active, bench.steps)):
+                    if row.name not in trainers:
+                        config_items, options = split_overrides(row.overrides)
+                        row_cfg = load_config(config_path, overrides + config_items)
+                        trainers[row.name] = build_trainer(row_cfg, options)
+                    if not result["flops"]:
+                        result["flops"] = flop_count.count_flops(trainers[row.name], cfg.data.image_size)
+                    measurement = Measurement(trainers[row.name], batch_size, bench.data, cfg.train.seed)
+                    measurement.warmup(bench.warmup)
                 active.append((entry, measurement, time.perf_counter() - t_row))
                 print(f"[bench] {row.name} @ {batch_size}: built and warmed up in {active[-1][2]:.0f} s", flush=True)
             except Exception as error:  # noqa: BLE001 - one failing row must not lose the others
@@ -147,6 +153,50 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
     trainers.clear()
     release(device)
     return _finish(result, paths, cfg.bench.results_dir) if _is_main() else result
+
+
+class WarmupTimeout(TimeoutError):
+    """A row's build + warm-up ran past the time the benchmark's budget left it."""
+
+
+def _warmup_allowance(budget_s: float, started: float, active: list, steps: int) -> float | None:
+    """Seconds a row may spend building and warming up: what the budget leaves after the timed steps of the rows
+    already warmed up (each step estimated by its warm-up's mean step, an over-estimate) and a 5 s margin; None
+    without a budget or under torchrun."""
+    if not budget_s or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    reserved = sum(m.warmup_s / max(1, m.warmup_steps) * steps for _, m, _ in active)
+    return budget_s - (time.perf_counter() - started) - reserved - 5.0
+
+
+@contextlib.contextmanager
+def _warmup_deadline(seconds: float | None):
+    """Raise WarmupTimeout in the main thread after ``seconds`` (SIGALRM; a no-op elsewhere or without a limit).
+    If something on the way (a compiler's error handling) swallows the exception, it is raised again at exit:
+    a row that ran out of time is never reported as measured."""
+    usable = (seconds is not None and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+    if seconds <= 0:
+        raise WarmupTimeout("time budget spent before this row could be built and warmed up")
+    fired = []
+
+    def on_alarm(signum, frame):
+        fired.append(True)
+        raise WarmupTimeout(f"build + warm-up ran past the {seconds:.0f} s the time budget left it")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    if fired:
+        raise WarmupTimeout(f"build + warm-up ran past the {seconds:.0f} s the time budget left it (the timeout "
+                            "was caught on the way)")
 
 
 def _is_main() -> bool:
