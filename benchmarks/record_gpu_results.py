@@ -5,8 +5,9 @@
 - dtfast.bench rows (bench_*.json): appended to bench_results.jsonl (skipping rows already recorded, by date,
   row and batch size), and the table/chart written as bench_<card>_<preset>.{md,png}.
 - Other benchmarks' result files inside results.tar.gz (benchmarks/results/*): *.jsonl / *.csv lines that are
-  not in the local file yet are appended, each JSON line tagged with "gpu_check_card"; any other file is copied
-  in when it does not exist here, else under benchmarks/results/gpu_<card>/ (nothing local is overwritten).
+  not in the local file yet are appended, each JSON line tagged with "gpu_check_card"; a text file that is the
+  local one with text appended (the markdown logs) gets the new text appended; any other file is copied in when
+  it does not exist here, else under benchmarks/results/gpu_<card>/ (nothing local is overwritten).
 - summary.txt and gpu_info.json: written as bench_gpu_check_<card>.md.
 Rows carry the card's name (nvidia-smi) everywhere.
 """
@@ -115,6 +116,12 @@ def merge_results_tar(tar_path: str, results: str, card: str) -> list[str]:
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                     shutil.copyfile(source, target)
                     written.append(target)
+                elif _extends(source, target):  # an append-only log (loss_bench.md, ...): add what is new
+                    with open(source) as fh_new, open(target) as fh_old:
+                        tail = fh_new.read()[len(fh_old.read()):]
+                    with open(target, "a") as fh:
+                        fh.write(tail)
+                    written.append(target)
                 elif not _same(source, target):
                     aside = os.path.join(results, f"gpu_{report.slug(card)}", relative)
                     os.makedirs(os.path.dirname(aside), exist_ok=True)
@@ -132,6 +139,18 @@ def _tag(line: str, card: str) -> str:
         row["gpu_check_card"] = card
         return json.dumps(row)
     return line
+
+
+def _extends(source: str, target: str) -> bool:
+    """``source`` is ``target`` with text appended (the remote copy of a local append-only log)."""
+    if not source.endswith((".md", ".txt", ".log")):
+        return False
+    try:
+        with open(source) as fa, open(target) as fb:
+            new, old = fa.read(), fb.read()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return len(new) > len(old) and new.startswith(old)
 
 
 def _same(a: str, b: str) -> bool:

@@ -190,8 +190,10 @@ except RuntimeError as error:
 
 
 def test_device_mismatch_is_a_clear_error():
-    # In a child process: on an H100 (torch 2.11) this call crashed the interpreter with a segmentation fault instead
-    # of raising, which took the rest of the CUDA test session down with it. Unresolved: keep it isolated.
+    # In a child process: on an H100 and again on an H200 (torch 2.11, 2026-11-27) this call crashed the interpreter
+    # with a segmentation fault (exit -11, nothing printed) instead of raising, which took the rest of the CUDA test
+    # session down with it. Unresolved. Ruled out on the CPU machine (torch 2.14): a TORCH_CHECK thrown from
+    # nvcc-compiled host code and registered as an op is caught as a RuntimeError there. Keep it isolated.
     import subprocess
     import sys
 

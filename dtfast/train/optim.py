@@ -25,9 +25,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas) -> torch.optim.Optimizer:
-    """AdamW (fused on GPU) or LAMB (DeepSpeed's fused LAMB on GPU when its op builds, timm's LAMB otherwise), over
-    ``param_groups`` (no decay on norms and biases). Clipping is the engine's job (``train.grad_clip``), never the
-    optimizer's: timm's LAMB would otherwise clip the global norm at 1.0 on its own."""
+    """AdamW (fused on GPU) or LAMB (DeepSpeed's fused LAMB on GPU for contiguous parameters when its op builds,
+    ``Lamb`` below otherwise), over ``param_groups`` (no decay on norms and biases). Clipping is the engine's job
+    (``train.grad_clip``), never the optimizer's."""
     groups = param_groups(model, weight_decay)
     betas = tuple(float(b) for b in betas)
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
@@ -50,23 +50,91 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
             except Exception:  # noqa: BLE001 - a broken DeepSpeed install must not stop training: fall back
                 FusedLamb = None
             # DeepSpeed's fused LAMB asserts contiguous parameters: channels_last conv weights are not (seen on an
-            # H100), so those students take timm's LAMB
+            # H100), so those students take the multi-tensor Lamb below
             contiguous = all(p.is_contiguous() for g in groups for p in g["params"])
             if FusedLamb is not None and not contiguous:
                 log.info("optimizer: parameters are not contiguous (channels_last); DeepSpeed's FusedLamb needs them "
-                         "contiguous, using timm's Lamb")
+                         "contiguous, using dtfast's multi-tensor Lamb")
             elif FusedLamb is not None:
                 try:
                     optimizer = FusedLamb(groups, lr=lr, betas=betas, max_grad_norm=0.0)
                     log.info("optimizer: DeepSpeed FusedLamb")
                     return optimizer
                 except Exception as exc:  # noqa: BLE001 - a JIT build (nvcc, ninja) or CUDA error: fall back
-                    log.warning("optimizer: DeepSpeed's FusedLamb op is unavailable (%s); using timm's Lamb", exc)
-        from timm.optim import Lamb
-
-        log.info("optimizer: timm Lamb")
-        return Lamb(groups, lr=lr, betas=betas, max_grad_norm=None)
+                    log.warning("optimizer: DeepSpeed's FusedLamb op is unavailable (%s); using dtfast's multi-tensor "
+                                "Lamb", exc)
+        log.info("optimizer: dtfast Lamb (multi-tensor)")
+        return Lamb(groups, lr=lr, betas=betas)
     raise ValueError(f"train.optimizer: unknown optimizer {name!r} (expected adamw or lamb)")
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2019) in the NVLAMB form that apex, DeepSpeed and timm implement: Adam moments with bias
+    correction, decoupled-from-clipping (no gradient clipping here: the engine clips), weight decay added to the
+    update, and the layer-wise trust ratio ||w|| / ||update|| (1 where either norm is 0) on groups with weight decay.
+
+    Multi-tensor: every step is a fixed number of ``torch._foreach_*`` calls per parameter group, plus one small
+    per-tensor multiply for the trust ratios, on any device and memory layout (channels_last included), with no
+    host synchronisation. timm's Lamb does the same math, but older timm releases (the GPU images') loop over the
+    parameters in Python: about a dozen kernel launches per parameter, 18 ms per step for a ResNet-50 + regressor
+    on an H200 (2026-11-27). The state (``exp_avg``, ``exp_avg_sq``, the group's ``step``) has timm's layout, so
+    checkpoints written with timm's Lamb load.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Lamb: bad hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("Lamb does not support sparse gradients")
+            step = int(group.get("step", 0)) + 1
+            group["step"] = step
+            beta1, beta2 = group["betas"]
+            grads = [p.grad for p in params]
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs = [state["exp_avg"] for state in states]
+            exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)  # m = beta1 m + (1 - beta1) g
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)  # v = beta2 v + (1 - beta2) g^2
+            # update = m_hat / (sqrt(v_hat) + eps) with m_hat = m / bc1, v_hat = v / bc2
+            bias_correction1, bias_correction2 = 1.0 - beta1**step, 1.0 - beta2**step
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denom, math.sqrt(bias_correction2))
+            torch._foreach_add_(denom, group["eps"])
+            updates = torch._foreach_div(exp_avgs, denom)
+            torch._foreach_div_(updates, bias_correction1)
+            if group["weight_decay"] != 0:
+                torch._foreach_add_(updates, params, alpha=group["weight_decay"])
+                # stacked in one dtype (float32, or float64 when some parameter is): casts are no-ops normally
+                norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+                weight_norms = torch.stack([n.to(norm_dtype) for n in torch._foreach_norm(params)])
+                update_norms = torch.stack([n.to(norm_dtype) for n in torch._foreach_norm(updates)])
+                ratios = torch.where((weight_norms > 0) & (update_norms > 0),
+                                     weight_norms / update_norms.clamp_min(torch.finfo(update_norms.dtype).tiny),
+                                     torch.ones_like(weight_norms))
+                torch._foreach_mul_(updates, list((ratios * -group["lr"]).unbind()))
+                torch._foreach_add_(params, updates)
+            else:
+                torch._foreach_add_(params, updates, alpha=-group["lr"])
+        return loss
 
 
 def lr_at(step: int, *, peak: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:

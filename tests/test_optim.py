@@ -1,0 +1,104 @@
+"""Optimizers: the multi-tensor LAMB against timm's per-parameter LAMB (an independent implementation of the same
+update), checkpoint compatibility with timm's state, and a step whose op count does not grow with the parameters."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dtfast.train.optim import Lamb, build_optimizer, param_groups
+
+timm_lamb = pytest.importorskip("timm.optim.lamb")
+
+
+def _model(channels_last: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 7, 3), nn.BatchNorm2d(7), nn.ReLU(), nn.Conv2d(7, 5, 1), nn.Flatten(),
+                          nn.LazyLinear(3))
+    model(torch.randn(2, 3, 9, 9))
+    model = model.double()
+    with torch.no_grad():
+        model[3].weight.zero_()  # a zero weight: trust ratio 1 (||w|| = 0)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def _timm(groups, lr, betas, eps):
+    return timm_lamb.Lamb(groups, lr=lr, betas=betas, eps=eps, max_grad_norm=None, foreach=False)
+
+
+def _run(model, optimizer, steps, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(memory_format=(
+                torch.channels_last if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+                and not p.is_contiguous() else torch.contiguous_format))
+        model[1].bias.grad.zero_()  # a zero update on a no-decay group
+        optimizer.step()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lamb_matches_timm_per_parameter_lamb(channels_last):
+    ours_model, timm_model = _model(channels_last), _model(channels_last)
+    kwargs = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-6)
+    ours = Lamb(param_groups(ours_model, 0.05), **kwargs)
+    theirs = _timm(param_groups(timm_model, 0.05), **kwargs)
+    _run(ours_model, ours, 6, seed=1)
+    _run(timm_model, theirs, 6, seed=1)
+    for (name, a), b in zip(ours_model.named_parameters(), timm_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), name
+        if channels_last and a.dim() == 4:
+            assert a.is_contiguous(memory_format=torch.channels_last)
+            assert ours.state[a]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    moved = sum((a - b).abs().sum() for a, b in zip(ours_model.parameters(), _model(channels_last).parameters()))
+    assert moved > 0.1  # the comparison is not between two models that did not move
+
+
+def test_lamb_resumes_from_timm_state():
+    first, second = _model(False), _model(False)
+    theirs = _timm(param_groups(first, 0.05), lr=1e-2, betas=(0.9, 0.999), eps=1e-6)
+    _run(first, theirs, 3, seed=2)
+    second.load_state_dict(first.state_dict())
+    ours = Lamb(param_groups(second, 0.05), lr=1e-2)
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    _run(first, theirs, 2, seed=3)
+    _run(second, ours, 2, seed=3)
+    assert [g["step"] for g in ours.param_groups] == [5, 5]
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_lamb_step_op_count_does_not_grow_with_parameters():
+    counts = []
+    for layers in (3, 30):
+        model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(layers)])
+        optimizer = Lamb(param_groups(model, 0.05), lr=1e-3)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()  # state initialisation (zeros_like per parameter) happens once
+        with _CountOps() as mode:
+            optimizer.step()
+        counts.append(mode.count)
+    # one norm cast per tensor stays in Python (a no-op for float32), everything else is per group
+    assert counts[1] == counts[0], counts
+
+
+def test_build_optimizer_lamb_on_cpu_is_the_multi_tensor_lamb():
+    model = _model(True).float()
+    optimizer = build_optimizer(model, "lamb", lr=1e-3, weight_decay=0.05, betas=[0.9, 0.95])
+    assert isinstance(optimizer, Lamb)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+    with pytest.raises(ValueError, match="bad hyper-parameters"):
+        Lamb(model.parameters(), betas=(0.9, 1.0))
