@@ -75,10 +75,11 @@ class Lamb(torch.optim.Optimizer):
 
     Multi-tensor: every step is a fixed number of ``torch._foreach_*`` calls per parameter group, plus one small
     per-tensor multiply for the trust ratios, on any device and memory layout (channels_last included), with no
-    host synchronisation. timm's Lamb does the same math, but older timm releases (the GPU images') loop over the
-    parameters in Python: about a dozen kernel launches per parameter, 18 ms per step for a ResNet-50 + regressor
-    on an H200 (2026-11-27). The state (``exp_avg``, ``exp_avg_sq``, the group's ``step``) has timm's layout, so
-    checkpoints written with timm's Lamb load.
+    host synchronisation. timm's Lamb does the same math; its releases before the foreach path loop over the
+    parameters in Python (about a dozen kernel launches per parameter), and the GPU image's timm took 18 ms per
+    step for a ResNet-50 + regressor on an H200 (2026-11-27, dtfast.bench, 5% of the step; its version was not
+    recorded). This class's time on a GPU is not measured yet. The state (``exp_avg``, ``exp_avg_sq``, the group's
+    ``step``) has timm's layout, so checkpoints written with timm's Lamb load.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
