@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine runs, in ONE call of <= 8 minutes by default (see ../shared/device/README.md):
-#   wheels -> extension build -> CUDA tests of the fused loss -> loss benchmark (+ Triton profile) -> dtfast.bench (ImageNet R50 +
+#   wheels -> extension build -> CUDA tests of the fused loss -> loss benchmark (+ Triton profile) -> optimizer
+#   benchmark (LAMB implementations) -> dtfast.bench (ImageNet R50 +
 #   ADM-256, random teacher weights, baseline and optimised rows at 2-3 batch sizes, synthetic data) -> teacher
 #   benchmark (ADM-256 eager vs compiled) -> the training step on generated JPEGs decoded by nvJPEG (data-wait
 #   share) -> data benchmark (nvJPEG) -> the other CUDA tests -> op test files in full.
@@ -22,7 +23,7 @@
 #   BENCH_CONFIG (default configs/imagenet_r50_adm256.yaml), REAL_IMAGES / REAL_ROWS / REAL_BATCHES / REAL_STEPS /
 #   REAL_BACKEND (the real-data stage), SKIP_STAGES (space-separated stage names), CAP_<stage>=SECONDS (a stage's
 #   own timeout cap).
-# Default caps (s): wheels 90, build_ext 150, cuda_tests_ops 120, loss_bench 75, dtfast_bench 240, teacher_bench 120,
+# Default caps (s): wheels 90, build_ext 150, cuda_tests_ops 120, loss_bench 75, optim_bench 40, dtfast_bench 240, teacher_bench 120,
 #   make_jpegs 40, bench_real 150, data_bench 45, cuda_tests_rest 150, op_tests 90; each is further capped by what
 #   is left of the budget.
 set -u -o pipefail
@@ -146,6 +147,13 @@ if [[ -f benchmarks/loss_bench.py ]]; then
     run_stage loss_bench "$(cap loss_bench 75)" $PY benchmarks/loss_bench.py --device cuda --profile
 else
     missing loss_bench benchmarks/loss_bench.py
+fi
+
+# ---- 4b. optimizer step of the ResNet-50 student: timm's LAMB vs dtfast's (issue #7: 18 ms/step on an H200) ----
+if [[ -f benchmarks/optim_bench.py ]]; then
+    run_stage optim_bench "$(cap optim_bench 40)" $PY benchmarks/optim_bench.py --device cuda
+else
+    missing optim_bench benchmarks/optim_bench.py
 fi
 
 # ---- 5. dtfast.bench: the training step, R50 + ADM-256 at 256x256, bf16, random teacher weights --------------------

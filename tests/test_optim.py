@@ -39,11 +39,12 @@ def _run(model, optimizer, steps, seed):
         optimizer.step()
 
 
+@pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_lamb_matches_timm_per_parameter_lamb(channels_last):
+def test_lamb_matches_timm_per_parameter_lamb(channels_last, foreach):
     ours_model, timm_model = _model(channels_last), _model(channels_last)
     kwargs = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-6)
-    ours = Lamb(param_groups(ours_model, 0.05), **kwargs)
+    ours = Lamb(param_groups(ours_model, 0.05), foreach=foreach, **kwargs)
     theirs = _timm(param_groups(timm_model, 0.05), **kwargs)
     _run(ours_model, ours, 6, seed=1)
     _run(timm_model, theirs, 6, seed=1)
@@ -61,7 +62,7 @@ def test_lamb_resumes_from_timm_state():
     theirs = _timm(param_groups(first, 0.05), lr=1e-2, betas=(0.9, 0.999), eps=1e-6)
     _run(first, theirs, 3, seed=2)
     second.load_state_dict(first.state_dict())
-    ours = Lamb(param_groups(second, 0.05), lr=1e-2)
+    ours = Lamb(param_groups(second, 0.05), lr=1e-2, foreach=True)
     ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
     _run(first, theirs, 2, seed=3)
     _run(second, ours, 2, seed=3)
@@ -80,11 +81,11 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_lamb_step_op_count_does_not_grow_with_parameters():
+def test_lamb_foreach_step_op_count_does_not_grow_with_parameters():
     counts = []
     for layers in (3, 30):
         model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(layers)])
-        optimizer = Lamb(param_groups(model, 0.05), lr=1e-3)
+        optimizer = Lamb(param_groups(model, 0.05), lr=1e-3, foreach=True)  # the CUDA default
         for p in model.parameters():
             p.grad = torch.ones_like(p)
         optimizer.step()  # state initialisation (zeros_like per parameter) happens once

@@ -73,21 +73,27 @@ class Lamb(torch.optim.Optimizer):
     correction, decoupled-from-clipping (no gradient clipping here: the engine clips), weight decay added to the
     update, and the layer-wise trust ratio ||w|| / ||update|| (1 where either norm is 0) on groups with weight decay.
 
-    Multi-tensor: every step is a fixed number of ``torch._foreach_*`` calls per parameter group, plus one small
-    per-tensor multiply for the trust ratios, on any device and memory layout (channels_last included), with no
-    host synchronisation. timm's Lamb does the same math; its releases before the foreach path loop over the
-    parameters in Python (about a dozen kernel launches per parameter), and the GPU image's timm took 18 ms per
-    step for a ResNet-50 + regressor on an H200 (2026-11-27, dtfast.bench, 5% of the step; its version was not
-    recorded). This class's time on a GPU is not measured yet. The state (``exp_avg``, ``exp_avg_sq``, the group's
-    ``step``) has timm's layout, so checkpoints written with timm's Lamb load.
+    ``foreach`` (default: on when every parameter is on a CUDA device): each step is a fixed number of
+    ``torch._foreach_*`` calls per parameter group, plus one small per-tensor multiply for the trust ratios, with no
+    host synchronisation, for any memory layout (channels_last included). Without it the same update runs one
+    parameter at a time, which is faster on a CPU: there each foreach op streams all the state through memory
+    once, while one parameter's whole update stays in cache (`benchmarks/optim_bench.py`, ResNet-50 + regressor,
+    2-vCPU VM, 2026-11-27: 108 ms per step per parameter, 192 ms foreach; timm's per-parameter Lamb 115 ms).
+
+    timm's Lamb does the same math. Its releases before the foreach path loop over the parameters in Python on
+    every device (about a dozen kernel launches per parameter), and the GPU image's timm took 18 ms per step for a
+    ResNet-50 + regressor on an H200 (2026-11-27, dtfast.bench, 5% of the step; its version was not recorded). This
+    class's time on a GPU is not measured yet. The state (``exp_avg``, ``exp_avg_sq``, the group's ``step``) has
+    timm's layout, so checkpoints written with timm's Lamb load.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.01):
+                 weight_decay: float = 0.01, foreach: bool | None = None):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"Lamb: bad hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                                  "foreach": foreach})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -103,39 +109,49 @@ class Lamb(torch.optim.Optimizer):
                 raise RuntimeError("Lamb does not support sparse gradients")
             step = int(group.get("step", 0)) + 1
             group["step"] = step
-            beta1, beta2 = group["betas"]
-            grads = [p.grad for p in params]
             states = [self.state[p] for p in params]
             for p, state in zip(params, states):
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            exp_avgs = [state["exp_avg"] for state in states]
-            exp_avg_sqs = [state["exp_avg_sq"] for state in states]
-            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)  # m = beta1 m + (1 - beta1) g
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)  # v = beta2 v + (1 - beta2) g^2
-            # update = m_hat / (sqrt(v_hat) + eps) with m_hat = m / bc1, v_hat = v / bc2
-            bias_correction1, bias_correction2 = 1.0 - beta1**step, 1.0 - beta2**step
-            denom = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denom, math.sqrt(bias_correction2))
-            torch._foreach_add_(denom, group["eps"])
-            updates = torch._foreach_div(exp_avgs, denom)
-            torch._foreach_div_(updates, bias_correction1)
-            if group["weight_decay"] != 0:
-                torch._foreach_add_(updates, params, alpha=group["weight_decay"])
-                # stacked in one dtype (float32, or float64 when some parameter is): casts are no-ops normally
-                norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-                weight_norms = torch.stack([n.to(norm_dtype) for n in torch._foreach_norm(params)])
-                update_norms = torch.stack([n.to(norm_dtype) for n in torch._foreach_norm(updates)])
-                ratios = torch.where((weight_norms > 0) & (update_norms > 0),
-                                     weight_norms / update_norms.clamp_min(torch.finfo(update_norms.dtype).tiny),
-                                     torch.ones_like(weight_norms))
-                torch._foreach_mul_(updates, list((ratios * -group["lr"]).unbind()))
-                torch._foreach_add_(params, updates)
-            else:
-                torch._foreach_add_(params, updates, alpha=-group["lr"])
+            foreach = group.get("foreach")
+            if foreach is None:
+                foreach = all(p.is_cuda for p in params)
+            chunks = [range(len(params))] if foreach else [range(i, i + 1) for i in range(len(params))]
+            for chunk in chunks:
+                _lamb_update([params[i] for i in chunk], [states[i] for i in chunk], group, step)
         return loss
+
+
+def _lamb_update(params: list[torch.Tensor], states: list[dict], group: dict, step: int) -> None:
+    """One LAMB step for ``params`` (a whole group, or one parameter), with foreach ops."""
+    beta1, beta2 = group["betas"]
+    grads = [p.grad for p in params]
+    exp_avgs = [state["exp_avg"] for state in states]
+    exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)  # m = beta1 m + (1 - beta1) g
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)  # v = beta2 v + (1 - beta2) g^2
+    # update = m_hat / (sqrt(v_hat) + eps) with m_hat = m / bc1, v_hat = v / bc2
+    bias_correction1, bias_correction2 = 1.0 - beta1**step, 1.0 - beta2**step
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, math.sqrt(bias_correction2))
+    torch._foreach_add_(denom, group["eps"])
+    updates = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_div_(updates, bias_correction1)
+    if group["weight_decay"] == 0:
+        torch._foreach_add_(params, updates, alpha=-group["lr"])
+        return
+    torch._foreach_add_(updates, params, alpha=group["weight_decay"])
+    # stacked in one dtype (float32, or float64 when some parameter is): the casts are no-ops normally
+    norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    weight_norms = torch.stack([n.to(norm_dtype) for n in torch._foreach_norm(params)])
+    update_norms = torch.stack([n.to(norm_dtype) for n in torch._foreach_norm(updates)])
+    ratios = torch.where((weight_norms > 0) & (update_norms > 0),
+                         weight_norms / update_norms.clamp_min(torch.finfo(update_norms.dtype).tiny),
+                         torch.ones_like(weight_norms))
+    torch._foreach_mul_(updates, list((ratios * -group["lr"]).unbind()))
+    torch._foreach_add_(params, updates)
 
 
 def lr_at(step: int, *, peak: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
