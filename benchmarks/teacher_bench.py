@@ -90,6 +90,9 @@ def rows_for(arch: str, device: str, with_compile: bool) -> list[Row]:
     rows.append(Row(arch, "-inference_mode", fast_dtype, {**fast, "inference_mode": False}, 4))
     if with_compile:
         rows.append(Row(arch, "+compile+cuda_graph", fast_dtype, {**fast, "compile": True, "cuda_graph": True}, 40))
+        # autotuned kernels (teacher.compile_mode=max-autotune-no-cudagraphs): minutes of compiling, so last
+        rows.append(Row(arch, "+compile(max-autotune)", fast_dtype,
+                        {**fast, "compile": True, "compile_mode": "max-autotune-no-cudagraphs"}, 300))
     return rows
 
 
@@ -138,6 +141,7 @@ ROW_ORDER = [
     "+cuda_graph",
     "+compile",
     "+compile+cuda_graph",
+    "+compile(max-autotune)",
 ]
 CORE_ROWS = ("fast-eager", "-early_exit", "plain")
 VALUE_ORDER = [
@@ -151,6 +155,7 @@ VALUE_ORDER = [
     "+cuda_graph",
     "-inference_mode",
     "+compile+cuda_graph",
+    "+compile(max-autotune)",
 ]
 
 

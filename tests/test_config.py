@@ -23,6 +23,7 @@ def test_yaml_then_overrides(tmp_path):
     (["train.batch_size=abc"], ["train.batch_size", "int"]),
     (["train.batch_size=0"], ["train.batch_size", "> 0"]),
     (["teacher.strides=[16,8]"], ["teacher.strides", "ascending"]),
+    (["teacher.compile_mode=fast"], ["teacher.compile_mode", "max-autotune-no-cudagraphs"]),
     (["train=3"], ["train", "section"]),
     (["nodot"], ["key.sub=value"]),
 ])

@@ -102,3 +102,16 @@ def test_a_backend_that_cannot_read_the_data_fails_at_set_up(tmp_path):
     cfg = load_config(None, [f"out={tmp_path}", "data.backend=nvjpeg", "data.num_images=16", *SMALL])
     with pytest.raises(ValueError, match="data.backend=nvjpeg decodes image files"):
         Trainer(cfg)
+
+
+def test_teacher_compile_mode_reaches_the_teacher(tmp_path):
+    from dtfast.train.config import load_config
+    from dtfast.train.trainer import Trainer
+
+    for mode, expected in (("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"), ("default", None)):
+        cfg = load_config(None, [f"out={tmp_path / mode}", f"teacher.compile_mode={mode}", *SMALL])
+        trainer = Trainer(cfg)
+        try:
+            assert trainer.teacher.options.compile_mode == expected
+        finally:
+            trainer.close()

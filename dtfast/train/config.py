@@ -47,6 +47,8 @@ class TeacherConfig:
     timestep: int = _f(50, "diffusion timestep t of the stochastic encoding (paper: 150 ImageNet, 50 in-domain)")
     strides: list = _f([4, 8, 16, 32], "feature strides of the input image, ascending")
     compile: bool = _f(False, "torch.compile the teacher (early exit compiled in)")
+    compile_mode: str = _f("default", "torch.compile mode of the teacher: default | max-autotune-no-cudagraphs "
+                           "(autotuned kernels, minutes of compiling) | max-autotune | reduce-overhead")
     early_exit: bool = _f(True, "stop the UNet after the last decoder level that gives a feature (about 2.3x fewer "
                           "FLOPs for ADM-256); false runs the full forward (benchmark baselines only)")
     channels_last: bool = _f(True, "run the teacher in channels_last memory format")
@@ -262,6 +264,7 @@ _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "data.backend": ("auto", "torch", "dali", "nvjpeg"),
     "teacher.dtype": ("auto", "bf16", "fp16", "fp32"),
+    "teacher.compile_mode": ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
     "loss.whiten": ("channel", "sample"),
     "loss.at_mode": ("paper", "code"),
     "loss.backend": ("auto", "torch", "triton", "cuda", "cpu"),

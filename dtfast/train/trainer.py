@@ -85,7 +85,8 @@ class Trainer:
         cfg = self.cfg
         size = cfg.data.image_size
         options = {"compile": cfg.teacher.compile, "channels_last": cfg.teacher.channels_last,
-                   "early_exit": cfg.teacher.early_exit}
+                   "early_exit": cfg.teacher.early_exit,
+                   "compile_mode": None if cfg.teacher.compile_mode == "default" else cfg.teacher.compile_mode}
         if cfg.teacher.shard:
             from dtfast.distributed.teacher import SHARD_OPTIONS
 
