@@ -104,14 +104,29 @@ def test_a_backend_that_cannot_read_the_data_fails_at_set_up(tmp_path):
         Trainer(cfg)
 
 
-def test_teacher_compile_mode_reaches_the_teacher(tmp_path):
+def test_teacher_fast_path_keys_reach_the_teacher(tmp_path):
     from dtfast.train.config import load_config
     from dtfast.train.trainer import Trainer
 
-    for mode, expected in (("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"), ("default", None)):
-        cfg = load_config(None, [f"out={tmp_path / mode}", f"teacher.compile_mode={mode}", *SMALL])
+    for mode, expected, inference in (("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs", "false"),
+                                      ("default", None, "true")):
+        cfg = load_config(None, [f"out={tmp_path / mode}", f"teacher.compile_mode={mode}",
+                                 f"teacher.inference_mode={inference}", *SMALL])
         trainer = Trainer(cfg)
         try:
             assert trainer.teacher.options.compile_mode == expected
+            assert trainer.teacher.options.inference_mode == (inference == "true")
+            assert trainer.teacher.options.cuda_graph is False
         finally:
             trainer.close()
+    # a CUDA graph needs a GPU: the config says so when the device is cpu, the teacher when auto found none
+    from dtfast.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="teacher.cuda_graph"):
+        load_config(None, ["teacher.cuda_graph=true", "device=cpu"])
+    with pytest.raises(ConfigError, match="reduce-overhead"):
+        load_config(None, ["teacher.cuda_graph=true", "teacher.compile=true", "teacher.compile_mode=reduce-overhead"])
+    if not torch.cuda.is_available():
+        cfg = load_config(None, [f"out={tmp_path / 'graph'}", "teacher.cuda_graph=true", *SMALL])
+        with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+            Trainer(cfg)

@@ -52,6 +52,9 @@ class TeacherConfig:
     early_exit: bool = _f(True, "stop the UNet after the last decoder level that gives a feature (about 2.3x fewer "
                           "FLOPs for ADM-256); false runs the full forward (benchmark baselines only)")
     channels_last: bool = _f(True, "run the teacher in channels_last memory format")
+    inference_mode: bool = _f(True, "run the teacher under torch.inference_mode (false: torch.no_grad)")
+    cuda_graph: bool = _f(False, "capture the teacher's forward in a CUDA graph for the fixed batch shape (GPU only; "
+                          "with compile it captures the compiled code; not with compile_mode=reduce-overhead)")
     dtype: str = _f("auto", "teacher weights/activations: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
     shard: bool = _f(False, "partition the frozen teacher's weights across ranks with ZeRO-3 (inference only, no "
                      "optimizer state); for teachers too large to replicate. Needs dist.engine=deepspeed")
@@ -317,6 +320,11 @@ def _validate_dist(cfg: PretrainConfig) -> None:
             raise ConfigError("config key 'dist.deepspeed_config' is set but 'dist.engine' is "
                               f"{cfg.dist.engine!r}; set dist.engine=deepspeed")
         return
+    if cfg.teacher.cuda_graph and cfg.device == "cpu":
+        raise ConfigError("config key 'teacher.cuda_graph' = true needs a GPU, but 'device' = cpu")
+    if cfg.teacher.cuda_graph and cfg.teacher.compile and cfg.teacher.compile_mode == "reduce-overhead":
+        raise ConfigError("config keys 'teacher.cuda_graph' = true and 'teacher.compile_mode' = reduce-overhead both "
+                          "capture CUDA graphs: set one of them")
     if cfg.train.optimizer == "lamb" and cfg.dist.zero_stage > 0:
         raise ConfigError(f"config keys 'train.optimizer' = lamb and 'dist.zero_stage' = {cfg.dist.zero_stage}: ZeRO "
                           "hands the optimizer flattened shards, so LAMB's per-layer trust ratio would be computed "

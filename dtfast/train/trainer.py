@@ -86,7 +86,8 @@ class Trainer:
         size = cfg.data.image_size
         options = {"compile": cfg.teacher.compile, "channels_last": cfg.teacher.channels_last,
                    "early_exit": cfg.teacher.early_exit,
-                   "compile_mode": None if cfg.teacher.compile_mode == "default" else cfg.teacher.compile_mode}
+                   "compile_mode": None if cfg.teacher.compile_mode == "default" else cfg.teacher.compile_mode,
+                   "inference_mode": cfg.teacher.inference_mode, "cuda_graph": cfg.teacher.cuda_graph}
         if cfg.teacher.shard:
             from dtfast.distributed.teacher import SHARD_OPTIONS
 
