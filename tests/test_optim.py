@@ -2,6 +2,7 @@
 update), checkpoint compatibility with timm's state, and a step whose op count does not grow with the parameters."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -103,3 +104,35 @@ def test_build_optimizer_lamb_on_cpu_is_the_multi_tensor_lamb():
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
     with pytest.raises(ValueError, match="bad hyper-parameters"):
         Lamb(model.parameters(), betas=(0.9, 1.0))
+
+
+def test_trainer_with_lamb_trains_and_resumes(tmp_path):
+    """The real trainer (DDP engine, one process, channels_last student as in the ImageNet presets) with LAMB: it
+    trains, its checkpoint holds the Lamb state, and a resumed run continues with the same step count."""
+    from dtfast.train.config import load_config
+    from dtfast.train.trainer import Trainer
+
+    small = [f"out={tmp_path}", "data.image_size=32", "data.num_workers=0", "student.width=16", "train.batch_size=2",
+             "train.warmup_steps=1", "loss.backend=torch", "teacher.arch=tiny", "train.optimizer=lamb",
+             "train.lr=1e-2", "train.save_every=2", "train.log_every=1", "dist.engine=ddp"]
+    trainer = Trainer(load_config(None, [*small, "train.max_steps=2"]))
+    try:
+        assert isinstance(trainer.optimizer, Lamb)
+        before = {k: v.clone() for k, v in trainer.student.state_dict().items() if v.is_floating_point()}
+        trainer.train()
+        after = trainer.student.state_dict()
+        assert sum(float((after[k] - v).abs().sum()) for k, v in before.items()) > 0
+        assert all(torch.isfinite(after[k]).all() for k in before)
+        assert [g["step"] for g in trainer.optimizer.param_groups] == [2, 2]
+    finally:
+        trainer.close()
+    resumed = Trainer(load_config(None, [*small, "train.max_steps=3"]))
+    try:
+        resumed.train()  # resumes from the step-2 checkpoint, then runs step 3 only
+        assert resumed.step == 3
+        assert [g["step"] for g in resumed.optimizer.param_groups] == [3, 3]
+    finally:
+        resumed.close()
+    with open(tmp_path / "metrics.jsonl") as fh:
+        steps = [json.loads(line)["step"] for line in fh if line.strip()]
+    assert steps == [1, 2, 3], steps
