@@ -135,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, factory in optimizers(device).items():
         if wanted and name not in wanted:
             continue
-        row = {**stamp, "row": name, **time_row(factory, args, device)}
+        try:
+            row = {**stamp, "row": name, **time_row(factory, args, device)}
+        except Exception as error:  # noqa: BLE001 - one optimizer that fails here must not lose the other rows
+            print(f"{name:<28} FAILED: {type(error).__name__}: {str(error)[:200]}", flush=True)
+            continue
         records.append(row)
         print(f"{name:<28} {row['ms_median']:8.2f} ms/step (p10-p90 {row['ms_p10']:.2f}-{row['ms_p90']:.2f}), "
               f"{row['ops_per_step']} ops/step, {row['tensors']} tensors", flush=True)
