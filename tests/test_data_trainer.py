@@ -122,8 +122,9 @@ def test_teacher_fast_path_keys_reach_the_teacher(tmp_path):
     # a CUDA graph needs a GPU: the config says so when the device is cpu, the teacher when auto found none
     from dtfast.train.config import ConfigError
 
-    with pytest.raises(ConfigError, match="teacher.cuda_graph"):
-        load_config(None, ["teacher.cuda_graph=true", "device=cpu"])
+    for engine in ("deepspeed", "ddp"):
+        with pytest.raises(ConfigError, match="teacher.cuda_graph"):
+            load_config(None, ["teacher.cuda_graph=true", "device=cpu", f"dist.engine={engine}"])
     with pytest.raises(ConfigError, match="reduce-overhead"):
         load_config(None, ["teacher.cuda_graph=true", "teacher.compile=true", "teacher.compile_mode=reduce-overhead"])
     if not torch.cuda.is_available():

@@ -297,6 +297,11 @@ def validate(cfg: PretrainConfig) -> None:
     strides = cfg.teacher.strides
     if not strides or sorted(strides) != list(strides) or len(set(strides)) != len(strides):
         raise ConfigError(f"config key 'teacher.strides' must be strictly ascending, got {strides}")
+    if cfg.teacher.cuda_graph and cfg.device == "cpu":
+        raise ConfigError("config key 'teacher.cuda_graph' = true needs a GPU, but 'device' = cpu")
+    if cfg.teacher.cuda_graph and cfg.teacher.compile and cfg.teacher.compile_mode == "reduce-overhead":
+        raise ConfigError("config keys 'teacher.cuda_graph' = true and 'teacher.compile_mode' = reduce-overhead both "
+                          "capture CUDA graphs: set one of them")
     _validate_dist(cfg)
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"config key 'train.betas' needs two values, got {cfg.train.betas}")
@@ -320,11 +325,6 @@ def _validate_dist(cfg: PretrainConfig) -> None:
             raise ConfigError("config key 'dist.deepspeed_config' is set but 'dist.engine' is "
                               f"{cfg.dist.engine!r}; set dist.engine=deepspeed")
         return
-    if cfg.teacher.cuda_graph and cfg.device == "cpu":
-        raise ConfigError("config key 'teacher.cuda_graph' = true needs a GPU, but 'device' = cpu")
-    if cfg.teacher.cuda_graph and cfg.teacher.compile and cfg.teacher.compile_mode == "reduce-overhead":
-        raise ConfigError("config keys 'teacher.cuda_graph' = true and 'teacher.compile_mode' = reduce-overhead both "
-                          "capture CUDA graphs: set one of them")
     if cfg.train.optimizer == "lamb" and cfg.dist.zero_stage > 0:
         raise ConfigError(f"config keys 'train.optimizer' = lamb and 'dist.zero_stage' = {cfg.dist.zero_stage}: ZeRO "
                           "hands the optimizer flattened shards, so LAMB's per-layer trust ratio would be computed "
