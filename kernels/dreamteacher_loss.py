@@ -420,14 +420,16 @@ def _launch_tuned(tuner, kernel, grid, args, opts, memo, key):
         memo[key] = {**opts, **best.all_kwargs()}
 
 
-def _fwd_launches(plan, at_mode):
-    """([(grid, args after the pointers, kwargs)] of the forward main kernel per group, the sample and level kernels'
-    kwargs): computed once per plan and at_mode (memoised in ``plan.extra``)."""
-    found = plan.extra.get(("fwd", at_mode))
-    return found if found is not None else plan.extra.setdefault(("fwd", at_mode), _build_fwd(plan, at_mode))
+def _launches(plan, build, at_mode):
+    """``build(plan, at_mode)``, computed once per plan and at_mode (memoised in ``plan.extra``)."""
+    key = (build.__name__, at_mode)
+    found = plan.extra.get(key)
+    return found if found is not None else plan.extra.setdefault(key, build(plan, at_mode))
 
 
 def _build_fwd(plan, at_mode):
+    """([(grid, args after the pointers, kwargs)] of the forward main kernel per group, the sample and level kernels'
+    kwargs)."""
     L = plan.num_levels
     LP = triton.next_power_of_2(L)
     mains = []
@@ -457,7 +459,7 @@ def _forward(student, teacher, whiten, at_mode):
     mse = torch.empty(L, dtype=torch.float32, device=device)
     at = torch.empty(L, dtype=torch.float32, device=device)
     meta = plan.meta_tensor()
-    mains, sample, level = _fwd_launches(plan, at_mode)
+    mains, sample, level = _launches(plan, _build_fwd, at_mode)
     for gid, ((grid, tail, opts), grp) in enumerate(zip(mains, plan.groups)):
         lvl = grp.levels[0]
         args = (s_list[lvl], g_list[lvl], meta, pix, part, *tail)
@@ -470,13 +472,8 @@ def _forward(student, teacher, whiten, at_mode):
     return mse, at, [pix, samp]
 
 
-def _bwd_launches(plan, at_mode):
-    """[(grid, args after the pointers, kwargs without ALIGN)] of the backward per group, once per plan and at_mode."""
-    found = plan.extra.get(("bwd", at_mode))
-    return found if found is not None else plan.extra.setdefault(("bwd", at_mode), _build_bwd(plan, at_mode))
-
-
 def _build_bwd(plan, at_mode):
+    """[(grid, args after the pointers, kwargs without ALIGN)] of the backward per group."""
     L = plan.num_levels
     LP = triton.next_power_of_2(L)
     found = []
@@ -490,6 +487,13 @@ def _build_bwd(plan, at_mode):
     return found
 
 
+def _f32_on(x: Tensor, device: torch.device) -> Tensor:
+    """``x`` as a contiguous float32 tensor on ``device`` (itself when it already is: no copy, no op)."""
+    if x.dtype == torch.float32 and x.device == device and x.is_contiguous():
+        return x
+    return x.to(device=device, dtype=torch.float32).contiguous()
+
+
 def _backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode, flat_grads=False):
     plan, s_list, g_list = prepare(student, teacher, whiten)
     if flat_grads:
@@ -501,11 +505,8 @@ def _backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode, flat_
         bases = [grads[grp.levels[0]] for grp in plan.groups]
         meta, aligns = plan.grad_meta(grads)
     pix, samp = saved
-    if grad_mse.dtype != torch.float32 or grad_mse.device != plan.device or not grad_mse.is_contiguous():
-        grad_mse = grad_mse.to(device=plan.device, dtype=torch.float32).contiguous()
-    if grad_at.dtype != torch.float32 or grad_at.device != plan.device or not grad_at.is_contiguous():
-        grad_at = grad_at.to(device=plan.device, dtype=torch.float32).contiguous()
-    launches = _bwd_launches(plan, at_mode)
+    grad_mse, grad_at = _f32_on(grad_mse, plan.device), _f32_on(grad_at, plan.device)
+    launches = _launches(plan, _build_bwd, at_mode)
     for gid, ((grid, tail, opts), grp, base, align) in enumerate(zip(launches, plan.groups, bases, aligns)):
         lvl = grp.levels[0]
         args = (s_list[lvl], g_list[lvl], base, meta, pix, samp, grad_mse, grad_at, *tail)
