@@ -30,27 +30,17 @@ import sys
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dtfast.bench import report
+from dtfast.bench.flops import OpCounter
 from dtfast.students import build_student
 from dtfast.train.optim import Lamb, param_groups
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 ADM256_CHANNELS = (512, 512, 1024, 1024)
-
-
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def optimizers(device: torch.device) -> dict:
@@ -97,7 +87,7 @@ def time_row(factory, args, device: torch.device) -> dict:
         optimizer.step()
         sync(device)
         times.append(time.perf_counter() - t0)
-    with _CountOps() as counter:
+    with OpCounter() as counter:
         optimizer.step()
     sync(device)
     ordered = sorted(times)

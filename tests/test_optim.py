@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from dtfast.bench.flops import OpCounter
 from dtfast.train.optim import Lamb, build_optimizer, param_groups
 
 timm_lamb = pytest.importorskip("timm.optim.lamb")
@@ -72,16 +72,6 @@ def test_lamb_resumes_from_timm_state():
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_lamb_foreach_step_op_count_does_not_grow_with_parameters():
     counts = []
     for layers in (3, 30):
@@ -90,7 +80,7 @@ def test_lamb_foreach_step_op_count_does_not_grow_with_parameters():
         for p in model.parameters():
             p.grad = torch.ones_like(p)
         optimizer.step()  # state initialisation (zeros_like per parameter) happens once
-        with _CountOps() as mode:
+        with OpCounter() as mode:
             optimizer.step()
         counts.append(mode.count)
     # one norm cast per tensor stays in Python (a no-op for float32), everything else is per group

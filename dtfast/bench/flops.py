@@ -16,7 +16,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+class OpCounter(TorchDispatchMode):
+    """``with OpCounter() as ops: ...``; ``ops.count``: the operator calls dispatched inside (a host-overhead proxy:
+    on a GPU, roughly the kernel launches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
