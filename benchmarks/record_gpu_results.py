@@ -116,9 +116,7 @@ def merge_results_tar(tar_path: str, results: str, card: str) -> list[str]:
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                     shutil.copyfile(source, target)
                     written.append(target)
-                elif _extends(source, target):  # an append-only log (loss_bench.md, ...): add what is new
-                    with open(source) as fh_new, open(target) as fh_old:
-                        tail = fh_new.read()[len(fh_old.read()):]
+                elif (tail := _appended_text(source, target)) is not None:  # an append-only log (loss_bench.md)
                     with open(target, "a") as fh:
                         fh.write(tail)
                     written.append(target)
@@ -141,16 +139,17 @@ def _tag(line: str, card: str) -> str:
     return line
 
 
-def _extends(source: str, target: str) -> bool:
-    """``source`` is ``target`` with text appended (the remote copy of a local append-only log)."""
+def _appended_text(source: str, target: str) -> str | None:
+    """The text ``source`` adds at the end of ``target`` when it is ``target`` plus more (the remote copy of a local
+    append-only log), else None."""
     if not source.endswith((".md", ".txt", ".log")):
-        return False
+        return None
     try:
         with open(source) as fa, open(target) as fb:
             new, old = fa.read(), fb.read()
     except (OSError, UnicodeDecodeError):
-        return False
-    return len(new) > len(old) and new.startswith(old)
+        return None
+    return new[len(old):] if len(new) > len(old) and new.startswith(old) else None
 
 
 def _same(a: str, b: str) -> bool:
