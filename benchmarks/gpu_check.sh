@@ -46,6 +46,8 @@ export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor_cache
 elapsed() { echo $(( $(date +%s) - START )); }
 cap() { local var="CAP_$1"; echo "${!var:-$2}"; }   # CAP_<stage>=SECONDS overrides a stage's default cap
 
+pack_logs() { tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs stages.tsv 2>/dev/null; }
+
 # run_stage NAME MAX_SECONDS COMMAND...: runs COMMAND under timeout, logs to $LOGS/NAME.log, one summary line.
 run_stage() {
     local name=$1 max=$2; shift 2
@@ -65,8 +67,7 @@ run_stage() {
     local last; last=$(grep -v '^\s*$' "$LOGS/$name.log" | tail -n 1 | tr '\t' ' ' | cut -c1-110)
     printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$dt" "$last" >> "$SUMMARY"
     echo "=== [$(elapsed)s] stage $name: $status in ${dt}s"
-    # the logs so far come back even if the device call itself is cut off before the packaging at the end
-    tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs stages.tsv 2>/dev/null
+    pack_logs  # the logs so far come back even if the device call itself is cut off before the packaging at the end
     return $rc
 }
 
@@ -213,7 +214,7 @@ fi
 # ---- 8. data benchmark (torchvision nvJPEG path; DALI's wheel cannot travel) ----------------------------------------
 if [[ -f benchmarks/data_bench.py ]]; then
     REAL_ARGS=()
-    [[ -d $REAL_ROOT ]] && REAL_ARGS=(--root "$REAL_ROOT")   # the folder stage 6a generated
+    [[ -d $REAL_ROOT ]] && REAL_ARGS=(--root "$REAL_ROOT")   # the folder stage 7 generated
     run_stage data_bench "$(cap data_bench 45)" $PY benchmarks/data_bench.py --device cuda "${REAL_ARGS[@]}"
 else
     missing data_bench benchmarks/data_bench.py
@@ -231,7 +232,7 @@ else
 fi
 
 # ---- package: <= 8 flat files --------------------------------------------------------------------------------------
-tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs stages.tsv 2>/dev/null || echo "FAILED to pack logs"
+pack_logs || echo "FAILED to pack logs"
 RESULT_DIRS=(benchmarks/results)
 [[ -e $BENCH_OUT ]] && RESULT_DIRS+=("$BENCH_OUT")
 [[ -e $REAL_OUT ]] && RESULT_DIRS+=("$REAL_OUT")
