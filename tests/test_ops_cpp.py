@@ -69,6 +69,34 @@ def make_levels(dtype, layout, generator, shapes=LEVEL_SHAPES):
     return student, teacher
 
 
+def check_ops_against_oracle(fwd, bwd, student, teacher, whiten, at_mode, dtype, gen):
+    """Forward values and backward gradients of an implementation of the op pair (CPU, CUDA, or the emulated CUDA
+    kernels) against the float64 oracle, with random grad_output scales; returns the saved statistics."""
+    device = student[0].device
+    grad_mse = torch.rand(len(student), generator=gen, dtype=torch.float64) * 3 + 0.1
+    grad_at = torch.rand(len(student), generator=gen, dtype=torch.float64) * 30 + 0.1
+    mse_ref, at_ref, grads_ref = oracle_grads(student, teacher, whiten, at_mode, grad_mse.to(device),
+                                              grad_at.to(device))
+    mse, at, saved = fwd(student, teacher, whiten, at_mode)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(mse.double(), mse_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(at.double(), at_ref, rtol=rtol, atol=atol)
+    acc = mse.dtype
+    grads = bwd(grad_mse.to(device, acc), grad_at.to(device, acc), student, teacher, saved, whiten, at_mode)
+    for level, (g, g_ref, s) in enumerate(zip(grads, grads_ref, student)):
+        assert g.shape == s.shape and g.dtype == s.dtype and g.device == device
+        if s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous():
+            assert g.is_contiguous(memory_format=torch.channels_last), f"level {level}: grad lost channels_last"
+        torch.testing.assert_close(
+            g.double(),
+            g_ref,
+            rtol=rtol,
+            atol=atol * g_ref.abs().max().item() + atol,
+            msg=lambda m, level=level: f"grad of level {level}: {m}",
+        )
+    return saved
+
+
 @pytest.fixture(params=native.cpu_isas())
 def isa(request, monkeypatch):
     monkeypatch.setenv("DTFAST_CPU_ISA", request.param)

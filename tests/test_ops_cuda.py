@@ -8,7 +8,14 @@ import os
 
 import pytest
 import torch
-from test_ops_cpp import LEVEL_SHAPES, MODES, TOL, make_levels, oracle_grads, same_dtype_reference
+from test_ops_cpp import (
+    LEVEL_SHAPES,
+    MODES,
+    check_ops_against_oracle,
+    make_levels,
+    oracle_grads,
+    same_dtype_reference,
+)
 
 pytestmark = pytest.mark.needs_cuda
 
@@ -46,27 +53,7 @@ def to_cuda(tensors):
 
 
 def check_against_oracle(student, teacher, whiten, at_mode, dtype, gen):
-    grad_mse = torch.rand(len(student), generator=gen, dtype=torch.float64) * 3 + 0.1
-    grad_at = torch.rand(len(student), generator=gen, dtype=torch.float64) * 30 + 0.1
-    mse_ref, at_ref, grads_ref = oracle_grads(student, teacher, whiten, at_mode, grad_mse.cuda(), grad_at.cuda())
-    mse, at, saved = fwd_op(student, teacher, whiten, at_mode)
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(mse.double(), mse_ref, rtol=rtol, atol=atol)
-    torch.testing.assert_close(at.double(), at_ref, rtol=rtol, atol=atol)
-    acc = mse.dtype
-    grads = bwd_op(grad_mse.to("cuda", acc), grad_at.to("cuda", acc), student, teacher, saved, whiten, at_mode)
-    for level, (g, g_ref, s) in enumerate(zip(grads, grads_ref, student)):
-        assert g.shape == s.shape and g.dtype == s.dtype and g.is_cuda
-        if s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous():
-            assert g.is_contiguous(memory_format=torch.channels_last), f"level {level}: grad lost channels_last"
-        torch.testing.assert_close(
-            g.double(),
-            g_ref,
-            rtol=rtol,
-            atol=atol * g_ref.abs().max().item() + atol,
-            msg=lambda m, level=level: f"grad of level {level}: {m}",
-        )
-    return saved
+    return check_ops_against_oracle(fwd_op, bwd_op, student, teacher, whiten, at_mode, dtype, gen)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

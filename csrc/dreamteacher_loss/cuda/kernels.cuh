@@ -7,7 +7,9 @@
 //   attention_kernel one block per sample: attention-map norms, AT distance, per-pixel AT coefficient
 //   finalize_kernel  per-level mse and at from per-sample values
 //   sample_sums_kernel / sample_moments_kernel (whiten=sample): per-sample mean and rstd of g first
-//   backward_kernel  ds = (a + k * coef[p]) * s - a * rstd[p] * (g - mean[p]), one streaming pass
+//   backward_kernel  ds = (a + k * coef[p]) * s - a * rstd[p] * (g - mean[p]), one streaming pass: each thread
+//                    keeps one vector position of the contiguous extent and walks the strided one, with the
+//                    per-pixel coefficients in registers (NCHW) and all loads of an unrolled group issued first
 // Reductions are fixed-shape trees over fixed partitions: results are deterministic (no atomics).
 #pragma once
 
@@ -25,7 +27,8 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kNhwcPixelsPerWarp = 4;    // column_kernel, channels_last: pixels per warp
 constexpr int kSampleSumVectors = 8;     // sample_sums_kernel: vectors per thread
-constexpr int kBackwardVectors = 4;      // backward_kernel: vectors per thread
+constexpr int kBackwardUnroll = 4;       // backward_kernel: rows whose loads are issued together
+constexpr int kBackwardRounds = 2;       // backward_kernel: unrolled groups per thread
 constexpr double kWhitenEps = 1e-6;
 constexpr double kAttentionEps = 1e-12;
 
@@ -48,6 +51,9 @@ struct LevelParams {
   int64_t column_begin, column_tiles;       // column_kernel: first block, blocks per sample
   int64_t sums_begin, sums_tiles;           // sample_sums_kernel: first block, blocks per sample
   int64_t backward_begin;                   // backward_kernel: first block
+  int bwd_lanes;                            // backward_kernel: threads along the contiguous extent (power of 2)
+  int64_t bwd_tiles;                        //   tiles of bwd_lanes vectors per sample along the contiguous extent
+  int64_t bwd_chunk, bwd_chunks;            //   strided rows per block, blocks per sample and tile
 };
 
 struct Params {
@@ -396,35 +402,74 @@ __global__ void finalize_kernel(Params P, const double* err_sample, const double
   at[l] = static_cast<A>(dist / static_cast<double>(lv.batch));
 }
 
-template <typename T, int V>
-__device__ void backward_chunk(const LevelParams& lv, int64_t chunk, double grad_mse, double grad_at) {
+// One block: rows [o_lo, o_hi) of the strided extent (channels in NCHW, pixels in channels_last) at one tile of
+// the contiguous extent, for one sample. A thread owns V contiguous elements (one 16-byte vector where aligned)
+// and walks the rows kThreads / bwd_lanes apart; NCHW keeps its V pixels' coefficients in registers, channels_last
+// reads one pixel's coefficients per row (shared by the lanes of the row, cached).
+template <typename T, int V, bool CL>
+__device__ __forceinline__ void backward_tile(const LevelParams& lv, int64_t local, double grad_mse,
+                                              double grad_at) {
   using A = at::acc_type<T, true>;
-  const int64_t C = lv.channels, N = lv.pixels, numel = lv.batch * C * N;
-  const T* s = static_cast<const T*>(lv.s);
-  const T* g = static_cast<const T*>(lv.g);
-  T* ds = static_cast<T*>(lv.ds);
-  const A* stats = static_cast<const A*>(lv.stats);
-  const A a = static_cast<A>(grad_mse * 2.0 / static_cast<double>(numel));
+  constexpr int U = kBackwardUnroll;
+  const int64_t C = lv.channels, N = lv.pixels;
+  const int64_t inner = CL ? C : N, outer = CL ? N : C;
+  const int lanes = lv.bwd_lanes, rows = kThreads / lanes;
+  const int lane = static_cast<int>(threadIdx.x) % lanes, row = static_cast<int>(threadIdx.x) / lanes;
+  const int64_t per_sample = lv.bwd_tiles * lv.bwd_chunks;
+  const int64_t b = local / per_sample, rem = local % per_sample;
+  const int64_t chunk = rem / lv.bwd_tiles, tile = rem % lv.bwd_tiles;
+  const int64_t x = (tile * lanes + lane) * V;  // first contiguous index of this thread (V | inner when V > 1)
+  if (x >= inner) return;
+  const int64_t o_lo = chunk * lv.bwd_chunk;
+  const int64_t o_hi = o_lo + lv.bwd_chunk < outer ? o_lo + lv.bwd_chunk : outer;
+  const int64_t base = b * C * N + x;
+  const T* __restrict__ s = static_cast<const T*>(lv.s) + base;
+  const T* __restrict__ g = static_cast<const T*>(lv.g) + base;
+  T* __restrict__ ds = static_cast<T*>(lv.ds) + base;
+  const A* __restrict__ st = static_cast<const A*>(lv.stats) + b * 3 * N;  // rows: mean, rstd, coef
+  const A a = static_cast<A>(grad_mse * 2.0 / static_cast<double>(lv.batch * C * N));
   const A k = static_cast<A>(grad_at);
-  const int64_t start = chunk * static_cast<int64_t>(kThreads * V * kBackwardVectors);
+  // NCHW: per-pixel coefficients of this thread's V pixels, for all its rows
+  A scale_s[CL ? 1 : V], scale_g[CL ? 1 : V], mean[CL ? 1 : V];
+  if (!CL) {
 #pragma unroll
-  for (int it = 0; it < kBackwardVectors; ++it) {
-    const int64_t e = start + (static_cast<int64_t>(it) * kThreads + threadIdx.x) * V;
-    if (e >= numel) break;
-    const int64_t b = e / (C * N);
-    // NCHW: V consecutive pixels of one row (N % V == 0); NHWC: V channels of one pixel (C % V == 0).
-    const int64_t p = lv.channels_last ? (e / C) % N : e % N;
-    const A* st = stats + b * 3 * N;
-    const Vec<T, V> sv = load_vec<T, V>(s + e);
-    const Vec<T, V> gv = load_vec<T, V>(g + e);
-    Vec<T, V> out;
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const int64_t q = lv.channels_last ? p : p + v;
-      const A scale_s = a + k * st[2 * N + q], scale_g = a * st[N + q];
-      out.v[v] = static_cast<T>(scale_s * static_cast<A>(sv.v[v]) - scale_g * (static_cast<A>(gv.v[v]) - st[q]));
+    for (int v = 0; v < (CL ? 1 : V); ++v) {
+      scale_s[v] = a + k * st[2 * N + x + v];
+      scale_g[v] = a * st[N + x + v];
+      mean[v] = st[x + v];
     }
-    *reinterpret_cast<Vec<T, V>*>(ds + e) = out;
+  }
+  for (int64_t o0 = o_lo + row; o0 < o_hi; o0 += int64_t{rows} * U) {
+    Vec<T, V> sv[U], gv[U];
+    A ps[U], pg[U], pm[U];  // channels_last: the coefficients of each row's pixel
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t o = o0 + int64_t{u} * rows;
+      if (o < o_hi) {
+        sv[u] = load_vec<T, V>(s + o * inner);
+        gv[u] = load_vec<T, V>(g + o * inner);
+        if (CL) {
+          ps[u] = a + k * st[2 * N + o];
+          pg[u] = a * st[N + o];
+          pm[u] = st[o];
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t o = o0 + int64_t{u} * rows;
+      if (o < o_hi) {
+        Vec<T, V> out;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const A cs = CL ? ps[u] : scale_s[CL ? 0 : v];
+          const A cg = CL ? pg[u] : scale_g[CL ? 0 : v];
+          const A cm = CL ? pm[u] : mean[CL ? 0 : v];
+          out.v[v] = static_cast<T>(cs * static_cast<A>(sv[u].v[v]) - cg * (static_cast<A>(gv[u].v[v]) - cm));
+        }
+        *reinterpret_cast<Vec<T, V>*>(ds + o * inner) = out;
+      }
+    }
   }
 }
 
@@ -434,8 +479,15 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params P, const doub
   const int64_t block = blockIdx.x;
   const int l = find_level(P, block, [](const LevelParams& lv) { return lv.backward_begin; });
   const LevelParams& lv = P.lv[l];
-  if (lv.vec_backward) backward_chunk<T, vec16<T>()>(lv, block - lv.backward_begin, grad_mse[l], grad_at[l]);
-  else backward_chunk<T, 1>(lv, block - lv.backward_begin, grad_mse[l], grad_at[l]);
+  const int64_t local = block - lv.backward_begin;
+  constexpr int kV = vec16<T>();
+  if (lv.channels_last) {
+    if (lv.vec_backward) backward_tile<T, kV, true>(lv, local, grad_mse[l], grad_at[l]);
+    else backward_tile<T, 1, true>(lv, local, grad_mse[l], grad_at[l]);
+  } else {
+    if (lv.vec_backward) backward_tile<T, kV, false>(lv, local, grad_mse[l], grad_at[l]);
+    else backward_tile<T, 1, false>(lv, local, grad_mse[l], grad_at[l]);
+  }
 }
 
 }  // namespace cuda_impl
