@@ -2,8 +2,9 @@
 
 ``_fwd_sample_kernel`` (one program per sample): merges the main kernel's per-tile moments (sample whitening),
 takes the norms of the attention maps q_s, q_g and computes ||qhat_s - qhat_g|| and <qhat_s, qhat_s - qhat_g> from
-the stored per-pixel q's (exact, no cancellation). ``_fwd_level_kernel`` (one program per level): sums over the
-batch into mse[L], at[L]. Both read only O(B*H*W) floats. ``_find_level`` maps a program id to its level.
+the stored per-pixel q's (exact, no cancellation). ``_fwd_level_kernel`` (one program for all levels): sums over
+the batch into mse[L], at[L], and the total loss mean_l(mse_l + at_weight * at_l) (so the eager loss needs no
+composing ops). Both read only O(B*H*W) floats. ``_find_level`` maps a program id to its level.
 """
 
 import triton
@@ -115,23 +116,29 @@ def _fwd_sample_kernel(meta_ptr, pix_ptr, part_ptr, samp_ptr, num_levels,
 
 
 @triton.jit
-def _fwd_level_kernel(meta_ptr, samp_ptr, mse_ptr, at_ptr, AT_MODE: tl.constexpr, BLOCK: tl.constexpr):
-    lvl = tl.program_id(0)
-    row = meta_ptr + lvl * 16
-    B = tl.load(row + 2)
-    C = tl.load(row + 3)
-    HW = tl.load(row + 4)
-    samp = samp_ptr + tl.load(row + 10)
+def _fwd_level_kernel(meta_ptr, samp_ptr, mse_ptr, at_ptr, loss_ptr, num_levels, at_weight, AT_MODE: tl.constexpr,
+                      BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
-    acc_m = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_a = tl.zeros([BLOCK], dtype=tl.float32)
-    for b0 in range(0, B, BLOCK):
-        bm = b0 + offs < B
-        acc_m += tl.load(samp + (b0 + offs) * 8, mask=bm, other=0.0)
-        acc_a += tl.load(samp + (b0 + offs) * 8 + 1, mask=bm, other=0.0)
-    Bf = B.to(tl.float32)
-    tl.store(mse_ptr + lvl, tl.sum(acc_m, axis=0) / (Bf * C.to(tl.float32) * HW.to(tl.float32)))
-    if AT_MODE == 0:
-        tl.store(at_ptr + lvl, tl.sum(acc_a, axis=0) / Bf)
-    else:
-        tl.store(at_ptr + lvl, tl.sum(acc_a, axis=0) / (Bf * HW.to(tl.float32)))
+    total = 0.0
+    for lvl in range(0, num_levels):
+        row = meta_ptr + lvl * 16
+        B = tl.load(row + 2)
+        C = tl.load(row + 3)
+        HW = tl.load(row + 4)
+        samp = samp_ptr + tl.load(row + 10)
+        acc_m = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_a = tl.zeros([BLOCK], dtype=tl.float32)
+        for b0 in range(0, B, BLOCK):
+            bm = b0 + offs < B
+            acc_m += tl.load(samp + (b0 + offs) * 8, mask=bm, other=0.0)
+            acc_a += tl.load(samp + (b0 + offs) * 8 + 1, mask=bm, other=0.0)
+        Bf = B.to(tl.float32)
+        mse = tl.sum(acc_m, axis=0) / (Bf * C.to(tl.float32) * HW.to(tl.float32))
+        if AT_MODE == 0:
+            at = tl.sum(acc_a, axis=0) / Bf
+        else:
+            at = tl.sum(acc_a, axis=0) / (Bf * HW.to(tl.float32))
+        tl.store(mse_ptr + lvl, mse)
+        tl.store(at_ptr + lvl, at)
+        total += mse + at_weight * at
+    tl.store(loss_ptr, total / (num_levels * 1.0))

@@ -32,6 +32,9 @@ else:
     from ._loss_reduce import _fwd_level_kernel, _fwd_sample_kernel
 
 
+FLOAT_ARGS = ("at_weight", "gm_scale", "ga_scale")  # scalar float arguments (the other scalars are i32)
+
+
 def compile_kernel(fn, dtype: str, constexprs: dict, arch: int, num_warps: int = K.NUM_WARPS):
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -43,6 +46,8 @@ def compile_kernel(fn, dtype: str, constexprs: dict, arch: int, num_warps: int =
             signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32"
+        elif name in FLOAT_ARGS:
+            signature[name] = "fp32"
         else:
             signature[name] = "i32"
         if name.endswith("_ptr"):  # what the launcher's specialisation gives 16-byte aligned tensors

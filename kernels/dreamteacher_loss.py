@@ -259,7 +259,8 @@ def _fwd_main_kernel(s_ptr, g_ptr, meta_ptr, pix_ptr, part_ptr, num_levels, grou
 
 
 @triton.jit
-def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat_ptr, num_levels, group, tune_key,
+def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat_ptr, g_stride, gm_scale, ga_scale,
+                num_levels, group, tune_key,
                 WHITEN: tl.constexpr, AT_MODE: tl.constexpr, S_CL: tl.constexpr, G_CL: tl.constexpr,
                 ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, UNROLL: tl.constexpr,
                 CHUNK: tl.constexpr, BWD_ROWS: tl.constexpr, LP: tl.constexpr, NORM_EPS: tl.constexpr):
@@ -283,8 +284,9 @@ def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat
     if ALIGN > 1:
         C = tl.multiple_of(C, ALIGN)
         HW = tl.multiple_of(HW, ALIGN)
-    gm = tl.load(gmse_ptr + lvl)
-    ga = tl.load(gat_ptr + lvl)
+    # per-level output gradients (g_stride 1), or one scalar loss gradient scaled per term (g_stride 0)
+    gm = tl.load(gmse_ptr + lvl * g_stride) * gm_scale
+    ga = tl.load(gat_ptr + lvl * g_stride) * ga_scale
     samp = samp_ptr + tl.load(row + 10) + b * 8
     ns = tl.load(samp + 2)
     ng = tl.load(samp + 3)
@@ -391,7 +393,16 @@ def dreamteacher_loss_forward(student: list[Tensor], teacher: list[Tensor], whit
                               at_mode: int) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Per-level (mse fp32[L], at fp32[L], saved=[pixel_stats, sample_stats]) for all levels at once."""
     with _on_device(student[0].device):
-        return _forward(student, teacher, whiten, at_mode)
+        _, mse, at, saved = _forward(student, teacher, whiten, at_mode, 0.0)
+    return mse, at, saved
+
+
+def dreamteacher_loss_forward_total(student: list[Tensor], teacher: list[Tensor], whiten: int, at_mode: int,
+                                    at_weight: float) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """(loss, mse, at, saved): the forward above plus the total ``mean_l(mse_l + at_weight * at_l)`` (fp32 scalar),
+    computed by the last forward kernel (no extra launch)."""
+    with _on_device(student[0].device):
+        return _forward(student, teacher, whiten, at_mode, float(at_weight))
 
 
 def dreamteacher_loss_backward(grad_mse: Tensor, grad_at: Tensor, student: list[Tensor], teacher: list[Tensor],
@@ -403,7 +414,22 @@ def dreamteacher_loss_backward(grad_mse: Tensor, grad_at: Tensor, student: list[
     metadata reused from the forward: the cheapest on the host). The buffer lives until its last view is freed, and
     the views alias each other's storage, which torch custom ops may not return: the default allocates each map."""
     with _on_device(student[0].device):
-        return _backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode, flat_grads)
+        device = student[0].device
+        grad_mse, grad_at = _f32_on(grad_mse, device), _f32_on(grad_at, device)
+        return _backward((grad_mse, grad_at, 1, 1.0, 1.0), student, teacher, saved, whiten, at_mode, flat_grads)
+
+
+def dreamteacher_loss_backward_total(grad_loss: Tensor, at_weight: float, student: list[Tensor], teacher: list[Tensor],
+                                     saved: list[Tensor], whiten: int, at_mode: int, *,
+                                     flat_grads: bool = False) -> list[Tensor]:
+    """Gradients of ``grad_loss * mean_l(mse_l + at_weight * at_l)`` (grad_loss: one element, on the maps' device):
+    the kernel scales the scalar itself (grad_mse[l] = grad_loss / L, grad_at[l] = at_weight * grad_loss / L), so no
+    per-level gradient tensors are built on the host."""
+    with _on_device(student[0].device):
+        g = _f32_on(grad_loss.reshape(1), student[0].device)
+        L = len(student)
+        return _backward((g, g, 0, 1.0 / L, float(at_weight) / L), student, teacher, saved, whiten, at_mode,
+                         flat_grads)
 
 
 def _launch_tuned(tuner, kernel, grid, args, opts, memo, key):
@@ -445,11 +471,11 @@ def _build_fwd(plan, at_mode):
     block_t = max(min(triton.next_power_of_2(max(row[7] for row in plan.rows)), 256), 16)
     sample = dict(WHITEN=plan.whiten, AT_MODE=at_mode, BLOCK=block, BLOCK_T=block_t, LP=LP, EPS=WHITEN_EPS,
                   NORM_EPS=NORM_EPS, num_warps=8 if block >= 1024 else 4)
-    level = dict(AT_MODE=at_mode, BLOCK=128, num_warps=4)
+    level = dict(AT_MODE=at_mode, BLOCK=128, num_warps=4)  # one program for all levels
     return mains, sample, level
 
 
-def _forward(student, teacher, whiten, at_mode):
+def _forward(student, teacher, whiten, at_mode, at_weight):
     plan, s_list, g_list = prepare(student, teacher, whiten)
     device = plan.device
     L = plan.num_levels
@@ -458,6 +484,7 @@ def _forward(student, teacher, whiten, at_mode):
     samp = torch.empty(plan.samp_size, dtype=torch.float32, device=device)
     mse = torch.empty(L, dtype=torch.float32, device=device)
     at = torch.empty(L, dtype=torch.float32, device=device)
+    loss = torch.empty((), dtype=torch.float32, device=device)
     meta = plan.meta_tensor()
     mains, sample, level = _launches(plan, _build_fwd, at_mode)
     for gid, ((grid, tail, opts), grp) in enumerate(zip(mains, plan.groups)):
@@ -468,8 +495,8 @@ def _forward(student, teacher, whiten, at_mode):
         else:
             _launch_tuned(_fwd_main_nchw, _fwd_main_kernel, grid, args, opts, plan.extra, ("fwd_tuned", gid))
     _fwd_sample_kernel[(plan.num_samples,)](meta, pix, part, samp, L, **sample)
-    _fwd_level_kernel[(L,)](meta, samp, mse, at, **level)
-    return mse, at, [pix, samp]
+    _fwd_level_kernel[(1,)](meta, samp, mse, at, loss, L, at_weight, **level)
+    return loss, mse, at, [pix, samp]
 
 
 def _build_bwd(plan, at_mode):
@@ -494,7 +521,8 @@ def _f32_on(x: Tensor, device: torch.device) -> Tensor:
     return x.to(device=device, dtype=torch.float32).contiguous()
 
 
-def _backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode, flat_grads=False):
+def _backward(grad_out, student, teacher, saved, whiten, at_mode, flat_grads=False):
+    """grad_out = (grad_mse fp32, grad_at fp32, level stride (1, or 0 for one scalar), mse scale, at scale)."""
     plan, s_list, g_list = prepare(student, teacher, whiten)
     if flat_grads:
         bases, grads = plan.flat_grads()
@@ -505,11 +533,10 @@ def _backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode, flat_
         bases = [grads[grp.levels[0]] for grp in plan.groups]
         meta, aligns = plan.grad_meta(grads)
     pix, samp = saved
-    grad_mse, grad_at = _f32_on(grad_mse, plan.device), _f32_on(grad_at, plan.device)
     launches = _launches(plan, _build_bwd, at_mode)
     for gid, ((grid, tail, opts), grp, base, align) in enumerate(zip(launches, plan.groups, bases, aligns)):
         lvl = grp.levels[0]
-        args = (s_list[lvl], g_list[lvl], base, meta, pix, samp, grad_mse, grad_at, *tail)
+        args = (s_list[lvl], g_list[lvl], base, meta, pix, samp, *grad_out, *tail)
         if grp.s_cl:
             _bwd_kernel[grid](*args, ALIGN=align, **opts)
         else:
@@ -518,4 +545,5 @@ def _backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode, flat_
     return grads
 
 
-__all__ = ["META", "PIX_PLANES", "SAMPLE_STATS", "dreamteacher_loss_backward", "dreamteacher_loss_forward"]
+__all__ = ["META", "PIX_PLANES", "SAMPLE_STATS", "dreamteacher_loss_backward", "dreamteacher_loss_backward_total",
+           "dreamteacher_loss_forward", "dreamteacher_loss_forward_total"]

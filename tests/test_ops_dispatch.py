@@ -101,8 +101,32 @@ def test_fused_backends_match_float64_reference(device, whiten, at_mode):
         ((mse + 4.0 * at).mean() * scale).backward()
         torch.testing.assert_close(out["mse"].double(), mse, rtol=2e-5, atol=1e-7)
         torch.testing.assert_close(out["at"].double(), at, rtol=2e-4, atol=1e-6)
+        torch.testing.assert_close(out["loss"].double(), (mse + 4.0 * at).mean(), rtol=2e-5, atol=1e-7)
         for a, b in zip(student, s64):
             torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-3, atol=1e-5 * b.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("use", ["loss+parts", "parts only"])
+def test_gradients_flow_through_the_returned_parts(device, use):
+    """return_parts: mse[L] and at[L] are differentiable too, alone or together with the loss (the fused eager
+    path folds the loss gradient into the kernels only when the parts carry none)."""
+    w_mse, w_at = torch.tensor([0.3, 1.7, 0.9]), torch.tensor([2.0, 0.0, 5.0])
+    for param in fused_backends(device):
+        backend = param.values[0]
+        if any(m.args and m.args[0] for m in param.marks):
+            continue
+        student, teacher = make_levels(device, seed=11)
+        out = dreamteacher_loss(student, teacher, at_weight=3.0, backend=backend, return_parts=True)
+        objective = (out["mse"] * w_mse.to(device)).sum() + (out["at"] * w_at.to(device)).sum()
+        (objective + 0.5 * out["loss"] if use == "loss+parts" else objective).backward()
+        s64 = [s.detach().double().requires_grad_() for s in student]
+        mse, at = dreamteacher_loss_parts(s64, [g.double() for g in teacher], "channel", "paper")
+        ref = (mse * w_mse.double()).sum() + (at * w_at.double()).sum()
+        (ref + 0.5 * (mse + 3.0 * at).mean() if use == "loss+parts" else ref).backward()
+        for a, b in zip(student, s64):
+            torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-3, atol=1e-5 * b.grad.abs().max().item(),
+                                       msg=lambda m, backend=backend: f"{backend}: {m}")
 
 
 @pytest.mark.skipif(not HAS_CPU_EXT, reason=NO_EXT)

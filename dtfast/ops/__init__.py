@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ._backends import BackendUnavailable
-from .dreamteacher_loss import dreamteacher_loss_terms, resolve_backend
+from .dreamteacher_loss import dreamteacher_loss_total, resolve_backend
 from .reference import attention_map, whiten
 
 __all__ = ["BackendUnavailable", "DreamTeacherLoss", "attention_map", "dreamteacher_loss", "resolve_backend", "whiten"]
@@ -48,9 +48,8 @@ def dreamteacher_loss(student_feats: Sequence[Tensor], teacher_feats: Sequence[T
         ValueError: different numbers of levels, non-4-D maps, shape/dtype/device mismatch (naming the level and
             both shapes), non-finite values, unknown options or an unavailable backend.
     """
-    mse, at = dreamteacher_loss_terms(student_feats, teacher_feats, whiten=whiten, at_mode=at_mode,
-                                      backend=backend, check_finite=check_finite)
-    loss = (mse + at_weight * at).mean()
+    loss, mse, at = dreamteacher_loss_total(student_feats, teacher_feats, at_weight=at_weight, whiten=whiten,
+                                            at_mode=at_mode, backend=backend, check_finite=check_finite)
     if return_parts:
         return {"loss": loss, "mse": mse, "at": at}
     return loss

@@ -169,26 +169,55 @@ def _kernel_backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode
 
 class _EagerFusedLoss(torch.autograd.Function):
     """The eager path of the fused ops: same kernels and autograd formula as the custom ops, without their
-    per-call Python overhead (the custom ops are what torch.compile traces)."""
+    per-call Python overhead (the custom ops are what torch.compile traces). Returns (loss, mse, at) with
+    loss = mean_l(mse_l + at_weight * at_l): the Triton kernels compute the total and, in backward, scale the scalar
+    loss gradient themselves, so the usual step (backward from the loss only) runs no composing ops."""
 
     @staticmethod
-    def forward(ctx, whiten: int, at_mode: int, backend: str, num_levels: int, *maps: Tensor):
+    def forward(ctx, whiten: int, at_mode: int, backend: str, num_levels: int, at_weight: float, *maps: Tensor):
         student, teacher = list(maps[:num_levels]), list(maps[num_levels:])
-        mse, at, saved = _kernel_forward(student, teacher, whiten, at_mode, backend)
+        if backend == "triton":
+            loss, mse, at, saved = _backends.triton_kernels().dreamteacher_loss_forward_total(
+                student, teacher, whiten, at_mode, at_weight)
+        else:
+            mse, at, saved = _kernel_forward(student, teacher, whiten, at_mode, backend)
+            loss = (mse + at_weight * at).mean()
         ctx.save_for_backward(*student, *teacher, *saved)
-        ctx.options = (num_levels, whiten, at_mode, backend)
-        return mse, at
+        ctx.options = (num_levels, whiten, at_mode, backend, at_weight)
+        ctx.set_materialize_grads(False)  # unused outputs (the parts, usually) get None, not zeros
+        return loss, mse, at
 
     @staticmethod
-    def backward(ctx, grad_mse: Tensor, grad_at: Tensor):
-        num_levels, whiten, at_mode, backend = ctx.options
+    def backward(ctx, grad_loss: Tensor | None, grad_mse: Tensor | None, grad_at: Tensor | None):
+        num_levels, whiten, at_mode, backend, at_weight = ctx.options
         tensors = ctx.saved_tensors
         student, teacher = list(tensors[:num_levels]), list(tensors[num_levels:2 * num_levels])
+        saved = list(tensors[2 * num_levels:])
+        none = (None,) * (5 + 2 * num_levels)
+        if grad_loss is None and grad_mse is None and grad_at is None:
+            return none
         # flat_grads: Triton's gradients as views into one buffer per launch group, whose metadata is the forward's
         # (custom ops may not return aliasing outputs, so the custom-op path above allocates them one by one)
-        grads = _kernel_backward(grad_mse.contiguous(), grad_at.contiguous(), student, teacher,
-                                 list(tensors[2 * num_levels:]), whiten, at_mode, backend, flat_grads=True)
-        return (None, None, None, None, *grads, *([None] * num_levels))
+        if backend == "triton" and grad_mse is None and grad_at is None:
+            grads = _backends.triton_kernels().dreamteacher_loss_backward_total(
+                grad_loss, at_weight, student, teacher, saved, whiten, at_mode, flat_grads=True)
+        else:
+            grad_mse, grad_at = _level_grads(grad_loss, grad_mse, grad_at, num_levels, at_weight, saved[0])
+            grads = _kernel_backward(grad_mse, grad_at, student, teacher, saved, whiten, at_mode, backend,
+                                     flat_grads=True)
+        return (None,) * 5 + tuple(grads) + (None,) * num_levels
+
+
+def _level_grads(grad_loss, grad_mse, grad_at, num_levels, at_weight, like):
+    """Per-level gradients of mse and at from those of loss = mean_l(mse_l + at_weight * at_l) and of the parts."""
+    if grad_loss is None:
+        gm = ga = like.new_zeros(num_levels)
+    else:
+        scale = (grad_loss / num_levels).reshape(1)
+        gm, ga = scale.expand(num_levels), (scale * at_weight).expand(num_levels)
+    gm = gm if grad_mse is None else gm + grad_mse
+    ga = ga if grad_at is None else ga + grad_at
+    return gm.contiguous(), ga.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,6 +228,16 @@ def dreamteacher_loss_terms(student_feats: Sequence[Tensor], teacher_feats: Sequ
                             whiten: str = "channel", at_mode: str = "paper", backend: str = "auto",
                             check_finite: bool = True) -> tuple[Tensor, Tensor]:
     """Validated per-level terms (mse: Tensor[L], at: Tensor[L]) from the chosen backend."""
+    _, mse, at = dreamteacher_loss_total(student_feats, teacher_feats, whiten=whiten, at_mode=at_mode,
+                                         backend=backend, check_finite=check_finite)
+    return mse, at
+
+
+def dreamteacher_loss_total(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], *,
+                            at_weight: float = 10.0, whiten: str = "channel", at_mode: str = "paper",
+                            backend: str = "auto", check_finite: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Validated (loss, mse: Tensor[L], at: Tensor[L]) from the chosen backend, loss = mean_l(mse_l + at_weight * at_l).
+    Gradients flow from all three (the eager fused path is cheapest when only the loss is differentiated)."""
     _validate.check_options(whiten, at_mode)
     _validate.check_feature_lists(student_feats, teacher_feats)
     student = list(student_feats)
@@ -211,13 +250,15 @@ def dreamteacher_loss_terms(student_feats: Sequence[Tensor], teacher_feats: Sequ
                              f"{[s.dtype for s in student]}")
     else:
         chosen = resolve_backend(backend, student[0].device, dtype)
-    if chosen == "torch":
-        mse, at = dreamteacher_loss_parts(student, teacher, whiten, at_mode)
-    elif torch.compiler.is_compiling():
-        mse, at, _ = fused_forward(student, teacher, WHITEN_CODE[whiten], AT_MODE_CODE[at_mode], chosen)
+    if chosen != "torch" and not torch.compiler.is_compiling():
+        loss, mse, at = _EagerFusedLoss.apply(WHITEN_CODE[whiten], AT_MODE_CODE[at_mode], chosen, len(student),
+                                              float(at_weight), *student, *teacher)
     else:
-        mse, at = _EagerFusedLoss.apply(WHITEN_CODE[whiten], AT_MODE_CODE[at_mode], chosen, len(student), *student,
-                                        *teacher)
+        if chosen == "torch":
+            mse, at = dreamteacher_loss_parts(student, teacher, whiten, at_mode)
+        else:
+            mse, at, _ = fused_forward(student, teacher, WHITEN_CODE[whiten], AT_MODE_CODE[at_mode], chosen)
+        loss = (mse + at_weight * at).mean()
     if check_finite and not torch.compiler.is_compiling():
         _validate.check_finite(mse, at, student, teacher)
-    return mse, at
+    return loss, mse, at
