@@ -184,3 +184,53 @@ def test_kernels_compile_for_cuda_sm90():
     if res.returncode == 3:
         pytest.skip(res.stdout.strip())
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _fixed_configuration(monkeypatch, fwd=None, bwd=None):
+    """Launch the NCHW kernels with one autotuning configuration instead of the autotuner (the interpreter runs only
+    the first one otherwise; the GPU's autotuner may pick any of them)."""
+    kern = triton_kernels()
+
+    def launch(tuner, kernel, grid, args, opts, memo, key):
+        if tuner is kern._fwd_main_nchw and fwd is not None:
+            block_c, unroll, warps = fwd
+            return kernel[grid](*args, **dict(opts, BLOCK_C=block_c, UNROLL=unroll, num_warps=warps))
+        if tuner is kern._bwd_nchw and bwd is not None:
+            rows, warps = bwd
+            return kernel[grid](*args, **dict(opts, BWD_ROWS=rows, num_warps=warps))
+        return kernel[grid](*args, **dict(opts, **_first_config(kern, tuner)))
+
+    monkeypatch.setattr(kern, "_launch_tuned", launch)
+
+
+def _first_config(kern, tuner):
+    if tuner is kern._fwd_main_nchw:
+        block_c, unroll, warps = kern.FWD_NCHW_CONFIGS[0]
+        return dict(BLOCK_C=block_c, UNROLL=unroll, num_warps=warps)
+    rows, warps = kern.BWD_NCHW_CONFIGS[0]
+    return dict(BWD_ROWS=rows, num_warps=warps)
+
+
+@pytest.mark.parametrize("config", range(5))
+def test_every_nchw_autotuning_configuration_matches_the_oracle(monkeypatch, config):
+    """Each forward and backward tile configuration the GPU autotuner may choose, with C not a multiple of the
+    unrolled tile (main loop + tail): float32 against the float64 oracle, bfloat16 against the default configuration
+    (same fp32 math in another order: equal up to one bf16 rounding step)."""
+    device = _device_or_skip("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")
+    kern = triton_kernels()
+    fwd = kern.FWD_NCHW_CONFIGS[config % len(kern.FWD_NCHW_CONFIGS)]
+    bwd = kern.BWD_NCHW_CONFIGS[config % len(kern.BWD_NCHW_CONFIGS)]
+    shapes = [(2, 8 * fwd[0] * fwd[1] // 4 + 3 * fwd[0] + 5, 4, 8), (2, 37, 5, 5)]
+    for whiten, at_mode in (("channel", "paper"), ("sample", "code")):
+        with monkeypatch.context() as patch:
+            _fixed_configuration(patch, fwd, bwd)
+            student, teacher = make_levels(shapes, torch.float32, device, "contiguous", seed=config)
+            check_against_oracle(student, teacher, whiten, at_mode, seed=config)
+            student, teacher = make_levels(shapes, torch.bfloat16, device, "contiguous", seed=config)
+            grad_mse, grad_at = torch.rand(2).to(device) + 0.5, torch.rand(2).to(device) * 5
+            got = run_kernels(student, teacher, whiten, at_mode, grad_mse, grad_at)
+        default = run_kernels(student, teacher, whiten, at_mode, grad_mse, grad_at)
+        for name, a, b in [("mse", got[0], default[0]), ("at", got[1], default[1])]:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{fwd} {name}: {m}")
+        for lvl, (a, b) in enumerate(zip(got[3], default[3])):
+            assert (a.float() - b.float()).abs().max() <= 2**-7 * b.float().abs().max(), f"{fwd}/{bwd} grad {lvl}"
