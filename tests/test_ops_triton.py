@@ -211,7 +211,10 @@ def _first_config(kern, tuner):
     return dict(BWD_ROWS=rows, num_warps=warps)
 
 
-@pytest.mark.parametrize("config", range(5))
+_NCHW_CONFIGS = max(len(triton_kernels().FWD_NCHW_CONFIGS), len(triton_kernels().BWD_NCHW_CONFIGS))
+
+
+@pytest.mark.parametrize("config", range(_NCHW_CONFIGS))
 def test_every_nchw_autotuning_configuration_matches_the_oracle(monkeypatch, config):
     """Each forward and backward tile configuration the GPU autotuner may choose, with C not a multiple of the
     unrolled tile (main loop + tail): float32 against the float64 oracle, bfloat16 against the default configuration
