@@ -93,6 +93,9 @@ def test_rows_parse_to_switches_and_overrides():
     assert base_cpu.switches == {name: False for name in SWITCHES}
     assert base_cpu.overrides["loss.backend"] == "torch" and base_cpu.overrides["teacher.dtype"] == "fp32"
     assert parse_row("baseline", "cuda").switches["bf16"] is True  # the GPU baseline uses bf16 autocast
+    assert parse_row("baseline", "cuda").overrides["train.cudnn_benchmark"] is False
+    assert parse_row("optimized", "cuda").overrides["train.cudnn_benchmark"] is True
+    assert "optimized-cudnn_benchmark" in sweep_rows("cuda") and "optimized-cudnn_benchmark" not in sweep_rows("cpu")
     opt = parse_row("optimized-compile+channels_last", "cuda")
     assert opt.switches["compile"] is False and opt.switches["channels_last"] is True and opt.early_exit is True
     config_items, options = split_overrides(parse_row("baseline+early_exit", "cpu").overrides)
@@ -344,3 +347,45 @@ def test_slow_warmup_fails_its_row_and_the_others_are_measured(tmp_path, monkeyp
     # the real allowance: the budget minus elapsed time, the warmed-up row's timed steps and a margin
     assert allowances[0] is not None and 3500 < allowances[0] < 3595
     assert allowances[1] < allowances[0]
+
+
+def test_cudnn_benchmark_flag_follows_each_rows_trainer(monkeypatch):
+    """train.cudnn_benchmark sets cuDNN's autotuner on GPU (not on CPU), and the runner re-applies each row's
+    setting before every step (rows interleave in one process)."""
+    from types import SimpleNamespace
+
+    from dtfast.bench.runner import Measurement
+    from dtfast.train.timing import StageTimer
+    from dtfast.train.trainer import Trainer
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+
+    def fake_trainer(device, enabled, log):
+        cfg = SimpleNamespace(train=SimpleNamespace(cudnn_benchmark=enabled, grad_accum=1),
+                              data=SimpleNamespace(image_size=8))
+        trainer = SimpleNamespace(cfg=cfg, device=torch.device(device), dist=SimpleNamespace(world_size=1))
+        trainer.apply_backend_flags = lambda: Trainer.apply_backend_flags(trainer)
+
+        def optimizer_step(batches, timer):
+            for _ in batches:
+                pass
+            log.append((enabled, torch.backends.cudnn.benchmark))
+            return {"loss": torch.tensor(1.0)}
+
+        trainer.optimizer_step = optimizer_step
+        return trainer
+
+    log = []
+    Trainer.apply_backend_flags(fake_trainer("cpu", True, log))
+    assert torch.backends.cudnn.benchmark is False  # CPU runs leave cuDNN alone
+    rows = []
+    for flag in (True, False):  # measurements of "GPU" trainers, without touching CUDA on this machine
+        row = object.__new__(Measurement)
+        row.trainer, row.grad_accum = fake_trainer("cuda", flag, log), 1
+        row.source = iter(lambda: (None, None), 0)
+        rows.append(row)
+    timer = StageTimer(torch.device("cpu"))
+    for _ in range(2):
+        for row in rows:
+            row._step(timer)
+    assert log == [(True, True), (False, False)] * 2

@@ -159,6 +159,7 @@ class Measurement:
         self.peak_kind = ""
 
     def _step(self, timer) -> None:
+        self.trainer.apply_backend_flags()  # rows interleave in one process: each step under its own row's flags
         self.parts = self.trainer.optimizer_step(_micro_batches(self.source, self.grad_accum, timer), timer)
 
     def warmup(self, steps: int) -> None:

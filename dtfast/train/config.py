@@ -95,6 +95,8 @@ class TrainConfig:
     resume: str = _f("auto", "auto (latest checkpoint in out/ if any) | never | path to a checkpoint folder")
     bf16: bool = _f(True, "bf16 autocast for the student on GPU (CPU runs stay fp32)")
     compile: bool = _f(False, "torch.compile the student and regressor")
+    cudnn_benchmark: bool = _f(True, "GPU: let cuDNN time its convolution algorithms once per input shape (the "
+                                     "shapes are fixed in pretraining); false = its heuristics")
 
 
 @dataclass

@@ -59,6 +59,7 @@ class Trainer:
         self.device = self.dist.device
         self._micro_index = 0
         self._set_threads()
+        self.apply_backend_flags()
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
@@ -70,6 +71,12 @@ class Trainer:
         if self.device.type == "cpu" and self.dist.enabled and "OMP_NUM_THREADS" not in os.environ:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+    def apply_backend_flags(self) -> None:
+        """Process-wide backend settings of this run (GPU: cuDNN's autotuner). The benchmark runner calls it again
+        before each step, because it interleaves trainers with different settings in one process."""
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = bool(self.cfg.train.cudnn_benchmark)
 
     def _teacher_dtype(self) -> torch.dtype:
         if self.cfg.teacher.dtype == "auto":
