@@ -248,6 +248,34 @@ def format_table(results, floor_ms) -> str:
     return "\n".join(lines)
 
 
+def target_ratios(results) -> str:
+    """The fwd+bwd ratios issue #3's targets are stated in: fused vs torch.compile of the reference, CUDA C++ vs
+    Triton (one line each; rows that did not run are left out)."""
+    timed = {name: row["fwd_bwd_ms"] for name, row in results.items() if isinstance(row, dict)}
+    lines = []
+    compiled = timed.get("torch.compile(reference)")
+    for name, ms in timed.items():
+        if compiled and name not in ("torch (eager reference)", "torch.compile(reference)"):
+            lines.append(f"- {name}: {compiled / ms:.2f}x faster than torch.compile of the reference (fwd+bwd)")
+    cuda = timed.get("cuda (dtfast._C)")
+    if cuda and timed.get("triton"):
+        lines.append(f"- CUDA C++ fwd+bwd / Triton fwd+bwd = {cuda / timed['triton']:.2f}")
+    return "\n".join(lines)
+
+
+def triton_autotune_choices() -> dict:
+    """{"fwd"/"bwd": [chosen configuration per autotuning key]} of the Triton NCHW kernels in this process."""
+    if not _backends.triton_available():
+        return {}
+    kern = _backends.triton_kernels()
+    out = {}
+    for phase, tuner in (("fwd", kern._fwd_main_nchw), ("bwd", kern._bwd_nchw)):
+        chosen = sorted({str(config) for config in getattr(tuner, "cache", {}).values()})
+        if chosen:
+            out[phase] = chosen
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -269,7 +297,10 @@ def main(argv=None) -> dict:
         except Exception as exc:  # a backend failing must not hide the others' figures
             results[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         print(f"  {name}: {results[name]}", file=sys.stderr)
-    table = format_table(results, floor_ms)
+    table = format_table(results, floor_ms) + "\n\n" + target_ratios(results)
+    tuned = triton_autotune_choices()
+    if tuned:
+        table += f"\n- Triton autotuner's choices (NCHW): {tuned}"
     shapes = [tuple(s.shape) for s in student]
     header = (f"DreamTeacher loss on {machine_name(args.device)} | {str(args.dtype).replace('torch.', '')} | "
               f"levels {shapes} | whiten={args.whiten} at_mode={args.at_mode} channels_last={args.channels_last} | "
@@ -281,7 +312,8 @@ def main(argv=None) -> dict:
               "command": "python benchmarks/loss_bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
               "torch": torch.__version__, "dtype": str(args.dtype).replace("torch.", ""), "levels": shapes,
               "whiten": args.whiten, "at_mode": args.at_mode, "channels_last": args.channels_last,
-              "copy_GBps": bandwidth / 1e9, "bytes_moved": moved, "floor_ms": floor_ms, "results": results}
+              "copy_GBps": bandwidth / 1e9, "bytes_moved": moved, "floor_ms": floor_ms, "results": results,
+              "triton_autotune": tuned}
     if not args.no_record:
         out = Path(args.results_dir)
         out.mkdir(parents=True, exist_ok=True)
