@@ -396,7 +396,7 @@ def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat
 # interpreter a single configuration (no benchmarking). Every configuration is compiled by aot_check.py.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # (BLOCK_C, UNROLL, num_warps); first = default
-FWD_NCHW_CONFIGS = [(8, 4, 4), (8, 2, 4), (16, 2, 8), (16, 4, 8), (8, 8, 4)]
+FWD_NCHW_CONFIGS = [(8, 4, 4), (8, 2, 4), (16, 2, 8), (16, 4, 8), (8, 8, 4), (8, 8, 8)]
 BWD_NCHW_CONFIGS = [(32, 4), (16, 4), (64, 8), (32, 8), (64, 4)]  # (BWD_ROWS, num_warps)
 _FWD_KEY = ["tune_key", "WHITEN", "G_CL", "ALIGN"]
 _BWD_KEY = ["tune_key", "WHITEN", "AT_MODE", "G_CL", "ALIGN"]
