@@ -25,7 +25,6 @@ import datetime
 import inspect
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -36,6 +35,7 @@ sys.path.insert(0, ROOT)
 
 from dtfast.bench import report
 from dtfast.bench.flops import OpCounter
+from dtfast.bench.runner import summarize, synchronize
 from dtfast.students import build_student
 from dtfast.train.optim import Lamb, param_groups
 
@@ -64,11 +64,6 @@ def optimizers(device: torch.device) -> dict:
     return rows
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_row(factory, args, device: torch.device) -> dict:
     student = build_student(args.arch, ADM256_CHANNELS, width=args.width).to(device)
     student = student.to(memory_format=torch.channels_last)
@@ -80,19 +75,19 @@ def time_row(factory, args, device: torch.device) -> dict:
     optimizer = factory(param_groups(student, 0.05))
     for _ in range(args.warmup):
         optimizer.step()
-    sync(device)
+    synchronize(device)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         optimizer.step()
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     with OpCounter() as counter:
         optimizer.step()
-    sync(device)
-    ordered = sorted(times)
-    return {"ms_median": 1e3 * statistics.median(ordered), "ms_p10": 1e3 * ordered[int(0.1 * (len(ordered) - 1))],
-            "ms_p90": 1e3 * ordered[int(round(0.9 * (len(ordered) - 1)))], "ops_per_step": counter.count,
+    synchronize(device)
+    timing = summarize(times)
+    return {"ms_median": 1e3 * timing["median"], "ms_p10": 1e3 * timing["p10"], "ms_p90": 1e3 * timing["p90"],
+            "ops_per_step": counter.count,
             "tensors": len(params), "parameters_m": sum(p.numel() for p in params) / 1e6}
 
 

@@ -19,6 +19,7 @@ fwd_op = torch.ops.dtfast.dreamteacher_loss_fwd
 bwd_op = torch.ops.dtfast.dreamteacher_loss_bwd
 
 LEVEL_SHAPES = [(3, 37, 13, 13), (3, 20, 7, 5), (3, 64, 4, 4), (2, 5, 1, 3)]
+VECTOR_SHAPES = [(4, 64, 16, 16), (2, 128, 8, 8), (3, 32, 4, 4)]  # 16-byte loads along every contiguous extent
 MODES = [(whiten, at_mode) for whiten in (0, 1) for at_mode in (0, 1)]
 # Tolerances against the float64 oracle: (relative, absolute), one table for the whole file.
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 1e-6)}

@@ -15,6 +15,7 @@ from test_ops_cpp import (
     make_levels,
     oracle_grads,
     same_dtype_reference,
+    VECTOR_SHAPES,
 )
 
 pytestmark = pytest.mark.needs_cuda
@@ -27,7 +28,6 @@ else:
 fwd_op = torch.ops.dtfast.dreamteacher_loss_fwd
 bwd_op = torch.ops.dtfast.dreamteacher_loss_bwd
 
-VECTOR_SHAPES = [(4, 64, 16, 16), (2, 128, 8, 8), (3, 32, 4, 4)]
 
 
 @pytest.fixture(autouse=True)

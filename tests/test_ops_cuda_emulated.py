@@ -11,11 +11,10 @@ import os
 
 import pytest
 import torch
-from test_ops_cpp import LEVEL_SHAPES, MODES, check_ops_against_oracle, make_levels
+from test_ops_cpp import LEVEL_SHAPES, MODES, VECTOR_SHAPES, check_ops_against_oracle, make_levels
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VECTOR_SHAPES = [(4, 64, 16, 16), (2, 128, 8, 8), (3, 32, 4, 4)]
 SMALL_SHAPES = [(2, 37, 3, 5), (2, 64, 4, 4), (3, 16, 2, 2)]  # channels_last: one warp per pixel, cheap shapes
 
 

@@ -209,30 +209,15 @@ class _EagerFusedLoss(torch.autograd.Function):
 
 
 def _level_grads(grad_loss, grad_mse, grad_at, num_levels, at_weight, like):
-    """Per-level gradients of mse and at from those of loss = mean_l(mse_l + at_weight * at_l) and of the parts.
-    The loss part is one multiply of the scalar by a cached [1/L] * L + [at_weight/L] * L vector."""
+    """Per-level gradients of mse and at from those of loss = mean_l(mse_l + at_weight * at_l) and of the parts."""
     if grad_loss is None:
         gm = ga = like.new_zeros(num_levels)
     else:
-        both = grad_loss.reshape(1) * _loss_weights(num_levels, float(at_weight), grad_loss.dtype, grad_loss.device)
-        gm, ga = both[:num_levels], both[num_levels:]
+        scale = grad_loss.reshape(1) / num_levels
+        gm, ga = scale.expand(num_levels), (scale * at_weight).expand(num_levels)
     gm = gm if grad_mse is None else gm + grad_mse
     ga = ga if grad_at is None else ga + grad_at
     return gm.contiguous(), ga.contiguous()
-
-
-_LOSS_WEIGHTS: dict = {}
-
-
-def _loss_weights(num_levels: int, at_weight: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    key = (num_levels, at_weight, dtype, device)
-    found = _LOSS_WEIGHTS.get(key)
-    if found is None:
-        if len(_LOSS_WEIGHTS) > 64:
-            _LOSS_WEIGHTS.clear()
-        weights = [1.0 / num_levels] * num_levels + [at_weight / num_levels] * num_levels
-        found = _LOSS_WEIGHTS[key] = torch.tensor(weights, dtype=dtype, device=device)
-    return found
 
 
 # ----------------------------------------------------------------------------------------------------------------

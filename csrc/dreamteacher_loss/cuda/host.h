@@ -131,21 +131,15 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward(const Launch
       double* partial_err = sums + 2 * grid.sums;
       double* err_sample = partial_err + grid.column;
       double* at_sample = err_sample + grid.samples;
-      const double* moments_in = moments;
-      const double* sums_in = sums;
-      const double* partial_err_in = partial_err;
-      const double* err_in = err_sample;
-      const double* at_in = at_sample;
-      const int whiten_mode = static_cast<int>(whiten);
-      const int attention_mode = static_cast<int>(at_mode);
       if (whiten == 1) {
         launch(cuda_impl::sample_sums_kernel<scalar_t>, grid.sums, kThreads, P, sums);
-        launch(cuda_impl::sample_moments_kernel<scalar_t>, grid.samples, 32, P, sums_in, moments);
+        launch(cuda_impl::sample_moments_kernel<scalar_t>, grid.samples, 32, P, sums, moments);
       }
-      launch(cuda_impl::column_kernel<scalar_t>, grid.column, kThreads, P, whiten_mode, moments_in, partial_err);
-      launch(cuda_impl::attention_kernel<A>, grid.samples, kThreads, P, attention_mode, partial_err_in, err_sample,
-             at_sample);
-      launch(cuda_impl::finalize_kernel<A>, int64_t{1}, 32, P, err_in, at_in, mse.data_ptr<A>() + first,
+      launch(cuda_impl::column_kernel<scalar_t>, grid.column, kThreads, P, static_cast<int>(whiten), moments,
+             partial_err);
+      launch(cuda_impl::attention_kernel<A>, grid.samples, kThreads, P, static_cast<int>(at_mode), partial_err,
+             err_sample, at_sample);
+      launch(cuda_impl::finalize_kernel<A>, int64_t{1}, 32, P, err_sample, at_sample, mse.data_ptr<A>() + first,
              at_dist.data_ptr<A>() + first);
     }
   });
@@ -166,9 +160,8 @@ std::vector<at::Tensor> backward(const Launch& launch, const at::Tensor& grad_ms
       const int count = static_cast<int>(std::min<size_t>(kMaxLevels, levels.size() - first));
       Params P;
       const Grid grid = fill_params<scalar_t>(P, levels, first, count, &saved_list, nullptr, 0, &grads);
-      const double* gm_ptr = gm.const_data_ptr<double>() + first;
-      const double* ga_ptr = ga.const_data_ptr<double>() + first;
-      launch(cuda_impl::backward_kernel<scalar_t>, grid.backward, kThreads, P, gm_ptr, ga_ptr);
+      launch(cuda_impl::backward_kernel<scalar_t>, grid.backward, kThreads, P, gm.const_data_ptr<double>() + first,
+             ga.const_data_ptr<double>() + first);
     }
   });
   return grads;
