@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=256, help="regressor width")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rows", default="", help="comma-separated row names (default: all available)")
+    parser.add_argument("--rows", default="", help="row names separated by ; (names contain commas; default: all)")
     parser.add_argument("--no-record", action="store_true", help="print only")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         stamp["timm"] = timm.__version__
     except ImportError:
         parser.error("timm is needed (the student is a timm model)")
-    wanted = {r.strip() for r in args.rows.split(",") if r.strip()}
+    wanted = {r.strip() for r in args.rows.split(";") if r.strip()}
     records = []
     for name, factory in optimizers(device).items():
         if wanted and name not in wanted:
