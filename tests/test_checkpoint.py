@@ -63,3 +63,22 @@ def test_lr_schedule_warmup_and_cosine():
     assert lr_at(110, **kw) == pytest.approx(0.1)
     values = [lr_at(s, **kw) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_usual_permissions(tmp_path, umask):
+    # the atomic writes go through temporary files (0600) and folders (0700): once in place they must have what a
+    # plain open()/mkdir() gives under the umask, or exported weights are unreadable to the rest of a group
+    old = os.umask(umask)
+    try:
+        ckpt.atomic_write_text(str(tmp_path / "config.yaml"), "a: 1\n")
+        ckpt.save_safetensors_atomic({"w": torch.zeros(2)}, str(tmp_path / "backbone.safetensors"))
+        folder = _save(tmp_path / "run", 5)
+    finally:
+        os.umask(old)
+    for name in ("config.yaml", "backbone.safetensors"):
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(0o666 & ~umask), name
+    assert oct(os.stat(folder).st_mode & 0o777) == oct(0o777 & ~umask)
+    assert oct(os.stat(os.path.join(folder, "model.safetensors")).st_mode & 0o777) == oct(0o666 & ~umask)
+    latest = os.path.join(ckpt.checkpoint_dir(str(tmp_path / "run")), ckpt.LATEST)
+    assert oct(os.stat(latest).st_mode & 0o777) == oct(0o666 & ~umask)

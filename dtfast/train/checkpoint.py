@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+from dtfast import _files
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ def _fsync_dir(path: str) -> None:
 def atomic_write_text(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
+    fd, tmp = _files.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
         fh.flush()
@@ -50,11 +50,12 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str,
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".safetensors")
+    fd, tmp = _files.mkstemp(dir=folder, prefix=".tmp_", suffix=".safetensors")
     os.close(fd)
     try:
         clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(clean, tmp, metadata=metadata)
+        _files.set_default_mode(tmp)  # safetensors writes the file anew, with 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -78,7 +79,7 @@ def save_checkpoint(
     root = checkpoint_dir(out)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step}")
-    tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step}_")
+    tmp = _files.mkdtemp(dir=root, prefix=f".tmp_step_{step}_")
     try:
         save_safetensors_atomic(model_state, os.path.join(tmp, "model.safetensors"))
         torch.save(train_state, os.path.join(tmp, "state.pt"))
