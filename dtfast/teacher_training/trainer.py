@@ -15,9 +15,7 @@ import copy
 import json
 import os
 import random
-import shutil
 import signal
-import tempfile
 import time
 from typing import Any
 
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 
 from dtfast.teacher_training.config import TeacherTrainConfig, to_dict
+from dtfast.teachers.build import TEACHER_INFO, export_teacher  # noqa: F401 - TEACHER_INFO: re-exported
 from dtfast.train import checkpoint as ckpt
 from dtfast.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
 from dtfast.train.optim import build_optimizer, lr_at, set_lr
@@ -33,7 +32,6 @@ from dtfast.train.optim import build_optimizer, lr_at, set_lr
 # keys that must agree between a checkpoint and the run resuming from it
 RESUME_KEYS = ["model", "diffusion", "data.image_size"]
 EXPORT_DIR = "teacher"
-TEACHER_INFO = "dtfast_teacher.json"
 
 
 def unet_config(cfg: TeacherTrainConfig) -> dict[str, Any]:
@@ -51,6 +49,8 @@ def unet_config(cfg: TeacherTrainConfig) -> dict[str, Any]:
         config["layers_per_block"] = cfg.model.layers_per_block
     if cfg.model.norm_num_groups > 0:
         config["norm_num_groups"] = cfg.model.norm_num_groups
+        if "attn_norm_num_groups" in config:
+            config["attn_norm_num_groups"] = cfg.model.norm_num_groups
     if cfg.model.attention_head_dim > 0:
         config["attention_head_dim"] = cfg.model.attention_head_dim
     attention = [c for c, kind in zip(config["block_out_channels"], config["down_block_types"]) if "Attn" in kind]
@@ -272,29 +272,3 @@ class TeacherTrainer:
 
     def close(self) -> None:
         shutdown(self.dist)
-
-
-def export_teacher(unet: nn.Module, scheduler, folder: str, info: dict[str, Any]) -> None:
-    """``folder/unet`` (safetensors), ``folder/scheduler``, ``folder/dtfast_teacher.json``; replaces ``folder``
-    only once everything is written, then loads it back with ``build_teacher`` as a check."""
-    from dtfast.teachers import build_teacher
-
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp_teacher_")
-    try:
-        unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
-        scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
-        with open(os.path.join(tmp, TEACHER_INFO), "w") as fh:
-            json.dump(info, fh, indent=2, default=str)
-        teacher = build_teacher(pretrained=tmp, timestep=50)
-        size = int(info["image_size"])
-        teacher.feature_shapes(size, size)  # raises if the folder is not a usable teacher at this size
-        old = folder + ".old"
-        if os.path.exists(folder):
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -3,7 +3,8 @@
 Pixel-space (`UNet2DModel`):
 - ``adm256``: the ADM-256 unconditional ImageNet model of guided-diffusion (the paper's teacher): channels
   256,256,512,512,1024,1024, 2 res blocks per level, attention at 32/16/8 for a 256 input with 64-channel heads,
-  scale-shift norm, resblock up/down sampling, learned sigma (6 output channels). 553M parameters.
+  scale-shift norm, resblock up/down sampling, learned sigma (6 output channels). 553M parameters. Real weights:
+  convert guided-diffusion's `256x256_diffusion_uncond.pt` with `python -m dtfast.convert_adm` (same config).
 - ``tiny``: the same structure with widths 32..128 and one res block per level, attention at strides 16/32;
   for tests and the demo, at 32x32 .. 256x256.
 
@@ -34,6 +35,7 @@ PIXEL_ARCHS: dict[str, dict[str, Any]] = {
         "attention_head_dim": 64,
         "resnet_time_scale_shift": "scale_shift",
         "norm_num_groups": 32,
+        "attn_norm_num_groups": 32,  # ADM's middle attention has a GroupNorm (diffusers drops it under scale_shift)
         "flip_sin_to_cos": True,
         "freq_shift": 0,
     },

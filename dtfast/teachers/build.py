@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import shutil
+from dtfast import _files
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ from torch import nn
 
 from .archs import ADM_SCHEDULER, LATENT_ARCHS, PIXEL_ARCHS, pixel_arch
 from .base import FrozenDiffusionTeacher, TeacherOptions, warn_random
-from .loading import EMBEDDED_PREFIX, detect_layout, resolve_pretrained, scheduler_folder
+from .loading import EMBEDDED_PREFIX, TEACHER_INFO, detect_layout, resolve_pretrained, scheduler_folder
 from .pixel import DiffusionTeacher
 
 logger = logging.getLogger("dtfast.teachers")
@@ -133,3 +136,33 @@ def build_teacher(
     if device.type != "meta":
         warn_random(arch)
     return teacher
+
+
+def export_teacher(unet: nn.Module, scheduler, folder: str | os.PathLike, info: dict[str, Any],
+                   strides: Sequence[int] = (4, 8, 16, 32)) -> None:
+    """Write a pixel teacher as ``folder/unet`` (safetensors), ``folder/scheduler`` and ``folder/dtfast_teacher.json``
+    (``info``, which names the ``image_size`` to check at). The folder is built under a temporary name next to
+    ``folder``, loaded back with ``build_teacher`` (features at ``strides`` for an ``image_size`` input) and only then
+    moved into place, replacing an older ``folder``: an interrupted export leaves the old folder or none, never half
+    of one."""
+    folder = os.fspath(folder)
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = _files.mkdtemp(dir=parent, prefix=".tmp_teacher_")
+    try:
+        unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
+        scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+        with open(os.path.join(tmp, TEACHER_INFO), "w") as fh:
+            json.dump(info, fh, indent=2, default=str)
+        _files.set_default_modes(tmp)
+        teacher = build_teacher(pretrained=tmp, timestep=0, strides=strides)
+        size = int(info["image_size"])
+        teacher.feature_shapes(size, size)  # raises if the folder is not a usable teacher at this size
+        old = folder + ".old"
+        if os.path.exists(folder):
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)

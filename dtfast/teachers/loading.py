@@ -38,6 +38,7 @@ def _download_help(name: str) -> str:
 
 
 EMBEDDED_PREFIX = "embedded:"
+TEACHER_INFO = "dtfast_teacher.json"  # written next to unet/ and scheduler/ by dtfast's exports
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
@@ -45,7 +46,7 @@ def embedded_teachers() -> list[str]:
     """Names of the teachers shipped inside the package (``dtfast/assets/<name>``)."""
     if not ASSETS.is_dir():
         return []
-    return sorted(p.name for p in ASSETS.iterdir() if (p / "dtfast_teacher.json").is_file())
+    return sorted(p.name for p in ASSETS.iterdir() if (p / TEACHER_INFO).is_file())
 
 
 def resolve_pretrained(pretrained: str | os.PathLike) -> Path:
