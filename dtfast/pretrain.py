@@ -4,6 +4,8 @@
     torchrun --nproc_per_node 8 -m dtfast.pretrain --config configs/imagenet_r50_adm256.yaml out=runs/r50
 
 With no arguments it runs the embedded demo (procedural images, small teacher, ResNet-18) on CPU or GPU.
+``train.export_only=true`` writes the backbone of a checkpoint (the latest, or ``train.resume=<folder>``) as
+``<out>/backbone_step_<N>.safetensors`` without training.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
 
     trainer = Trainer(cfg)
     try:
-        trainer.train()
+        if cfg.train.export_only:
+            trainer.export_checkpoint()
+        else:
+            trainer.train()
+    except FileNotFoundError as exc:  # export_only without a checkpoint, or train.resume=<missing folder>
+        print(f"dtfast.pretrain: {exc}", file=sys.stderr)
+        return 2
     finally:
         trainer.close()
     # 128 + signal number after a preemption stop: torchrun --max-restarts and schedulers then restart the job,

@@ -102,6 +102,34 @@ def test_resume_refuses_a_different_config(tmp_path):
         _run(out, 6, ["student.width=16"])
 
 
+def test_export_only_writes_a_checkpoints_backbone(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from dtfast.pretrain import main
+
+    torch.set_num_threads(1)
+    out = str(tmp_path / "run")
+    _run(out, 6)  # checkpoints at steps 3 and 6, backbone.safetensors at 6
+    files = {name: open(os.path.join(out, name), "rb").read() for name in ("config.yaml", "metrics.jsonl")}
+    checkpoints = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    args = [f"out={out}", "train.max_steps=6", "train.save_every=3", "loss.backend=torch", *SMALL,
+            "train.export_only=true"]
+    assert main([*args, f"train.resume={out}/checkpoints/step_3"]) == 0
+    assert main(args) == 0  # train.resume=auto: the latest, step 6
+    final = load_file(os.path.join(out, "backbone.safetensors"))
+    step6 = load_file(os.path.join(out, "backbone_step_6.safetensors"))
+    step3 = load_file(os.path.join(out, "backbone_step_3.safetensors"))
+    assert step6.keys() == final.keys() == step3.keys()
+    assert all(torch.equal(step6[k], final[k]) for k in final)
+    assert not torch.equal(step3["conv1.weight"], final["conv1.weight"])
+    # the run itself is left as it was
+    assert {name: open(os.path.join(out, name), "rb").read() for name in files} == files
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == checkpoints
+    capsys.readouterr()
+    assert main([f"out={tmp_path / 'empty'}", *SMALL, "train.export_only=true"]) == 2
+    assert "train.export_only: no checkpoint to export" in capsys.readouterr().err
+
+
 def test_cli_reports_bad_keys():
     proc = subprocess.run([sys.executable, "-m", "dtfast.pretrain", "train.lrr=1"], env=_env(),
                           capture_output=True, text=True, timeout=120)

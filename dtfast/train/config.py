@@ -93,6 +93,9 @@ class TrainConfig:
     save_every: int = _f(50, "write a checkpoint every N steps (and at the end); 0 = only at the end")
     keep_last: int = _f(2, "checkpoints to keep")
     resume: str = _f("auto", "auto (latest checkpoint in out/ if any) | never | path to a checkpoint folder")
+    export_only: bool = _f(False, "do not train: load the checkpoint train.resume names (auto: the latest in out/), "
+                                  "write out/backbone_step_<N>.safetensors and exit (same launcher and process count "
+                                  "as the run that wrote it)")
     bf16: bool = _f(True, "bf16 autocast for the student on GPU (CPU runs stay fp32)")
     compile: bool = _f(False, "torch.compile the student and regressor")
     cudnn_benchmark: bool = _f(True, "GPU: let cuDNN time its convolution algorithms once per input shape (the "

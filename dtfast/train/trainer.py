@@ -166,22 +166,29 @@ class Trainer:
         self._print(f"checkpoint: {path}")
         return path
 
-    def maybe_resume(self) -> None:
+    def _load_checkpoint(self) -> str | None:
+        """Load the checkpoint train.resume names (auto: the latest in out/, if any) into the engine and set the step;
+        its path, or None when there is none to load."""
         mode = self.cfg.train.resume
         if mode in ("never", ""):
-            return
+            return None
         # rank 0 decides, so that every rank loads the same checkpoint (or none)
         path = broadcast_object(ckpt.read_latest(self.cfg.out) if mode == "auto" else mode, self.dist)
         if path is None:
-            return
+            return None
         if not os.path.isdir(path):
             raise FileNotFoundError(f"train.resume={mode}: no checkpoint folder at {path}")
         meta = dist_ckpt.read_meta(path)
         dist_ckpt.check_compatible(path, meta, to_dict(self.cfg), RESUME_KEYS, self.engine, self.dist.world_size)
         dist_ckpt.load(self.engine, path, self.dist)
         self.step = int(meta["step"])
-        self._truncate_metrics(self.step)
-        self._print(f"resumed from {path} at step {self.step}")
+        return path
+
+    def maybe_resume(self) -> None:
+        path = self._load_checkpoint()
+        if path is not None:
+            self._truncate_metrics(self.step)
+            self._print(f"resumed from {path} at step {self.step}")
 
     def _truncate_metrics(self, step: int) -> None:
         if self.dist.is_main:
@@ -352,8 +359,20 @@ class Trainer:
                   f"at {at:.4f}  lr {lr:.2e}  {record['img_per_s']:.1f} img/s  "
                   f"data {100 * record['data_wait_frac']:.0f}%", flush=True)
 
-    def export(self) -> str | None:
-        path = os.path.join(self.cfg.out, "backbone.safetensors")
+    def export_checkpoint(self) -> str:
+        """train.export_only: the backbone of the checkpoint train.resume names, as out/backbone_step_<N>.safetensors
+        (a checkpoint of a run in progress or preempted, e.g. to evaluate it), without training or touching the
+        run's config.yaml, metrics or checkpoints."""
+        path = self._load_checkpoint()
+        if path is None:
+            raise FileNotFoundError(f"train.export_only: no checkpoint to export (train.resume="
+                                    f"{self.cfg.train.resume!r}, {ckpt.checkpoint_dir(self.cfg.out)} has none); point "
+                                    "train.resume at a checkpoint folder")
+        self._print(f"loaded {path} (step {self.step})")
+        return self.export(os.path.join(self.cfg.out, f"backbone_step_{self.step}.safetensors"))
+
+    def export(self, path: str | None = None) -> str | None:
+        path = path or os.path.join(self.cfg.out, "backbone.safetensors")
         state = self.engine.backbone_state_dict()  # collective under ZeRO-3: gathers the shards on every rank
         if self.dist.is_main:
             ckpt.save_safetensors_atomic(state, path,
