@@ -165,14 +165,18 @@ def test_opcheck_cuda():
     torch.library.opcheck(bwd_op.default, (*grads, student, teacher, saved, 0, 0))
 
 
+# flushed markers (and faulthandler in the child): a crash shows whether it came during the call or after it, e.g.
+# at interpreter exit, where an unflushed "ERROR:" line would otherwise be lost with the process
 _MISMATCH_SCRIPT = """
 import torch, dtfast._C
 student = [torch.randn(2, 8, 4, 4, device="cuda")]
 teacher = [torch.randn(2, 8, 4, 4)]
+print("CALLING", flush=True)
 try:
     torch.ops.dtfast.dreamteacher_loss_fwd(student, teacher, 0, 0)
 except RuntimeError as error:
-    print("ERROR:", error)
+    print("ERROR:", error, flush=True)
+print("RETURNED", flush=True)
 """
 
 
@@ -186,7 +190,7 @@ def test_device_mismatch_is_a_clear_error():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", _MISMATCH_SCRIPT], capture_output=True, text=True, timeout=120,
-                          env=env)
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _MISMATCH_SCRIPT], capture_output=True,
+                          text=True, timeout=120, env=env)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     assert "level 0: student on cuda:0, teacher on cpu" in proc.stdout, proc.stdout + proc.stderr[-3000:]
