@@ -168,7 +168,9 @@ def test_opcheck_cuda():
 # flushed markers (and faulthandler in the child): a crash shows whether it came during the call or after it, e.g.
 # at interpreter exit, where an unflushed "ERROR:" line would otherwise be lost with the process
 _MISMATCH_SCRIPT = """
-import torch, dtfast._C
+import torch
+import dtfast._C
+print("IMPORTED", flush=True)
 student = [torch.randn(2, 8, 4, 4, device="cuda")]
 teacher = [torch.randn(2, 8, 4, 4)]
 print("CALLING", flush=True)
