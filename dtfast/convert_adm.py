@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from dtfast import _deps
+
+    if message := _deps.check("python -m dtfast.convert_adm", _deps.CONVERT):
+        print(message, file=sys.stderr)
+        return 2
     import torch
 
     from dtfast.teachers.convert import ConversionError, convert_checkpoint

@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML file with any of the keys below")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the YAML file")
     args = parser.parse_args(argv)
+    from dtfast import _deps
+
+    if message := _deps.check("python -m dtfast.evaluate"):
+        print(message, file=sys.stderr)
+        return 2
     try:
         cfg = load_eval_config(args.config, args.overrides)
     except ConfigError as exc:

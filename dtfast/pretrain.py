@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     from dtfast.train.config import ConfigError, load_config
 
     config_path, overrides = parse_args(argv)
+    from dtfast import _deps
+
+    if message := _deps.check("python -m dtfast.pretrain"):
+        print(message, file=sys.stderr)
+        return 2
     try:
         cfg = load_config(config_path, overrides)
     except ConfigError as exc:

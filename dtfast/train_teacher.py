@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     from dtfast.teacher_training.config import ConfigError, load_teacher_config
 
     config_path, overrides = parse_args(argv)
+    from dtfast import _deps
+
+    if message := _deps.check("python -m dtfast.train_teacher"):
+        print(message, file=sys.stderr)
+        return 2
     try:
         cfg = load_teacher_config(config_path, overrides)
     except ConfigError as exc:

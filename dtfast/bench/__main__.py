@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dtfast.bench.core import run_benchmark
 from dtfast.train.config import ConfigError
 
 
@@ -35,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text(BenchConfig, prefix="bench."))
         return 0
     overrides = list(args.overrides) + (["bench.sweep=true"] if args.sweep else [])
+    from dtfast import _deps
+
+    if message := _deps.check("python -m dtfast.bench"):
+        print(message, file=sys.stderr)
+        return 2
+    from dtfast.bench.core import run_benchmark
+
     try:
         result = run_benchmark(args.config or None, overrides, out=args.out or None, argv=sys.argv)
     except ConfigError as error:
