@@ -184,9 +184,10 @@ done
 # ---- 6. teacher benchmark ------------------------------------------------------------------------------------------
 if [[ -f benchmarks/teacher_bench.py ]]; then
     # default: ADM-256 only, eager vs compiled (a compile takes ~60 s on an H200; SD-1.5 and the other switches with
-    # TEACHER_BENCH_ARGS, e.g. "--archs adm256,sd15")
+    # TEACHER_BENCH_ARGS, e.g. "--archs adm256,sd15"); --profile: where each row's GPU time goes (conv, attention,
+    # fused Triton, norm, layout), for the 60%-of-peak target of issue #4
     run_stage teacher_bench "$(cap teacher_bench 120)" $PY benchmarks/teacher_bench.py --device cuda \
-        ${TEACHER_BENCH_ARGS:---archs adm256 --rows fast-eager,+compile,+compile+cuda_graph --budget-s 110}
+        ${TEACHER_BENCH_ARGS:---archs adm256 --rows fast-eager,+compile,+compile+cuda_graph --budget-s 110 --profile}
 else
     missing teacher_bench benchmarks/teacher_bench.py
 fi

@@ -181,12 +181,16 @@ class Setup:
         self.images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
 
 
-def run_row(row: Row, setup: Setup, record: dict, warmup: int, min_iters: int, target_s: float, peak: float) -> dict:
-    """Time one row into `record` (status "ok" or "failed: ...")."""
+def run_row(row: Row, setup: Setup, record: dict, warmup: int, min_iters: int, target_s: float, peak: float,
+            profile: bool = False) -> dict:
+    """Time one row into `record` (status "ok" or "failed: ..."); with `profile`, also where its time goes."""
     teacher = None
     try:
         teacher = setup.components.teacher(row.dtype, row.options)
         timing = time_teacher(teacher, setup.images, warmup, min_iters, target_s)
+        if profile:
+            record["profile"] = profile_teacher(teacher, setup.images)
+            print(format_profile(f"{row.arch} {row.name}", record["profile"]))
     except Exception as error:  # noqa: BLE001 - one broken row must not hide the others
         record["status"] = f"failed: {type(error).__name__}: {str(error)[:160]}"
         print(f"{row.arch} {row.name}: {record['status']}")
@@ -261,6 +265,83 @@ def time_teacher(teacher: nn.Module, images: torch.Tensor, warmup: int, min_iter
     return {"first_call_s": first, "batch_s": batch_s, "median_s": statistics.median(times), "iters": len(times)}
 
 
+# Where a teacher forward's device time goes, by kernel (CUDA) or operator (CPU) name. First match wins; names are
+# lower-cased. cuDNN/CUTLASS convolutions are "*fprop*"/"*implicit_gemm*"/"*conv*"; SDPA is flash/"fmha"/efficient.
+KERNEL_CATEGORIES = [
+    ("fused (triton)", ("triton",)),  # inductor's kernels are named after the ops they fuse: match them first
+    ("layout", ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "memcpy", "memset", "contiguous", "cat")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("conv", ("conv", "fprop", "implicit_gemm", "winograd", "cudnn", "nhwckrsc")),
+    ("matmul", ("gemm", "matmul", "addmm", "bmm", "aten::mm", "linear", "cutlass", "xmma")),
+    ("norm", ("group_norm", "groupnorm", "layer_norm", "batch_norm")),
+    ("elementwise", ("silu", "add", "mul", "elementwise", "vectorized", "unrolled", "interpolate", "upsample",
+                     "avg_pool", "pool")),
+]
+
+
+def kernel_category(name: str) -> str:
+    lower = name.lower()
+    for category, needles in KERNEL_CATEGORIES:
+        if any(n in lower for n in needles):
+            return category
+    return "other"
+
+
+def profile_teacher(teacher: nn.Module, images: torch.Tensor, iters: int = 2, top: int = 12) -> dict:
+    """torch.profiler over `iters` calls of an already warmed-up teacher: device time per category and the top
+    kernels (CUDA: kernel self time; CPU: operator self time), and on CUDA how busy the GPU was over its span."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = images.is_cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(images.device)
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            teacher(images)
+        sync(images.device)
+    kernels: dict[str, list] = {}
+    spans = []
+    if cuda:
+        for evt in prof.events():
+            if getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
+                entry = kernels.setdefault(evt.name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += evt.time_range.elapsed_us()
+                spans.append((evt.time_range.start, evt.time_range.end))
+    else:
+        for avg in prof.key_averages():
+            if avg.self_cpu_time_total > 0 and avg.key.startswith("aten::"):
+                kernels[avg.key] = [avg.count, avg.self_cpu_time_total]
+    busy = sum(t for _, t in kernels.values())
+    categories: dict[str, float] = {}
+    for name, (_, t) in kernels.items():
+        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + t
+    report = {
+        "iters": iters,
+        "busy_ms_per_iter": busy / iters / 1e3,
+        "categories_ms_per_iter": {c: t / iters / 1e3 for c, t in sorted(categories.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": name[:120], "category": kernel_category(name), "calls_per_iter": n / iters,
+                 "ms_per_iter": t / iters / 1e3}
+                for name, (n, t) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]],
+    }
+    if spans:
+        span = max(e for _, e in spans) - min(b for b, _ in spans)
+        report["span_ms_per_iter"] = span / iters / 1e3
+        report["gpu_idle_fraction"] = max(0.0, 1.0 - busy / span) if span else None
+    return report
+
+
+def format_profile(row: str, report: dict) -> str:
+    busy = report["busy_ms_per_iter"] or 1e-9
+    parts = ", ".join(f"{c} {t:.2f} ms ({100 * t / busy:.0f}%)" for c, t in report["categories_ms_per_iter"].items())
+    lines = [f"profile {row}: busy {report['busy_ms_per_iter']:.2f} ms/iter"
+             + (f", GPU idle {100 * report['gpu_idle_fraction']:.1f}% of its span"
+                if report.get("gpu_idle_fraction") is not None else "") + f": {parts}"]
+    lines += [f"    {k['ms_per_iter']:8.3f} ms  x{k['calls_per_iter']:<5g} {k['category']:<14s} {k['name']}"
+              for k in report["top"]]
+    return "\n".join(lines)
+
+
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -327,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--min-iters", type=int, default=None, help="timed batches per row (GPU 3, CPU 2)")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to benchmarks/results")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing each row, torch.profiler over 2 batches: device time by category (conv, "
+                             "attention, matmul, fused Triton, norm, elementwise, layout) and the top kernels; "
+                             "recorded in the row's JSON")
     args = parser.parse_args(argv)
 
     preset_name = args.preset or ("gpu-full" if args.device == "cuda" else "cpu-small")
@@ -390,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                 record["status"] = f"skipped (budget: {left:.0f}s left)"
                 results.append(record)
                 continue
-            results.append(run_row(row, setup, record, args.warmup, min_iters, target_s, peak))
+            results.append(run_row(row, setup, record, args.warmup, min_iters, target_s, peak, args.profile))
             if not args.no_record and record["status"] == "ok":
                 append_jsonl(record)
     except KeyboardInterrupt:
