@@ -138,13 +138,22 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(Step(layers))
         self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
 
-    def forward(self, x, timesteps):
+    def forward(self, x, timesteps, features: bool = False):
+        """The model output; with `features`, also each decoder level's output before its upsampler (DESIGN.md's
+        teacher features: output blocks 3, 6, 9, ... without their last, upsampling ResBlock), lowest resolution
+        first."""
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
-        hs, h = [], x
+        hs, h, levels = [], x, []
         for block in self.input_blocks:
             h = block(h, emb)
             hs.append(h)
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h)
+            h = torch.cat([h, hs.pop()], dim=1)
+            for layer in block:
+                if isinstance(layer, ResBlock) and layer.up:
+                    levels.append(h)
+                h = layer(h, emb)
+        levels.append(h)
+        out = self.out(h)
+        return (out, levels) if features else out

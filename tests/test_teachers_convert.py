@@ -69,6 +69,26 @@ def test_converted_unet_matches_guided_diffusion(scale_shift, new_order):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_teacher_features_are_adms_decoder_levels(tmp_path):
+    # the features dtfast distils (walk_unet on the converted UNet, early exit) are guided-diffusion's decoder levels
+    # before their upsamplers, at strides 4, 8, 16, 32 (DESIGN.md section 1)
+    from dtfast.teachers.unet_walk import feature_blocks, walk_unet
+
+    reference = small_adm(seed=5)
+    unet = converted_unet(reference)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    t = torch.tensor([150])
+    strides = (4, 8, 16, 32)
+    with torch.no_grad():
+        _, levels = reference(x, t.expand(2), features=True)
+        features, output = walk_unet(unet, x, t, feature_blocks(unet, strides), early_exit=True)
+    assert output is None  # stopped after the stride-4 level
+    by_stride = {64 // level.shape[-1]: level for level in levels}
+    for stride, feature in zip(strides, features):
+        assert feature.shape == by_stride[stride].shape
+        torch.testing.assert_close(feature, by_stride[stride], rtol=1e-6, atol=1e-6)
+
+
 def test_wrong_qkv_order_is_visible():
     # the same weights read with the other head layout give a different network: the test above can fail
     reference = small_adm()
