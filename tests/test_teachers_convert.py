@@ -183,6 +183,14 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
     junk.write_bytes(b"not a checkpoint")
     assert convert_main([str(junk), str(tmp_path / "out")]) == 2
     assert "junk.pt: not a readable PyTorch state dict" in capsys.readouterr().err
+    listing = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], listing)
+    assert convert_main([str(listing), str(tmp_path / "out")]) == 2
+    assert "list.pt: expected a state dict (name -> tensor), got a list" in capsys.readouterr().err
+    mixed = tmp_path / "mixed.pt"
+    torch.save({"input_blocks.0.0.weight": torch.zeros(1), "step": 5}, mixed)
+    assert convert_main([str(mixed), str(tmp_path / "out")]) == 2
+    assert "'step' is of type int, not a tensor" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -245,8 +245,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as error:  # noqa: BLE001 - corrupt, truncated, or not a PyTorch file: one clear message
         raise ConversionError(f"{path}: not a readable PyTorch state dict ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''})") from error
-    if not isinstance(state, dict) or not all(isinstance(v, (torch.Tensor, dict)) for v in state.values()):
-        raise ConversionError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path}: expected a state dict (name -> tensor), got a {type(state).__name__}")
+    odd = [k for k, v in state.items() if not isinstance(v, (torch.Tensor, dict))]
+    if odd:
+        raise ConversionError(f"{path}: expected a state dict (name -> tensor); {odd[0]!r} is of type "
+                              f"{type(state[odd[0]]).__name__}, not a tensor")
     return state
 
 
