@@ -27,3 +27,43 @@ def test_nothing_missing_here():
     from dtfast import _deps
 
     assert _deps.check("x") is None and _deps.check("x", _deps.CONVERT) is None
+
+
+_OPS_ONLY = """
+import importlib.abc, sys
+
+BLOCKED = {"timm", "diffusers", "deepspeed", "safetensors", "yaml", "PIL", "transformers", "nvidia", "matplotlib",
+           "torchvision"}
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked: {name} (ops-only install)")
+        return None
+
+sys.meta_path.insert(0, Block())
+import torch
+from dtfast.ops import DreamTeacherLoss, attention_map, dreamteacher_loss
+
+student = [torch.randn(2, 8, 6, 6, requires_grad=True), torch.randn(2, 16, 3, 3, requires_grad=True)]
+teacher = [torch.randn(2, 8, 6, 6), torch.randn(2, 16, 3, 3)]
+loss = dreamteacher_loss(student, teacher)
+loss.backward()
+assert all(s.grad is not None for s in student)
+assert attention_map(teacher[0]).shape == (2, 36)
+assert DreamTeacherLoss()(student, teacher).ndim == 0
+print("OPS_ONLY_OK", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
+"""
+
+
+def test_ops_work_with_torch_and_numpy_only():
+    # user 3 of the README: `pip install -e .` gives the loss ops with torch and numpy alone
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _OPS_ONLY], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "OPS_ONLY_OK []" in proc.stdout
