@@ -137,3 +137,20 @@ def test_cli_reports_bad_keys():
     proc = subprocess.run([sys.executable, "-m", "dtfast.pretrain", "--help"], env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "teacher.timestep" in proc.stdout and "loss.at_mode" in proc.stdout
+
+
+def test_progress_reports_time_left(tmp_path, capsys):
+    from dtfast.train.trainer import format_duration
+
+    assert [format_duration(s) for s in (0.4, 45, 750, 4 * 3600 + 300, 2 * 86400 + 3 * 3600 + 59)] == [
+        "0s", "45s", "12m 30s", "4h 05m", "2d 03h"]
+    torch.set_num_threads(1)
+    out = str(tmp_path / "run")
+    _run(out, 3)
+    records = _metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    # (steps left) x (global batch 4) / (images/s of the window)
+    for r in records:
+        assert r["eta_s"] == pytest.approx((3 - r["step"]) * 4 / r["img_per_s"])
+    assert records[-1]["eta_s"] == 0
+    assert "eta 0s" in capsys.readouterr().out

@@ -45,6 +45,21 @@ RESUME_KEYS = ["teacher.arch", "teacher.pretrained", "teacher.strides", "student
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def format_duration(seconds: float) -> str:
+    """'2d 03h', '4h 05m', '12m 30s', '45s': the time left at the current speed, for the progress line."""
+    seconds = max(0, int(round(seconds)))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
 def _rank_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step) % (2**63 - 1)
 
@@ -352,12 +367,14 @@ class Trainer:
             record["grad_norm"] = parts["grad_norm"]
         if self.pipeline is not None and self.pipeline.skipped_files:
             record["data_skipped_files"] = len(self.pipeline.skipped_files)  # this rank, all epochs so far
+        global_batch = self.cfg.train.batch_size * self.dist.world_size * self.cfg.train.grad_accum
+        record["eta_s"] = (self.cfg.train.max_steps - self.step) * global_batch / max(record["img_per_s"], 1e-9)
         if self.dist.is_main:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             print(f"[dtfast] step {self.step:>6}/{self.cfg.train.max_steps}  loss {loss:.4f}  mse {mse:.4f}  "
                   f"at {at:.4f}  lr {lr:.2e}  {record['img_per_s']:.1f} img/s  "
-                  f"data {100 * record['data_wait_frac']:.0f}%", flush=True)
+                  f"data {100 * record['data_wait_frac']:.0f}%  eta {format_duration(record['eta_s'])}", flush=True)
 
     def export_checkpoint(self) -> str:
         """train.export_only: the backbone of the checkpoint train.resume names, as out/backbone_step_<N>.safetensors
