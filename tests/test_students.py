@@ -109,6 +109,8 @@ def test_mismatch_error_names_level_stride_and_shapes():
 def test_bad_configuration_errors():
     with pytest.raises(ValueError, match="not a timm model"):
         build_student("no_such_net", TEACHER_CHANNELS)
+    with pytest.raises(ValueError, match="did you mean .*convnext_base"):
+        build_student("convnext_bse", TEACHER_CHANNELS)
     with pytest.raises(ValueError, match="no feature map at stride 64"):
         build_student("resnet18", (8, 8, 8, 8, 8), strides=(4, 8, 16, 32, 64))
     with pytest.raises(ValueError, match="4 strides"):

@@ -144,7 +144,11 @@ def _create_timm_model(arch: str, pretrained: bool | str) -> nn.Module:
         return timm.create_model(arch, pretrained=bool(pretrained), **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ValueError(f"student.arch={arch!r} is not a timm model ({err})") from err
+            import difflib
+
+            close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists them)"
+            raise ValueError(f"student.arch={arch!r} is not a timm model{hint}") from err
         raise
 
 
