@@ -116,8 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         parser.error("timm is needed (the student is a timm model)")
     wanted = {r.strip() for r in args.rows.split(";") if r.strip()}
+    available = optimizers(device)
+    unknown = sorted(wanted - set(available))
+    if unknown:
+        parser.error(f"--rows: no row(s) {unknown} here; the rows on {device.type} are {list(available)}")
     records = []
-    for name, factory in optimizers(device).items():
+    for name, factory in available.items():
         if wanted and name not in wanted:
             continue
         try:

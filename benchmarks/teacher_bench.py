@@ -451,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     archs = [a for a in args.archs.split(",") if a] or list(preset["runs"])
     rows = [row for arch in archs for row in rows_for(arch, device.type, with_compile)]
+    unknown = sorted(only - {row.name for row in rows})
+    if unknown:
+        parser.error(f"--rows: no row(s) {unknown} for {archs} on {device.type} (compile rows: --compile); the rows "
+                     f"are {sorted({row.name for row in rows})}")
     rows = [row for row in rows if not only or row.name in only]
     rows.sort(key=lambda row: value_order(row, archs))  # stable: the budget drops the least valuable rows
     setups: dict[str, Setup] = {}

@@ -29,6 +29,9 @@ def test_teacher_bench_runs_rows_and_profiles(capsys):
     out = capsys.readouterr().out
     assert "| tiny | plain | 2x32 | float32 |" in out and "| tiny | fast-eager | 2x32 | float32 |" in out
     assert "profile tiny fast-eager: busy" in out and "conv" in out
+    with pytest.raises(SystemExit):  # a misspelt row is an error, not an empty table
+        bench.main(["--archs", "tiny", "--rows", "fast_eager", "--no-record"])
+    assert "no row(s) ['fast_eager']" in capsys.readouterr().err
 
 
 def test_profile_categories_add_up():
