@@ -145,9 +145,15 @@ def saved_bytes(fn, inputs) -> int:
     return sum(seen.values())
 
 
+BACKEND_NAMES = ("torch", "compile", "triton", "cpu", "cuda")
+
+
 def variants(args):
     """name -> loss closure; skipped variants map to the reason."""
-    chosen = None if args.backends == "all" else set(args.backends.split(","))
+    chosen = None if args.backends == "all" else {b.strip() for b in args.backends.split(",") if b.strip()}
+    unknown = sorted((chosen or set()) - set(BACKEND_NAMES))
+    if unknown:
+        raise SystemExit(f"loss_bench: --backends: unknown {unknown}; choose from {','.join(BACKEND_NAMES)} or all")
     opts = dict(whiten=args.whiten, at_mode=args.at_mode, check_finite=False)
     out = {}
 

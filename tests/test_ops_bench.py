@@ -31,6 +31,13 @@ def test_loss_bench_quick_run_records_a_row(tmp_path, capsys):
     assert "| byte floor |" in (tmp_path / "loss_bench.md").read_text()
 
 
+def test_loss_bench_unknown_backend_is_an_error(tmp_path):
+    bench = load_bench()
+    with pytest.raises(SystemExit, match=r"unknown \['foo'\]"):
+        bench.main(["--quick", "--backends", "torch,foo", "--repeats", "1", "--results-dir", str(tmp_path)])
+    assert not (tmp_path / "loss_bench.jsonl").exists()
+
+
 def test_loss_host_overhead_smoke(monkeypatch, capsys):
     """benchmarks/loss_host_overhead.py on tiny maps: every row measured, the Triton kernels restored afterwards."""
     pytest.importorskip("triton")
