@@ -6,7 +6,8 @@
 
 The paper's ImageNet teacher is `256x256_diffusion_uncond.pt` from https://github.com/openai/guided-diffusion
 (https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt). The defaults fit it
-and every released ADM model (64-channel heads, legacy qkv order, linear 1000-step schedule).
+and the LSUN models (lsun_bedroom.pt, lsun_cat.pt, lsun_horse.pt): 64-channel heads, legacy qkv order, linear
+1000-step schedule. The other released models are class-conditional, which a teacher cannot use.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("out", help="the folder to write (must not exist unless --overwrite)")
     parser.add_argument("--num-head-channels", type=int, default=64,
                         help="attention head width the model was trained with (guided-diffusion's "
-                             "--num_head_channels; 64 for all released ADM models)")
+                             "--num_head_channels; 64 for the unconditional ImageNet and the LSUN models)")
     parser.add_argument("--attention-order", choices=["legacy", "new"], default="legacy",
                         help="qkv layout: legacy (default, the released checkpoints) or new "
                              "(trained with --use_new_attention_order True)")

@@ -8,9 +8,9 @@ blocks, attention at the levels the checkpoint has it, scale-shift norm); `conve
 
 The architecture is read from the tensors (widths, levels, blocks per level, attention levels, scale-shift norm,
 learned sigma); what the tensors cannot tell is an argument: the attention head width (`num_head_channels`, 64 in
-every released ADM model), the order of the fused qkv projection (`attention_order`: "legacy", the default of
-guided-diffusion and of its released checkpoints, splits heads before q/k/v; "new" is `use_new_attention_order`)
-and the noise schedule (`--noise-schedule`, `--diffusion-steps`).
+the unconditional ImageNet and LSUN models), the order of the fused qkv projection (`attention_order`: "legacy",
+the default of guided-diffusion and of those checkpoints, splits heads before q/k/v; "new" is
+`use_new_attention_order`) and the noise schedule (`--noise-schedule`, `--diffusion-steps`).
 
 Checked against an independent float64 implementation of guided-diffusion's UNet (tests/guided_diffusion_ref.py):
 the converted UNet2DModel gives the same output for every supported variant.
