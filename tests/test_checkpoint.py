@@ -82,3 +82,26 @@ def test_written_files_get_the_usual_permissions(tmp_path, umask):
     assert oct(os.stat(os.path.join(folder, "model.safetensors")).st_mode & 0o777) == oct(0o666 & ~umask)
     latest = os.path.join(ckpt.checkpoint_dir(str(tmp_path / "run")), ckpt.LATEST)
     assert oct(os.stat(latest).st_mode & 0o777) == oct(0o666 & ~umask)
+
+
+def test_truncate_metrics_drops_a_line_cut_short(tmp_path):
+    # a crash (node failure, disk full) can leave half a line at the end: resume must not stop on it
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    ckpt.truncate_metrics(str(path), 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    path.write_text('{"step": 1}\n{"step": 2}')  # complete records, the last without its newline
+    ckpt.truncate_metrics(str(path), 5)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_set_aside_metrics(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert ckpt.set_aside_metrics(str(path)) is None
+    path.write_text("")
+    assert ckpt.set_aside_metrics(str(path)) is None and path.exists()
+    for n in (1, 2):
+        path.write_text(f'{{"step": {n}}}\n')
+        assert ckpt.set_aside_metrics(str(path)) == str(tmp_path / f"metrics.{n}.jsonl")
+        assert not path.exists()
+    assert (tmp_path / "metrics.2.jsonl").read_text() == '{"step": 2}\n'

@@ -87,7 +87,11 @@ def test_sigterm_on_one_rank_writes_a_loadable_checkpoint(tmp_path):
     out, log_path = str(tmp_path / "run"), str(tmp_path / "run.log")
     proc = launch([f"out={out}", "train.max_steps=500", "train.save_every=0", *RUN], log_path)
     wait_for(lambda: len(logged_steps(out)) >= 2, proc, log_path)
-    os.kill(worker_pid(proc, rank=1), signal.SIGTERM)  # only rank 1: rank 0 learns it through the any-rank check
+    # only rank 1 (rank 0 learns it through the any-rank check), and twice, as under Slurm + torchrun
+    pid = worker_pid(proc, rank=1)
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(0.05)
+    os.kill(pid, signal.SIGTERM)
     text = finish(proc, log_path)
     match = re.search(r"stopped by signal at step (\d+)", text)
     assert match, text[-5000:]
@@ -109,6 +113,24 @@ def test_sigterm_on_one_rank_writes_a_loadable_checkpoint(tmp_path):
     assert f"at step {stopped}" in resume.stdout
     assert logged_steps(out) == list(range(1, stopped + 3))
     assert os.path.isfile(os.path.join(out, "backbone.safetensors"))
+
+
+def test_repeated_signal_still_checkpoints_and_a_third_exits():
+    """Slurm signals every process of a job step and torchrun forwards its own SIGTERM too: a worker sees the same
+    stop request twice. The second must not abort the checkpoint; a third one exits at once."""
+    from dtfast.train.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    trainer._stop_signal, trainer._signals_while_stopping, trainer._in_loop = None, 0, True
+    trainer._on_signal(signal.SIGTERM, None)
+    assert trainer._stop_signal == signal.SIGTERM
+    trainer._on_signal(signal.SIGTERM, None)  # ignored: still stopping cleanly
+    with pytest.raises(SystemExit) as exc:
+        trainer._on_signal(signal.SIGINT, None)
+    assert exc.value.code == 128 + signal.SIGINT
+    trainer._in_loop = False  # outside the step loop there is no step to finish
+    with pytest.raises(SystemExit):
+        Trainer._on_signal(trainer, signal.SIGTERM, None)
 
 
 def test_exit_code_reports_the_signal():

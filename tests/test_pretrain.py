@@ -130,6 +130,19 @@ def test_export_only_writes_a_checkpoints_backbone(tmp_path, capsys):
     assert "train.export_only: no checkpoint to export" in capsys.readouterr().err
 
 
+def test_fresh_start_sets_earlier_metrics_aside(tmp_path, capsys):
+    # a used folder started from step 0 (train.resume=never here; also a crash before the first checkpoint): the
+    # earlier attempt's lines move to metrics.1.jsonl instead of mixing with the new run's
+    torch.set_num_threads(1)
+    out = str(tmp_path / "run")
+    _run(out, 3)
+    _run(out, 2, ["train.resume=never"])
+    assert [r["step"] for r in _metrics(out)] == [1, 2]
+    with open(os.path.join(out, "metrics.1.jsonl")) as fh:
+        assert [json.loads(line)["step"] for line in fh] == [1, 2, 3]
+    assert "metrics of an earlier attempt went to" in capsys.readouterr().out
+
+
 def test_cli_reports_bad_keys():
     proc = subprocess.run([sys.executable, "-m", "dtfast.pretrain", "train.lrr=1"], env=_env(),
                           capture_output=True, text=True, timeout=120)

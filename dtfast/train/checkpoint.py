@@ -163,12 +163,37 @@ def compare_configs(saved: dict[str, Any], current: dict[str, Any], keys: list[s
     return diffs
 
 
+def _metric_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, TypeError, AttributeError):  # a line cut short by a crash, disk full, ...
+        return None
+
+
 def truncate_metrics(path: str, step: int) -> None:
-    """Drop the lines of a metrics.jsonl logged after ``step`` (a resumed run logs them again), atomically."""
+    """Drop the lines of a metrics.jsonl logged after ``step`` (a resumed run logs them again), and lines that are
+    not complete JSON records (cut short by a crash), atomically."""
     if not os.path.isfile(path):
         return
     with open(path) as fh:
         lines = [line for line in fh if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
+    kept = []
+    for line in lines:
+        logged = _metric_step(line)
+        if logged is not None and logged <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
         atomic_write_text(path, "".join(kept))
+
+
+def set_aside_metrics(path: str) -> str | None:
+    """Move a non-empty metrics.jsonl to ``metrics.<n>.jsonl`` (the first free n) before a run starts from step 0;
+    the new name, or None when there was nothing to move."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    stem, ext = os.path.splitext(path)
+    n = 1
+    while os.path.exists(f"{stem}.{n}{ext}"):
+        n += 1
+    os.replace(path, f"{stem}.{n}{ext}")
+    return f"{stem}.{n}{ext}"

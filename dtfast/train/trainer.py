@@ -68,6 +68,7 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, dist_info: DistInfo | None = None):
         self.cfg = cfg
         self._stop_signal: int | None = None
+        self._signals_while_stopping = 0
         self._in_loop = False
         self._install_signal_handlers()  # before the (slow) set-up: a signal then still ends in a clean stop
         self.dist = dist_info or init_distributed(cfg.device, cfg.dist.backend, cfg.dist.timeout_minutes)
@@ -204,6 +205,12 @@ class Trainer:
         if path is not None:
             self._truncate_metrics(self.step)
             self._print(f"resumed from {path} at step {self.step}")
+        elif self.dist.is_main:
+            # a fresh start in a used folder (a crash before the first checkpoint, or train.resume=never): the old
+            # lines would mix with this run's
+            moved = ckpt.set_aside_metrics(os.path.join(self.cfg.out, "metrics.jsonl"))
+            if moved:
+                self._print(f"starting from step 0: the metrics of an earlier attempt went to {moved}")
 
     def _truncate_metrics(self, step: int) -> None:
         if self.dist.is_main:
@@ -215,11 +222,22 @@ class Trainer:
             print(f"[dtfast] {msg}", flush=True)
 
     def _on_signal(self, signum, frame) -> None:
-        if not self._in_loop or self._stop_signal is not None:
-            # outside the step loop (set-up, resume, export) there is no step to finish, and a second signal means
-            # "now": leave at once; the last complete checkpoint stays valid
+        if not self._in_loop:
+            # outside the step loop (set-up, resume, export) there is no step to finish: leave at once; the last
+            # complete checkpoint stays valid
             raise SystemExit(128 + signum)
-        self._stop_signal = signum  # finish this step, checkpoint on every rank, then stop
+        if self._stop_signal is None:
+            self._stop_signal = signum  # finish this step, checkpoint on every rank, then stop
+            return
+        # A stop is pending. One more signal is usually the same request delivered twice (Slurm signals every
+        # process of the job step and torchrun forwards its own SIGTERM to the workers): keep writing the
+        # checkpoint. A third one means "now".
+        self._signals_while_stopping += 1
+        if self._signals_while_stopping == 1:
+            os.write(2, b"[dtfast] signal repeated while stopping: still finishing the step and its checkpoint "
+                        b"(one more signal exits at once)\n")  # os.write: print is not safe in a signal handler
+            return
+        raise SystemExit(128 + signum)
 
     @property
     def exit_code(self) -> int:
@@ -328,6 +346,7 @@ class Trainer:
             self._close_pipeline()
         if stopped:
             return None
+        self._stop_signal = None  # a signal after the last step's check has nothing left to stop: the run is done
         if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
             self.save()
         return self.export()
