@@ -109,6 +109,62 @@ def test_dali_skips_or_fails_on_undecodable_files(tmp_path):
         list(DaliLoader(strict, 2, seed=0, num_threads=1, shuffle=False))
 
 
+@needs_dali
+def test_dali_survives_many_undecodable_files(tmp_path):
+    # 70 bad files, each in its own prefetch window: 70 repairs in one epoch (the loader used to give up after 64)
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "a")
+    for i in range(280):
+        pixels = np.full((20 + i % 7, 24 + i % 5, 3), rng.integers(0, 256, 3), np.uint8)
+        path = tmp_path / "a" / f"{i:03d}.jpg"
+        Image.fromarray(pixels).save(path, "JPEG", quality=95)
+        if i % 4 == 0:
+            path.write_bytes(b"\xff\xd8 garbage" * 30)
+    data = ImageFolder(str(tmp_path), 16, split="val")
+    loader = DaliLoader(data, 1, num_threads=1, shuffle=False)
+    batches, _ = collect(loader)
+    reference = build_loader(ImageFolder(str(tmp_path), 16, split="val"), 1, num_workers=0, shuffle=False)
+    expected, _ = collect(reference)
+    assert len(batches) == len(expected) == 280 and len(loader.skipped_files) == 70
+    assert all((a.int() - b.int()).abs().max() <= 2 for (a, _), (b, _) in zip(batches, expected))
+
+
+@needs_dali
+def test_dali_reads_files_that_only_pil_decodes(tmp_path):
+    # a GIF named .jpg: PIL (the torch backend) decodes it, DALI's decoder cannot; DALI then reads a lossless PNG
+    # of PIL's decoding, so the batch and its pixels are the torch backend's
+    smooth_folder(tmp_path, per_class=3)
+    gif = tmp_path / "bee" / "01.jpg"
+    with Image.open(gif) as image:
+        image.convert("RGB").save(gif, "GIF")
+    data = ImageFolder(str(tmp_path), 16, split="val")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = DaliLoader(data, 2, num_threads=1, shuffle=False)
+        batches = list(loader)
+    assert any("DALI cannot decode" in str(w.message) and "01.jpg" in str(w.message) for w in caught)
+    expected, _ = collect(build_loader(ImageFolder(str(tmp_path), 16, split="val"), 2, num_workers=0, shuffle=False))
+    assert len(batches) == len(expected) == 3 and loader.skipped_files == []
+    for (a, la), (b, lb) in zip(batches, expected):
+        assert torch.equal(la, lb) and (a.int() - b.int()).abs().float().mean() < 0.5
+
+
+@needs_dali
+def test_dali_random_resized_crops_differ_across_ranks(tmp_path):
+    # the same image everywhere: rank 0 and rank 1 must still crop different windows (DALI's generator is seeded
+    # per rank); with one seed for all ranks every GPU got the same windows
+    os.makedirs(tmp_path / "a")
+    yy, xx = np.mgrid[0:96, 0:128]
+    pixels = np.stack([xx * 2, yy * 2, (xx + yy) % 256], -1).astype(np.uint8)
+    for i in range(8):
+        Image.fromarray(pixels).save(tmp_path / "a" / f"{i}.png")
+    data = ImageFolder(str(tmp_path), 16, random_resized_crop=True)
+    ranks = [list(DaliLoader(data, 2, rank=r, world_size=2, num_threads=1)) for r in (0, 1)]
+    differences = [min((a.int() - b.int()).abs().max(), (a.int() - b.flip(-1).int()).abs().max())
+                   for (x, _), (y, _) in zip(*ranks) for a, b in zip(x, y)]
+    assert len(differences) == 4 and sum(d > 20 for d in differences) >= 3, differences
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_nvjpeg_code_path_matches_torch_backend_on_cpu(tmp_path, fmt):
     smooth_folder(tmp_path, fmt=fmt)

@@ -10,12 +10,16 @@ One ``DaliLoader`` is one epoch from a start step, like ``EpochLoader``; batches
   same number of steps, and a restart at step N reads exactly the samples step N would have read.
 - Crops/flips (plain recipe): per-sample positions and flips come in through ``fn.external_source`` from the
   same per-sample generator as the torch backend, so both backends crop the same window of the same file.
-  Random-resized crops use DALI's fused ``decoders.image_random_crop`` (DALI's own seeded generator: the same
-  order after a restart, not the same windows).
+  Random-resized crops use DALI's fused ``decoders.image_random_crop``, driven by DALI's own generator seeded
+  per (seed, epoch, step at which the pipeline starts, rank): every rank crops its own windows, and the order is
+  the same after a restart, but not the windows (nor the torch backend's).
 - Bad files: the start-up scan is the folder scan (extensions, empty files). A file DALI cannot decode stops
   the pipeline; the loader then finds the undecodable file(s) of the failing batches with PIL, replaces each
   by the next decodable file (as the torch backend does), warns with a count and rebuilds the pipeline at the
-  same step. ``strict=True`` raises ``DecodeError`` naming the file instead.
+  same step. ``strict=True`` raises ``DecodeError`` naming the file instead. Any number of such repairs per
+  epoch; only repeated failures at one step give up. A file PIL decodes but DALI cannot (a GIF named .JPEG)
+  is found by decoding the window's files one by one in DALI and read as a lossless PNG of PIL's decoding
+  (the torch backend's pixels), with a warning.
 """
 
 from __future__ import annotations
@@ -40,6 +44,23 @@ def dali_available() -> bool:
         return importlib.util.find_spec("nvidia.dali") is not None
     except (ImportError, ValueError):
         return False
+
+
+def _png_copy(dataset, path: str) -> str:
+    """A lossless PNG of PIL's RGB decoding of ``path``, in a temporary folder that lives as long as ``dataset``."""
+    import os
+    import tempfile
+
+    from PIL import Image
+
+    folder = dataset.__dict__.get("_dali_png_folder")
+    if folder is None:
+        folder = tempfile.TemporaryDirectory(prefix="dtfast_dali_png_")  # removed with the data set object
+        dataset.__dict__["_dali_png_folder"] = folder
+    target = os.path.join(folder.name, f"{len(os.listdir(folder.name)):08d}.png")
+    with Image.open(path) as image:
+        image.convert("RGB").save(target, "PNG")
+    return target
 
 
 def _decodable(path: str) -> bool:
@@ -89,8 +110,10 @@ class DaliLoader:
         usable = self.steps_per_epoch * self.batch_size
         self._shards = [shard_indices(len(dataset), r, world_size, self.seed, self.epoch, shuffle)[:usable]
                         for r in range(world_size)]
-        # index -> decodable replacement, shared by the epochs of this data set object
+        # index -> decodable replacement, and index -> PNG copy of a file only PIL decodes; shared by the epochs of
+        # this data set object
         self._replacements: dict[int, int] = dataset.__dict__.setdefault("_dali_replacements", {})
+        self._transcoded: dict[int, str] = dataset.__dict__.setdefault("_dali_transcoded", {})
         self.skipped_files: list[str] = []
 
     def __len__(self) -> int:
@@ -99,6 +122,11 @@ class DaliLoader:
     # ------------------------------------------------------------------ pipeline
     def _resolve(self, index: int) -> int:
         return self._replacements.get(index, index)
+
+    def _source(self, index: int) -> str:
+        """The file DALI reads for data set entry ``index``: the file itself, or its lossless PNG copy when DALI
+        cannot decode a file that PIL can (see ``_repair``)."""
+        return self._transcoded.get(index) or self.dataset.files[index]
 
     def _draws(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(pos_x, pos_y, flip) of one sample: the draws of ``plan_resize_crop`` in the same order."""
@@ -122,7 +150,7 @@ class DaliLoader:
         for shard in self._shards:  # all ranks' remaining shards, equal lengths: shard_id picks ours
             for index in shard[start:]:
                 resolved = self._resolve(index)
-                files.append(data.files[resolved])
+                files.append(self._source(resolved))
                 labels.append(data.labels[resolved])
         mine = [self._resolve(i) for i in self._shards[self.rank][start:]]
 
@@ -134,8 +162,11 @@ class DaliLoader:
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu \
             else None
-        pipe = Pipeline(batch_size=batch, num_threads=self.num_threads, device_id=device_id,
-                        seed=(self.seed * 1009 + self.epoch * 17 + step) & 0x7FFFFFFF,
+        # DALI's own generator drives the random-resized windows: seeded per (seed, epoch, step, RANK), so that the
+        # ranks crop different windows and a restart at a step draws the same ones again
+        pipe_seed = int(np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.epoch, step, self.rank])
+                        .generate_state(1)[0]) & 0x7FFFFFFF
+        pipe = Pipeline(batch_size=batch, num_threads=self.num_threads, device_id=device_id, seed=pipe_seed,
                         prefetch_queue_depth=self.prefetch)
         with pipe:
             encoded, label = fn.readers.file(files=files, labels=labels, shard_id=self.rank,
@@ -172,8 +203,18 @@ class DaliLoader:
         window = mine[start: start + (self.prefetch + 1) * self.batch_size]
         bad = [i for i in dict.fromkeys(window) if not _decodable(self.dataset.files[i])]
         if not bad:
-            raise RuntimeError(f"DALI pipeline failed at step {step} of epoch {self.epoch} and no undecodable file "
-                               f"was found among {len(window)} upcoming files: {error}") from error
+            # PIL decodes them all, so DALI cannot decode some file PIL can (a GIF named .JPEG, an unusual JPEG):
+            # give DALI a lossless PNG of PIL's decoding instead: the same pixels the torch backend sees
+            failing = self._dali_undecodable([i for i in dict.fromkeys(window) if i not in self._transcoded])
+            if not failing:
+                raise RuntimeError(f"DALI pipeline failed at step {step} of epoch {self.epoch}, and every one of the "
+                                   f"{len(window)} upcoming files decodes alone: {error}") from error
+            for index in failing:
+                self._transcoded[index] = _png_copy(self.dataset, self.dataset.files[index])
+            warnings.warn(f"data: DALI cannot decode {[self.dataset.files[i] for i in failing][:3]} "
+                          f"({len(failing)} file(s)), which PIL decodes; it reads lossless PNG copies of them",
+                          stacklevel=3)
+            return
         for index in bad:
             path = self.dataset.files[index]
             if self.dataset.strict:
@@ -191,8 +232,37 @@ class DaliLoader:
                       f"with the next decodable ones ({len(self.skipped_files)} this epoch on this rank)",
                       stacklevel=3)
 
+    def _dali_undecodable(self, indices: list[int]) -> list[int]:
+        """The entries among ``indices`` that DALI's decoder (this loader's device) fails on, one file at a time."""
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+
+        gpu = self.device.type == "cuda"
+        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu \
+            else None
+        failing, position = [], 0
+        while position < len(indices):
+            files = [self._source(i) for i in indices[position:]]
+            pipe = Pipeline(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1,
+                            exec_pipelined=False, exec_async=False)
+            with pipe:
+                encoded, _ = fn.readers.file(files=files, random_shuffle=False)
+                pipe.set_outputs(fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB))
+            pipe.build()
+            for offset in range(len(files)):
+                try:
+                    pipe.run()
+                except Exception:  # noqa: BLE001 - DALI's decode error; the pipeline is unusable after it
+                    failing.append(indices[position + offset])
+                    position += offset + 1
+                    break
+            else:
+                position = len(indices)
+            del pipe
+        return failing
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        step, iterator, repairs = self._offset, None, 0
+        step, iterator, attempts = self._offset, None, 0
         while step < self.steps_per_epoch:
             try:
                 if iterator is None:
@@ -201,11 +271,12 @@ class DaliLoader:
             except StopIteration:
                 return
             except Exception as error:  # DALI raises RuntimeError with the operator's message
-                repairs += 1
-                if repairs > 64:
+                # each repair fixes the files it found; only repairs that do not get past this step are a loop
+                attempts += 1
+                if attempts > 8:
                     raise
                 iterator = None
                 self._repair(step, [self._resolve(i) for i in self._shards[self.rank]], error)
                 continue
-            step += 1
+            step, attempts = step + 1, 0
             yield out["images"], out["labels"].view(-1).to(torch.int64)
