@@ -25,6 +25,13 @@ def test_yaml_then_overrides(tmp_path):
     (["teacher.strides=[16,8]"], ["teacher.strides", "ascending"]),
     (["teacher.compile_mode=fast"], ["teacher.compile_mode", "max-autotune-no-cudagraphs"]),
     (["train=3"], ["train", "section"]),
+    (["train.min_lr=-1e-4"], ["train.min_lr", ">= 0"]),
+    (["train.warmup_steps=-5"], ["train.warmup_steps", ">= 0"]),
+    (["train.weight_decay=-0.05"], ["train.weight_decay", ">= 0"]),
+    (["train.save_every=-10"], ["train.save_every", ">= 0"]),
+    (["train.keep_last=0"], ["train.keep_last", ">= 1"]),
+    (["train.min_lr=1", "train.lr=0.1"], ["train.min_lr", "above", "train.lr"]),
+    (["train.betas=[0.9,1.5]"], ["train.betas", "[0, 1)"]),
     (["nodot"], ["key.sub=value"]),
 ])
 def test_bad_overrides_name_the_key(override, words):

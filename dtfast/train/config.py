@@ -312,6 +312,20 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"config key 'train.betas' needs two values, got {cfg.train.betas}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be > 0, got {cfg.train.lr}")
+    # values that would run without an error and train wrongly (negative LR at the end, a schedule that starts
+    # mid-cosine, weight growth, odd saving)
+    non_negative = ["train.min_lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.save_every",
+                    "loss.at_weight", "data.num_workers", "teacher.timestep"]
+    for key in non_negative:
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {get_key(cfg, key)}")
+    if cfg.train.keep_last < 1:
+        raise ConfigError(f"config key 'train.keep_last' must be >= 1 (the checkpoint a resume needs), got "
+                          f"{cfg.train.keep_last}")
+    if cfg.train.min_lr > cfg.train.lr:
+        raise ConfigError(f"config key 'train.min_lr' = {cfg.train.min_lr} is above 'train.lr' = {cfg.train.lr}")
+    if not all(0.0 <= b < 1.0 for b in cfg.train.betas):
+        raise ConfigError(f"config key 'train.betas' must be in [0, 1), got {cfg.train.betas}")
 
 
 def _validate_dist(cfg: PretrainConfig) -> None:
