@@ -167,3 +167,16 @@ def test_progress_reports_time_left(tmp_path, capsys):
         assert r["eta_s"] == pytest.approx((3 - r["step"]) * 4 / r["img_per_s"])
     assert records[-1]["eta_s"] == 0
     assert "eta 0s" in capsys.readouterr().out
+
+
+def test_grad_norm_is_logged_by_every_engine_when_clipping(tmp_path):
+    # DeepSpeed at ZeRO stage 0 clips fp32 gradients without keeping the norm; dtfast takes it itself there
+    torch.set_num_threads(1)
+    norms = {}
+    for engine in (["dist.engine=ddp"], ["dist.engine=deepspeed", "dist.zero_stage=0"]):
+        out = str(tmp_path / engine[-1].replace("=", "_"))
+        _run(out, 2, [*engine, "train.grad_clip=0.5", "train.resume=never"])
+        norms[engine[-1]] = [r.get("grad_norm") for r in _metrics(out)]
+    ddp, zero0 = norms["dist.engine=ddp"], norms["dist.zero_stage=0"]
+    assert all(n is not None and n > 0 for n in ddp + zero0), norms
+    assert zero0[0] == pytest.approx(ddp[0], rel=1e-4)  # same weights and data at step 1: the same global norm

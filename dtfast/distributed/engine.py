@@ -120,6 +120,7 @@ class DeepSpeedEngine:
             model=student, optimizer=optimizer, config=self.config, dist_init_required=False)
         install_safe_checkpoint_engine(self.engine)
         self.zero_stage = int(self.engine.zero_optimization_stage())
+        self.grad_clip = float(cfg.train.grad_clip)
         self.last_grad_norm: float | None = None
 
     # ---------------------------------------------------------------- step
@@ -149,8 +150,17 @@ class DeepSpeedEngine:
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError(f"engine.step() off the accumulation boundary (micro step {self.engine.micro_steps}, "
                                f"train.grad_accum {self.grad_accum})")
+        own_norm = None
+        if self.grad_clip > 0 and self.zero_stage == 0 and not self.bf16_params:
+            # DeepSpeed clips fp32 gradients at stage 0 without keeping the norm: take it here (the gradients are
+            # all-reduced at the boundary already), so that grad_norm is logged as with every other engine
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            if grads:
+                own_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = own_norm
         self.last_grad_norm = float(norm) if norm is not None else None
 
     def train(self, mode: bool = True) -> None:
