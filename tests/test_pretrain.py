@@ -180,3 +180,11 @@ def test_grad_norm_is_logged_by_every_engine_when_clipping(tmp_path):
     ddp, zero0 = norms["dist.engine=ddp"], norms["dist.zero_stage=0"]
     assert all(n is not None and n > 0 for n in ddp + zero0), norms
     assert zero0[0] == pytest.approx(ddp[0], rel=1e-4)  # same weights and data at step 1: the same global norm
+
+
+def test_noise_seeds_do_not_repeat_across_ranks():
+    from dtfast.train.trainer import _rank_seed
+
+    seeds = [_rank_seed(0, rank, micro) for rank in range(8) for micro in range(0, 40000, 7)]
+    assert len(set(seeds)) == len(seeds)
+    assert _rank_seed(0, 0, 10_007) != _rank_seed(0, 1, 0)  # the old linear mix made these equal
