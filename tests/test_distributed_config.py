@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -105,3 +106,47 @@ def test_safe_load_refuses_objects_and_accepts_deepspeed_records(tmp_path):
     loaded = safe_torch_load(str(path))
     assert loaded["optimizer_state_dict"]["zero_stage"] == ZeroStageEnum.gradients
     assert loaded["param_shapes"][0]["w"] == torch.Size([2, 3])
+
+
+def _shared_folder_worker(rank: int, folders: list[str], port: int, results) -> None:
+    import torch.distributed as dist
+
+    from dtfast.train.distributed import DistInfo, check_shared_folder
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    info = DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+    try:
+        check_shared_folder(folders[rank], info, timeout_s=1.0)
+        results.put((rank, "ok"))
+    except RuntimeError as error:
+        results.put((rank, str(error)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("shared", [True, False])
+def test_out_must_be_shared_by_every_rank(tmp_path, shared):
+    # rank 1 looking at another folder is what a node without the shared filesystem sees
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    folders = [str(tmp_path / "run"), str(tmp_path / ("run" if shared else "elsewhere"))]
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_shared_folder_worker, args=(r, folders, port, results)) for r in (0, 1)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(120)
+    outcome = dict(results.get(timeout=10) for _ in range(2))
+    if shared:
+        assert outcome == {0: "ok", 1: "ok"}
+        assert os.listdir(tmp_path / "run") == []  # the marker is removed
+    else:
+        assert "cannot see a file rank 0 wrote there" in outcome[0] and "another node" in outcome[0]
+        assert "this rank (1, on" in outcome[1]

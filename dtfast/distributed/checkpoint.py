@@ -9,9 +9,12 @@ folder). The commit protocol, the same for both engines:
    - ``rank_<r>.pt``: that rank's RNG states (torch, CUDA, numpy, python), tensors and plain values only;
    - rank 0 last: ``meta.json`` (step, config, world size, engine);
 2. barrier: all parts are on disk;
-3. rank 0 renames the folder to ``step_<N>`` (atomic on one filesystem), then replaces ``latest`` atomically
-   (write + fsync + rename), then prunes to the newest ``keep_last`` folders. On a machine whose ranks do not share
-   the filesystem (multi-node without a shared ``out``), the first local rank of every other node does the same.
+3. rank 0 flushes every file of the folder to disk (fsync), renames it to ``step_<N>`` (atomic on one
+   filesystem), then replaces ``latest`` atomically (write + fsync + rename), then prunes to the newest
+   ``keep_last`` folders.
+
+``out`` must be one folder that every rank sees (on several nodes: a shared filesystem); the trainer checks that at
+start-up (``dtfast.train.distributed.check_shared_folder``).
 
 A crash at any moment leaves ``latest`` naming a complete folder; leftovers ``.tmp_*`` are removed by the next save.
 Loading reads safetensors, ``torch.load(weights_only=True)`` and, for DeepSpeed, DeepSpeed's loader with the safe
@@ -87,7 +90,7 @@ def save(engine, out: str, step: int, meta: dict[str, Any], dist_info, keep_last
     root = ckpt.checkpoint_dir(out)
     tag = f".tmp_step_{step}"
     tmp, final = os.path.join(root, tag), os.path.join(root, f"step_{step}")
-    if dist_info.local_rank == 0:
+    if dist_info.is_main:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a write of this step killed midway
     _barrier(dist_info.world_size)
@@ -107,12 +110,21 @@ def save(engine, out: str, step: int, meta: dict[str, Any], dist_info, keep_last
             os.fsync(fh.fileno())
     _barrier(dist_info.world_size)
     if dist_info.is_main:
+        _fsync_tree(tmp)  # the parts are on disk before the folder can be named as complete (a power loss)
         _commit(root, tmp, final, step, keep_last)
     _barrier(dist_info.world_size)
-    if dist_info.local_rank == 0 and not dist_info.is_main and os.path.isdir(tmp):
-        _commit(root, tmp, final, step, keep_last)  # this node does not share rank 0's filesystem
-    _barrier(dist_info.world_size)
     return final
+
+
+def _fsync_tree(folder: str) -> None:
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(parent, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        ckpt._fsync_dir(parent)
 
 
 # ---------------------------------------------------------------------------------------------------- load

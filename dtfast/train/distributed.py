@@ -101,6 +101,44 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item() > 0)
 
 
+def check_shared_folder(folder: str, info: DistInfo, timeout_s: float = 60.0) -> None:
+    """Raise on every rank unless every rank sees ``folder`` as one shared folder.
+
+    Checkpoints are written by several ranks (DeepSpeed's partitions, each rank's RNG state) and read by all, so a
+    multi-node run needs ``out`` on a filesystem every node mounts. Rank 0 writes a marker file; a rank that does
+    not see it within ``timeout_s`` (NFS may cache a directory listing for a while) makes every rank raise, at
+    start-up instead of at the first resume.
+    """
+    if not (info.enabled and dist.is_initialized()):
+        return
+    import socket
+    import time
+    import uuid
+
+    token = broadcast_object(uuid.uuid4().hex if info.is_main else None, info)
+    marker = os.path.join(folder, f".dtfast_shared_{token}")
+    if info.is_main:
+        os.makedirs(folder, exist_ok=True)
+        with open(marker, "w") as fh:
+            fh.write(socket.gethostname() + "\n")
+    barrier(info)
+    deadline = time.monotonic() + timeout_s
+    seen = os.path.exists(marker)
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.5)
+        seen = os.path.exists(marker)
+    blind = any_rank(not seen, info)
+    barrier(info)
+    if info.is_main:
+        os.remove(marker)
+    if blind:
+        who = (f"this rank ({info.rank}, on {socket.gethostname()})" if not seen
+               else "a rank on another node")
+        raise RuntimeError(f"out={folder!r} is not one folder shared by every rank: {who} cannot see a file rank 0 "
+                           f"wrote there within {timeout_s:.0f} s. Checkpoints are written by several ranks and read "
+                           "by all: put 'out' on a filesystem that every node mounts (NFS, Lustre, GPFS, ...).")
+
+
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -30,6 +30,7 @@ from dtfast.train.distributed import (
     any_rank,
     barrier,
     broadcast_object,
+    check_shared_folder,
     init_distributed,
     shutdown,
 )
@@ -327,6 +328,7 @@ class Trainer:
             import yaml
 
             ckpt.atomic_write_text(os.path.join(cfg.out, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        check_shared_folder(cfg.out, self.dist)
         self.maybe_resume()
         global_batch = cfg.train.batch_size * self.dist.world_size * cfg.train.grad_accum
         self._print(f"teacher {cfg.teacher.pretrained or cfg.teacher.arch} (t={cfg.teacher.timestep}), student "
@@ -402,6 +404,7 @@ class Trainer:
         """train.export_only: the backbone of the checkpoint train.resume names, as out/backbone_step_<N>.safetensors
         (a checkpoint of a run in progress or preempted, e.g. to evaluate it), without training or touching the
         run's config.yaml, metrics or checkpoints."""
+        check_shared_folder(self.cfg.out, self.dist)
         path = self._load_checkpoint()
         if path is None:
             raise FileNotFoundError(f"train.export_only: no checkpoint to export (train.resume="
