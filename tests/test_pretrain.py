@@ -98,8 +98,22 @@ def test_resume_gives_the_same_curve(tmp_path):
 def test_resume_refuses_a_different_config(tmp_path):
     out = str(tmp_path / "run")
     _run(out, 3)
+    with open(os.path.join(out, "config.yaml")) as fh:
+        config = fh.read()
     with pytest.raises(ValueError, match="student.width"):
         _run(out, 6, ["student.width=16"])
+    with open(os.path.join(out, "config.yaml")) as fh:
+        assert fh.read() == config  # the refused run did not overwrite the run's config
+
+
+def test_resume_with_another_batch_size_warns(tmp_path, caplog):
+    out = str(tmp_path / "run")
+    _run(out, 3)
+    with caplog.at_level("WARNING", logger="dtfast.train"):
+        _run(out, 4, ["train.batch_size=2"])
+    assert any("different data order or batch" in r.message and "train.batch_size" in r.message
+               for r in caplog.records), [r.message for r in caplog.records]
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
 
 
 def test_export_only_writes_a_checkpoints_backbone(tmp_path, capsys):

@@ -39,6 +39,8 @@ from dtfast.train.timing import NullTimer
 
 log = logging.getLogger("dtfast.train")
 
+# keys that decide which samples a step reads: a resume with other values warns (the data position is not exact)
+DATA_POSITION_KEYS = ["data.root", "data.num_images", "train.batch_size", "train.grad_accum", "train.seed"]
 # keys that must agree between a checkpoint and the run resuming from it
 RESUME_KEYS = ["teacher.arch", "teacher.pretrained", "teacher.strides", "student.arch", "student.width",
                "data.image_size", "train.optimizer"]
@@ -202,6 +204,13 @@ class Trainer:
         dist_ckpt.check_compatible(path, meta, to_dict(self.cfg), RESUME_KEYS, self.engine, self.dist.world_size)
         dist_ckpt.load(self.engine, path, self.dist)
         self.step = int(meta["step"])
+        changed = ckpt.compare_configs(meta.get("config", {}), to_dict(self.cfg), DATA_POSITION_KEYS)
+        if meta.get("world_size") not in (None, self.dist.world_size):
+            changed.append(f"world size: checkpoint has {meta.get('world_size')}, this run has {self.dist.world_size}")
+        if changed:
+            log.warning("resuming %s with a different data order or batch (%s): the run continues from step %d, but "
+                        "the rest of this epoch is not the samples an uninterrupted run would have seen (some are "
+                        "repeated or skipped)", path, "; ".join(changed), self.step)
         return path
 
     def maybe_resume(self) -> None:
@@ -325,11 +334,12 @@ class Trainer:
         cfg = self.cfg
         if self.dist.is_main:
             os.makedirs(cfg.out, exist_ok=True)
+        check_shared_folder(cfg.out, self.dist)
+        self.maybe_resume()
+        if self.dist.is_main:  # after the resume check: a refused resume leaves the run's config as it was
             import yaml
 
             ckpt.atomic_write_text(os.path.join(cfg.out, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        check_shared_folder(cfg.out, self.dist)
-        self.maybe_resume()
         global_batch = cfg.train.batch_size * self.dist.world_size * cfg.train.grad_accum
         self._print(f"teacher {cfg.teacher.pretrained or cfg.teacher.arch} (t={cfg.teacher.timestep}), student "
                     f"{cfg.student.arch}, {len(self.dataset)} images, global batch {global_batch}, "
