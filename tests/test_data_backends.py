@@ -249,6 +249,24 @@ def test_cmyk_and_grayscale_jpegs_decode_like_pil(tmp_path, backend):
     assert difference.mean() < 1.0, difference.mean()
 
 
+@pytest.mark.parametrize("backend", ["torch", "nvjpeg", pytest.param("dali", marks=needs_dali)])
+def test_16_bit_grey_pngs_are_scaled_not_clipped(tmp_path, backend):
+    # PIL's convert("RGB") clips 16-bit grey values at 255 (a white image) and torchvision decodes them as uint16:
+    # every backend gives the 8-bit image (value / 257), as DALI's decoder does
+    os.makedirs(tmp_path / "a")
+    ramp = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
+    for i in range(2):
+        Image.fromarray(ramp).save(tmp_path / "a" / f"{i}.png")
+    data = ImageFolder(str(tmp_path), 48, split="val")
+    loader = {"torch": lambda: build_loader(data, 2, num_workers=0, shuffle=False),
+              "nvjpeg": lambda: NvjpegLoader(data, 2, device="cpu", num_workers=0, shuffle=False),
+              "dali": lambda: DaliLoader(data, 2, num_threads=1, shuffle=False)}[backend]()
+    (images, _), = collect(loader)[0]
+    assert images.dtype == torch.uint8 and images.shape == (2, 3, 48, 48)
+    expected = ramp[:, 8:56] / 257.0  # the centre 48x48 crop of the 48x64 image
+    assert abs(images.float().mean().item() - expected.mean()) < 2.0, images.float().mean()
+
+
 @needs_dali
 def test_dali_random_resized_crops(tmp_path):
     smooth_folder(tmp_path, per_class=3)

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .folder import DecodeError, ImageFolder
+from .folder import DecodeError, ImageFolder, to_rgb
 from .loader import shard_indices, steps_per_epoch
 from .transforms import sample_rng
 
@@ -59,7 +59,7 @@ def _png_copy(dataset, path: str) -> str:
         dataset.__dict__["_dali_png_folder"] = folder
     target = os.path.join(folder.name, f"{len(os.listdir(folder.name)):08d}.png")
     with Image.open(path) as image:
-        image.convert("RGB").save(target, "PNG")
+        to_rgb(image).save(target, "PNG")
     return target
 
 
@@ -69,7 +69,7 @@ def _decodable(path: str) -> bool:
 
     try:
         with Image.open(path) as image:
-            image.convert("RGB")
+            to_rgb(image)
         return True
     except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         return False

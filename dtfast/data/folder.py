@@ -126,6 +126,17 @@ def scan_file_list(list_path: str) -> tuple[list[str], list[str], list[int], lis
     return [], files, labels, skipped
 
 
+def to_rgb(image):
+    """A PIL image as 8-bit RGB. 16-bit (and 32-bit integer) grey images are scaled to 8 bits (value / 257, as
+    decoders of 16-bit PNGs do); PIL's own ``convert("RGB")`` clips them, which turns most of the image white."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
 def decode_crop(path: str, crop_fn, size: int) -> np.ndarray:
     """Decode ``path`` with PIL (RGB), crop/resize/flip as ``crop_fn(height, width) -> Crop`` says.
 
@@ -134,7 +145,7 @@ def decode_crop(path: str, crop_fn, size: int) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as image:
-        image = image.convert("RGB")  # forces a full decode: truncation raises here
+        image = to_rgb(image)  # forces a full decode: truncation raises here
         crop: Crop = crop_fn(image.height, image.width)
         box = (crop.left, crop.top, crop.left + crop.width, crop.top + crop.height)
         image = image.resize((size, size), Image.BILINEAR, box=box)

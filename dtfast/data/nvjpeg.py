@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .folder import DecodeError, ImageFolder
+from .folder import DecodeError, ImageFolder, to_rgb
 from .loader import ResumableDistributedSampler, steps_per_epoch
 from .transforms import plan_resize_crop, sample_rng
 from .workers import loader_options
@@ -136,14 +136,17 @@ class NvjpegLoader:
                 except (RuntimeError, ValueError) as err:
                     errors.append(f"nvJPEG: {err}")
             try:
-                return decode_image(data, mode=ImageReadMode.RGB).to(self.device, non_blocking=True)
+                pixels = decode_image(data, mode=ImageReadMode.RGB)
+                if pixels.dtype == torch.uint16:  # a 16-bit PNG: 8 bits as the other backends give them
+                    pixels = (pixels.float() / 257.0).round_().to(torch.uint8)
+                return pixels.to(self.device, non_blocking=True)
             except (RuntimeError, ValueError) as err:
                 errors.append(f"torchvision: {err}")
         from PIL import Image
 
         try:
             with Image.open(path) as image:
-                pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+                pixels = torch.from_numpy(np.asarray(to_rgb(image)).copy()).permute(2, 0, 1).contiguous()
             return pixels.to(self.device, non_blocking=True)
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
             errors.append(f"PIL: {type(err).__name__}: {err}")
