@@ -90,14 +90,17 @@ def _fwd_sample_kernel(meta_ptr, pix_ptr, part_ptr, samp_ptr, num_levels,
         acc_g += qg * qg
     ns = tl.sqrt(tl.sum(acc_s, axis=0))
     ng = tl.sqrt(tl.sum(acc_g, axis=0))
-    inv_s = 1.0 / tl.maximum(ns, NORM_EPS)
-    inv_g = 1.0 / tl.maximum(ng, NORM_EPS)
+    # qhat and d by division, exactly as the backward kernel recomputes them: with reciprocals the two differed by
+    # rounding, and where the true difference is zero (1x1 maps, spatially uniform maps) that rounding, divided by
+    # the tiny ||d||, became an O(1) gradient
+    den_s = tl.maximum(ns, NORM_EPS)
+    den_g = tl.maximum(ng, NORM_EPS)
     acc_dd = tl.zeros([BLOCK], dtype=tl.float32)
     acc_sd = tl.zeros([BLOCK], dtype=tl.float32)
     for p0 in range(0, HW, BLOCK):
         pm = p0 + offs < HW
-        qhs = tl.load(pix + p0 + offs, mask=pm, other=0.0) * inv_s
-        d = qhs - tl.load(pix + plane + p0 + offs, mask=pm, other=0.0) * inv_g
+        qhs = tl.load(pix + p0 + offs, mask=pm, other=0.0) / den_s
+        d = qhs - tl.load(pix + plane + p0 + offs, mask=pm, other=0.0) / den_g
         acc_dd += d * d
         acc_sd += qhs * d
     dd = tl.sum(acc_dd, axis=0)
