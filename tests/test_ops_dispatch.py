@@ -254,3 +254,17 @@ def test_mixed_dtypes_across_levels_use_the_reference():
     loss = dreamteacher_loss(student, teacher)
     loss.backward()
     assert student[1].grad.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_double_backward_is_an_error_on_fused_backends(backend):
+    # a gradient penalty differentiates the loss's gradient; the fused kernels have no derivative of their own, so
+    # that must fail loudly instead of silently dropping the second-order term (the reference supports it)
+    student, teacher = make_levels("cpu")
+    student = [s.detach().requires_grad_(True) for s in student]
+    loss = dreamteacher_loss(student, teacher, backend="torch")
+    grads = torch.autograd.grad(loss, student, create_graph=True)
+    torch.autograd.grad(sum(g.pow(2).sum() for g in grads), student)  # the reference: fine
+    loss = dreamteacher_loss(student, teacher, backend=backend)
+    with pytest.raises(RuntimeError, match="cannot be differentiated again.*backend='torch'"):
+        torch.autograd.grad(loss, student, create_graph=True)

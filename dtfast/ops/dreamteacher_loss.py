@@ -134,8 +134,18 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.options = (len(student), whiten, at_mode, backend)
 
 
+def _refuse_double_backward(backend: str) -> None:
+    # autograd runs a backward with grad mode on only under create_graph=True: the kernels have no derivative of
+    # their own, so the second-order term would be silently dropped (e.g. a gradient penalty)
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"dreamteacher_loss: backend={backend!r} computes gradients with fused kernels that cannot "
+                           "be differentiated again (backward with create_graph=True); use backend='torch' for "
+                           "double backward")
+
+
 def _backward(ctx, grad_mse: Tensor | None, grad_at: Tensor | None, _grad_saved):
     num_levels, whiten, at_mode, backend = ctx.options
+    _refuse_double_backward(backend)
     tensors = ctx.saved_tensors
     student, teacher = list(tensors[:num_levels]), list(tensors[num_levels:2 * num_levels])
     saved = list(tensors[2 * num_levels:])
@@ -190,6 +200,7 @@ class _EagerFusedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor | None, grad_mse: Tensor | None, grad_at: Tensor | None):
         num_levels, whiten, at_mode, backend, at_weight = ctx.options
+        _refuse_double_backward(backend)
         tensors = ctx.saved_tensors
         student, teacher = list(tensors[:num_levels]), list(tensors[num_levels:2 * num_levels])
         saved = list(tensors[2 * num_levels:])
