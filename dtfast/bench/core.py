@@ -121,7 +121,7 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
                 _fail(entry, error, trainers)
             if entry.get("status") == "failed":  # outside the except block: its traceback no longer pins tensors
                 measurement = None
-                release(device)
+                release(device, compiled=False)
         # timed steps, interleaved across rows: a shared machine's slow drifts hit every row alike
         for _ in range(bench.steps):
             for item in list(active):
@@ -132,7 +132,7 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
                     active.remove(item)
                 if item[0].get("status") == "failed":
                     item[1].trainer = item[1].source = None  # let the failed row's models go
-                    release(device)
+                    release(device, compiled=False)
         for entry, measurement, setup_s in active:
             entry.update(measurement.result())
             entry["setup_s"] = setup_s

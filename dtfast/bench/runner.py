@@ -221,9 +221,12 @@ def measure(trainer, batch_size: int, warmup: int, steps: int, data: str, seed: 
     return measurement.result()
 
 
-def release(device: torch.device) -> None:
-    """Free what dropped rows left behind (the caller drops its references first) and compiled graphs."""
+def release(device: torch.device, compiled: bool = True) -> None:
+    """Free what dropped rows left behind (the caller drops its references first) and, with ``compiled``, the
+    compiled graphs. A row that fails while others are warmed up must keep theirs (``compiled=False``): a reset
+    there made the compiled rows recompile inside their timed steps."""
     gc.collect()
-    torch._dynamo.reset()
+    if compiled:
+        torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
