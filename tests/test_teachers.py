@@ -193,6 +193,38 @@ def test_bad_arguments(tmp_path, tiny):
         build_teacher(pretrained=tmp_path)
 
 
+def test_partial_weights_other_schedulers_and_vq_models_are_refused(tmp_path, tiny):
+    # found in review (2026-11-27): each of these loaded without an error and gave wrong features
+    from diffusers import ScoreSdeVeScheduler
+    from safetensors.torch import load_file, save_file
+
+    tiny.save_pretrained(tmp_path / "partial")
+    weights = tmp_path / "partial" / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    del state["conv_in.bias"]
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"missing keys \(1\): \['conv_in.bias'\]"):
+        build_teacher(pretrained=tmp_path / "partial")  # diffusers would fill it with random values
+    tiny.save_pretrained(tmp_path / "ve")
+    ScoreSdeVeScheduler().save_pretrained(tmp_path / "ve" / "scheduler")
+    with pytest.raises(ValueError, match="ScoreSdeVeScheduler has no DDPM beta schedule"):
+        build_teacher(pretrained=tmp_path / "ve")
+    tiny.unet.save_pretrained(tmp_path / "ldm" / "unet")
+    (tmp_path / "ldm" / "vqvae").mkdir()
+    with pytest.raises(ValueError, match="VQ autoencoder"):
+        build_teacher(pretrained=tmp_path / "ldm")
+
+
+def test_export_after_an_interrupted_export(tmp_path, tiny):
+    from dtfast.teachers.build import export_teacher
+
+    folder = tmp_path / "teacher"
+    export_teacher(tiny.unet, tiny.scheduler, folder, {"image_size": 64})
+    (tmp_path / "teacher.old" / "unet").mkdir(parents=True)  # an export stopped between its two renames
+    export_teacher(tiny.unet, tiny.scheduler, folder, {"image_size": 64})
+    assert not (tmp_path / "teacher.old").exists() and (folder / "unet").is_dir()
+
+
 def test_unreachable_hub_id_says_what_to_do(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
 

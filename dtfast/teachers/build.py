@@ -55,12 +55,21 @@ def load_model(model_class: type, folder: Path, device: torch.device, dtype: tor
                 return nn.Module.to(model_class.from_config(config), dtype=dtype)
         # without accelerate, diffusers falls back to a full-memory load anyway, after printing a long notice
         low_memory = importlib.util.find_spec("accelerate") is not None
-        return model_class.from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=low_memory).to(device)
+        model, info = model_class.from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=low_memory,
+                                                  output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ValueError(
             f"could not load a {model_class.__name__} from {folder}: {error}. Expected a diffusers folder with "
             "config.json and diffusion_pytorch_model.safetensors (as written by save_pretrained)."
         ) from error
+    # diffusers fills missing weights with random values and only logs it: a teacher must not be partly random
+    problems = {kind: list(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        summary = "; ".join(f"{kind.replace('_', ' ')} ({len(keys)}): {keys[:4]}" for kind, keys in problems.items())
+        raise ValueError(f"{folder}: the weights do not match the {model_class.__name__} its config.json describes: "
+                         f"{summary}. The folder is incomplete or its config and weights come from different models.")
+    return model.to(device)
 
 
 def load_scheduler(root: Path | None, defaults: dict[str, Any]):
@@ -72,7 +81,14 @@ def load_scheduler(root: Path | None, defaults: dict[str, Any]):
         if root is not None:
             logger.info("teacher: %s has no scheduler config; using %s", root, defaults)
         return DDPMScheduler(**defaults)
-    return DDPMScheduler.from_config(DDPMScheduler.load_config(folder))
+    config = DDPMScheduler.load_config(folder)
+    if config.get("beta_schedule") is None and config.get("trained_betas") is None:
+        # a variance-exploding / EDM / consistency scheduler (sigmas, no betas): its UNet takes noise levels, not
+        # DDPM timesteps, and a DDPM schedule in its place would give wrong features without any error
+        raise ValueError(f"{folder}: the scheduler {config.get('_class_name', '?')} has no DDPM beta schedule "
+                         "(beta_schedule or trained_betas); dtfast's teachers noise images as DDPM does "
+                         "(x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps), which such a model was not trained for")
+    return DDPMScheduler.from_config(config)
 
 
 def build_teacher(
@@ -159,6 +175,7 @@ def export_teacher(unet: nn.Module, scheduler, folder: str | os.PathLike, info: 
         size = int(info["image_size"])
         teacher.feature_shapes(size, size)  # raises if the folder is not a usable teacher at this size
         old = folder + ".old"
+        shutil.rmtree(old, ignore_errors=True)  # left by an export that stopped between the two renames
         if os.path.exists(folder):
             os.replace(folder, old)
         os.replace(tmp, folder)

@@ -96,6 +96,10 @@ def _class_name(config_file: Path) -> str | None:
 
 def detect_layout(folder: Path) -> tuple[str, Path]:
     """('pixel', unet folder) or ('latent', model folder); ValueError saying what was expected otherwise."""
+    if (folder / "vqvae").is_dir():
+        raise ValueError(f"{folder}: a latent diffusion model with a VQ autoencoder (vqvae/, e.g. LDMPipeline) is "
+                         "not a supported teacher: its UNet runs on VQ latents. Supported: a pixel-space UNet2DModel, "
+                         f"or a Stable Diffusion layout ({', '.join(p + '/' for p in LATENT_PARTS)})")
     if (folder / "vae").is_dir() or (folder / "text_encoder").is_dir():
         missing = [p for p in LATENT_REQUIRED if not (folder / p / "config.json").is_file()]
         if missing:
