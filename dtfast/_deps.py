@@ -7,6 +7,7 @@ would stop on an ImportError deep in the set-up; this says which packages are mi
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 # import name -> pip name
 TRAIN = {"timm": "timm", "diffusers": "diffusers", "safetensors": "safetensors", "yaml": "pyyaml"}
@@ -26,3 +27,12 @@ def check(prog: str, modules: dict[str, str] = TRAIN) -> str | None:
     return (f"{prog}: needs {', '.join(absent)}, which this Python cannot import. Install dtfast with its [train] "
             "extra: pip install --no-build-isolation -e \".[train]\" (torch first; see the README), or "
             f"pip install {' '.join(absent)}")
+
+
+def require(prog: str, modules: dict[str, str] = TRAIN) -> bool:
+    """True when ``modules`` import; otherwise print ``check``'s message to stderr and return False (the command
+    then exits with 2)."""
+    message = check(prog, modules)
+    if message:
+        print(message, file=sys.stderr)
+    return message is None

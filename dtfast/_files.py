@@ -25,17 +25,19 @@ def current_umask() -> int:
     return mask
 
 
-def set_default_mode(path: str) -> None:
+def set_default_mode(path: str, umask: int | None = None) -> None:
     """Give ``path`` the mode a plain open() (file) or mkdir() (folder) would have given it."""
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~current_umask())
+    umask = current_umask() if umask is None else umask
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
 def set_default_modes(folder: str) -> None:
     """``set_default_mode`` on ``folder`` and everything under it (libraries such as safetensors write 0600 files)."""
-    set_default_mode(folder)
+    umask = current_umask()
+    set_default_mode(folder, umask)
     for root, dirs, files in os.walk(folder):
         for name in dirs + files:
-            set_default_mode(os.path.join(root, name))
+            set_default_mode(os.path.join(root, name), umask)
 
 
 def mkstemp(dir: str, prefix: str, suffix: str = "") -> tuple[int, str]:  # noqa: A002 - tempfile's name

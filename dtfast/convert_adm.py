@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from dtfast import _deps
 
-    if message := _deps.check("python -m dtfast.convert_adm", _deps.CONVERT):
-        print(message, file=sys.stderr)
+    if not _deps.require("python -m dtfast.convert_adm", _deps.CONVERT):
         return 2
     import torch
 

@@ -28,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from dtfast import _deps
 
-    if message := _deps.check("python -m dtfast.evaluate"):
-        print(message, file=sys.stderr)
+    if not _deps.require("python -m dtfast.evaluate"):
         return 2
     try:
         cfg = load_eval_config(args.config, args.overrides)

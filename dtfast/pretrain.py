@@ -27,8 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_args(argv)
     from dtfast import _deps
 
-    if message := _deps.check("python -m dtfast.pretrain"):
-        print(message, file=sys.stderr)
+    if not _deps.require("python -m dtfast.pretrain"):
         return 2
     try:
         cfg = load_config(config_path, overrides)

@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + (["bench.sweep=true"] if args.sweep else [])
     from dtfast import _deps
 
-    if message := _deps.check("python -m dtfast.bench"):
-        print(message, file=sys.stderr)
+    if not _deps.require("python -m dtfast.bench"):
         return 2
     from dtfast.bench.core import run_benchmark
 

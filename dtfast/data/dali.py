@@ -128,6 +128,12 @@ class DaliLoader:
         cannot decode a file that PIL can (see ``_repair``)."""
         return self._transcoded.get(index) or self.dataset.files[index]
 
+    def _device_id(self) -> int | None:
+        """DALI's ``device_id``: this loader's GPU ("mixed" decoding), or None for a CPU-only pipeline."""
+        if self.device.type != "cuda":
+            return None
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
     def _draws(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(pos_x, pos_y, flip) of one sample: the draws of ``plan_resize_crop`` in the same order."""
         data = self.dataset
@@ -160,8 +166,7 @@ class DaliLoader:
             return [np.array([c[k] for c in columns]) for k in range(3)]
 
         gpu = self.device.type == "cuda"
-        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu \
-            else None
+        device_id = self._device_id()
         # DALI's own generator drives the random-resized windows: seeded per (seed, epoch, step, RANK), so that the
         # ranks crop different windows and a restart at a step draws the same ones again
         pipe_seed = int(np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.epoch, step, self.rank])
@@ -238,8 +243,7 @@ class DaliLoader:
         from nvidia.dali.pipeline import Pipeline
 
         gpu = self.device.type == "cuda"
-        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu \
-            else None
+        device_id = self._device_id()
         failing, position = [], 0
         while position < len(indices):
             files = [self._source(i) for i in indices[position:]]

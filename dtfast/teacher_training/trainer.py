@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dtfast.teacher_training.config import TeacherTrainConfig, to_dict
-from dtfast.teachers.build import TEACHER_INFO, export_teacher  # noqa: F401 - TEACHER_INFO: re-exported
+from dtfast.teachers.build import export_teacher
 from dtfast.train import checkpoint as ckpt
 from dtfast.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
 from dtfast.train.optim import build_optimizer, lr_at, set_lr

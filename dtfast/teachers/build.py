@@ -7,13 +7,14 @@ import json
 import logging
 import os
 import shutil
-from dtfast import _files
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from dtfast import _files
 
 from .archs import ADM_SCHEDULER, LATENT_ARCHS, PIXEL_ARCHS, pixel_arch
 from .base import FrozenDiffusionTeacher, TeacherOptions, warn_random

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dtfast import _files
 from typing import Any
 
 import torch
+
+from dtfast import _files
 
 LATEST = "latest"
 

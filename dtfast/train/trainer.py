@@ -253,6 +253,11 @@ class Trainer:
         raise SystemExit(128 + signum)
 
     @property
+    def global_batch(self) -> int:
+        """Images per optimizer step, all ranks and micro-batches."""
+        return self.cfg.train.batch_size * self.dist.world_size * self.cfg.train.grad_accum
+
+    @property
     def exit_code(self) -> int:
         """0 after a finished run; 128 + signal number after a signal stopped it (the job is not done)."""
         return 128 + int(self._stop_signal) if self._stop_signal is not None else 0
@@ -340,7 +345,7 @@ class Trainer:
             import yaml
 
             ckpt.atomic_write_text(os.path.join(cfg.out, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        global_batch = cfg.train.batch_size * self.dist.world_size * cfg.train.grad_accum
+        global_batch = self.global_batch
         self._print(f"teacher {cfg.teacher.pretrained or cfg.teacher.arch} (t={cfg.teacher.timestep}), student "
                     f"{cfg.student.arch}, {len(self.dataset)} images, global batch {global_batch}, "
                     f"{self.dist.world_size} process(es) on {self.device.type}, "
@@ -401,8 +406,7 @@ class Trainer:
             record["grad_norm"] = parts["grad_norm"]
         if self.pipeline is not None and self.pipeline.skipped_files:
             record["data_skipped_files"] = len(self.pipeline.skipped_files)  # this rank, all epochs so far
-        global_batch = self.cfg.train.batch_size * self.dist.world_size * self.cfg.train.grad_accum
-        record["eta_s"] = (self.cfg.train.max_steps - self.step) * global_batch / max(record["img_per_s"], 1e-9)
+        record["eta_s"] = (self.cfg.train.max_steps - self.step) * self.global_batch / max(record["img_per_s"], 1e-9)
         if self.dist.is_main:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
