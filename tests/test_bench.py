@@ -393,7 +393,7 @@ def test_cudnn_benchmark_flag_follows_each_rows_trainer(monkeypatch):
 
 def test_a_failing_row_keeps_the_compiled_graphs_of_the_others(tmp_path, monkeypatch):
     # torch._dynamo.reset() when one row fails made the rows compiled before it recompile inside their timed steps
-    # (found in review: 18 -> 0.9 img/s); compiled graphs are dropped only at the end of the run
+    # (found in review); compiled graphs are dropped only at the end of the run
     resets = []
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(len(resets)))
     result = run_benchmark(TINY, ["bench.warmup=1", "bench.steps=1", "bench.rows=[baseline,config]",
