@@ -161,7 +161,7 @@ if __name__ == "__main__":  # pip / setuptools run this file as __main__
             "train": ["timm>=1.0", "diffusers>=0.30", "transformers", "safetensors", "pyyaml", "pillow", "deepspeed",
                       "matplotlib", "nvidia-dali-cuda130"],
             "dali": ["nvidia-dali-cuda130"],
-            "dev": ["pytest", "ninja", "ruff"],
+            "dev": ["pytest>=7.3", "ninja", "ruff"],
         },
         ext_modules=ext_modules,
         cmdclass=cmdclass,
