@@ -268,3 +268,97 @@ def test_double_backward_is_an_error_on_fused_backends(backend):
     loss = dreamteacher_loss(student, teacher, backend=backend)
     with pytest.raises(RuntimeError, match="cannot be differentiated again.*backend='torch'"):
         torch.autograd.grad(loss, student, create_graph=True)
+
+
+def cpu_fused_params():
+    """The fused backends that run on CPU tensors here (Triton only under TRITON_INTERPRET=1)."""
+    return fused_backends("cpu")
+
+
+@pytest.mark.parametrize("backend", cpu_fused_params())
+def test_teacher_maps_from_inference_mode(backend):
+    # a frozen teacher usually runs under torch.inference_mode: its maps cannot go through save_for_backward,
+    # which every fused backend used ("Inference tensors cannot be saved for backward")
+    student, teacher = make_levels("cpu", seed=11)
+    with torch.inference_mode():
+        teacher_inf = [g.clone() for g in teacher]
+    assert all(g.is_inference() for g in teacher_inf)
+    loss = dreamteacher_loss(student, teacher_inf, backend=backend)
+    grads = torch.autograd.grad(loss, student)
+    ref = dreamteacher_loss(student, teacher, backend="torch")
+    ref_grads = torch.autograd.grad(ref, student)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_meta_and_fake_tensors_with_the_default_finite_check(backend):
+    # shape inference (meta device, FakeTensorMode) has no values: check_finite must not call .item() on them
+    student = [torch.empty(2, 8, 4, 4, device="meta", requires_grad=True)]
+    teacher = [torch.empty(2, 8, 4, 4, device="meta")]
+    loss = dreamteacher_loss(student, teacher, backend=backend)
+    assert loss.device.type == "meta" and loss.shape == ()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        s, g = torch.randn(2, 8, 4, 4, requires_grad=True), torch.randn(2, 8, 4, 4)
+        assert dreamteacher_loss([s], [g], backend=backend).shape == ()
+
+
+def test_unsupported_float_dtypes_are_named():
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8 dtype in this torch")
+    s = torch.randn(2, 3, 4, 4).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="level 0.*float8_e4m3fn"):
+        dreamteacher_loss([s], [s.clone()])
+
+
+@pytest.mark.skipif(not HAS_CPU_EXT, reason=NO_EXT)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_kernel_per_level_mse_keeps_nan(channels_last):
+    student, teacher = make_levels("cpu", seed=12, channels_last=channels_last)
+    with torch.no_grad():
+        student[0][1, 2, 3, 4] = float("nan")
+    parts = dreamteacher_loss(student, teacher, backend="cpu", return_parts=True, check_finite=False, at_weight=0.0)
+    assert torch.isnan(parts["mse"][0]) and torch.isfinite(parts["mse"][1:]).all()
+
+
+def test_backend_from_the_environment_applies_to_mixed_dtypes_and_is_named(monkeypatch):
+    student, teacher = make_levels("cpu", seed=7)
+    student[1], teacher[1] = student[1].detach().double().requires_grad_(), teacher[1].double()
+    monkeypatch.setenv("DTFAST_BACKEND", "cpu")
+    with pytest.raises(ValueError, match="backend 'cpu' needs one dtype"):
+        dreamteacher_loss(student, teacher)
+    monkeypatch.setenv("DTFAST_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailable, match="DTFAST_BACKEND='cuda'"):
+        resolve_backend("auto", torch.device("cpu"), torch.float32)
+    monkeypatch.setenv("DTFAST_BACKEND", " Torch ")
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+
+
+@pytest.mark.parametrize("backend", ["torch", *cpu_fused_params()])
+def test_learnable_at_weight_gets_its_gradient(backend):
+    student, teacher = make_levels("cpu", seed=13)
+    weight = torch.tensor(2.5, requires_grad=True)
+    parts = dreamteacher_loss(student, teacher, at_weight=weight, backend=backend, return_parts=True)
+    parts["loss"].backward()
+    # d loss / d at_weight = mean_l at_l
+    torch.testing.assert_close(weight.grad, parts["at"].detach().mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_reference_result_dtype_does_not_depend_on_level_order():
+    student, teacher = make_levels("cpu", seed=14)
+    student[1], teacher[1] = student[1].detach().double().requires_grad_(), teacher[1].double()
+    assert dreamteacher_loss(student, teacher).dtype == torch.float64
+    assert dreamteacher_loss(student[::-1], teacher[::-1]).dtype == torch.float64
+
+
+def test_generators_of_maps_are_accepted_and_whiten_checks_rank():
+    student, teacher = make_levels("cpu", seed=15)
+    torch.testing.assert_close(dreamteacher_loss(iter(student), (g for g in teacher)),
+                               dreamteacher_loss(student, teacher))
+    from dtfast.ops import whiten
+
+    with pytest.raises(ValueError, match=r"whiten expects a \(B, C, H, W\) tensor, got shape \(3, 4, 4\)"):
+        whiten(torch.randn(3, 4, 4), "sample")

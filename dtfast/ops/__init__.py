@@ -46,7 +46,14 @@ def dreamteacher_loss(student_feats: Sequence[Tensor], teacher_feats: Sequence[T
         The scalar loss (float32, or float64 for float64 inputs), or the dict above.
     Raises:
         ValueError: different numbers of levels, non-4-D maps, shape/dtype/device mismatch (naming the level and
-            both shapes), non-finite values, unknown options or an unavailable backend.
+            both shapes), an unsupported dtype, non-finite values, unknown options or backend names.
+        BackendUnavailable (a RuntimeError): a named backend that cannot run these maps here (saying why).
+
+    Teacher maps made under ``torch.inference_mode`` are taken as they are in eager mode; inside
+    ``torch.compile`` with a fused backend, clone them first (the compiled graph saves them for backward).
+    The loss value of the fused backends is computed from float32 per-pixel sums: its absolute error is about
+    1e-7 times the mean square of the student map (irrelevant at training-scale losses; gradients are exact to
+    float32 rounding). Use ``backend="torch"`` with float64 maps where a tiny loss must be exact.
     """
     loss, mse, at = dreamteacher_loss_total(student_feats, teacher_feats, at_weight=at_weight, whiten=whiten,
                                             at_mode=at_mode, backend=backend, check_finite=check_finite)

@@ -43,7 +43,16 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     for a named backend that cannot run these maps here. Under torch.compile it runs once at trace time.
     """
     if backend == "auto":
-        backend = os.environ.get("DTFAST_BACKEND", "") or "auto"
+        env = os.environ.get("DTFAST_BACKEND", "").strip().lower()
+        if env and env != "auto":
+            try:
+                return _resolve(env, device, dtype)
+            except (ValueError, RuntimeError) as e:
+                raise type(e)(f"{e} (the backend was set by the environment: DTFAST_BACKEND={env!r})") from None
+    return _resolve(backend, device, dtype)
+
+
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"dreamteacher_loss: unknown backend {backend!r}; choose one of {BACKENDS} "
                          "(DTFAST_BACKEND takes the same names)")
@@ -130,8 +139,29 @@ def _setup_context(ctx, inputs, output) -> None:
     student, teacher, whiten, at_mode, backend = inputs
     _, _, saved = output
     ctx.mark_non_differentiable(*saved)
-    ctx.save_for_backward(*student, *teacher, *saved)
+    _save_maps(ctx, student, teacher, saved)
     ctx.options = (len(student), whiten, at_mode, backend)
+
+
+def _save_maps(ctx, student: list[Tensor], teacher: list[Tensor], saved: list[Tensor]) -> None:
+    """Save the maps for backward. A teacher map made under torch.inference_mode cannot go through
+    save_for_backward; it is kept on ctx instead (it cannot be changed in place outside inference mode, which is
+    what save_for_backward's version check guards against)."""
+    if any(g.is_inference() for g in teacher):
+        ctx.save_for_backward(*student, *saved)
+        ctx.inference_teacher = teacher
+    else:
+        ctx.save_for_backward(*student, *teacher, *saved)
+        ctx.inference_teacher = None
+
+
+def _saved_maps(ctx, num_levels: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """(student, teacher, saved) as stored by _save_maps."""
+    tensors = ctx.saved_tensors
+    student = list(tensors[:num_levels])
+    if ctx.inference_teacher is not None:
+        return student, list(ctx.inference_teacher), list(tensors[num_levels:])
+    return student, list(tensors[num_levels:2 * num_levels]), list(tensors[2 * num_levels:])
 
 
 def _refuse_double_backward(backend: str) -> None:
@@ -146,10 +176,8 @@ def _refuse_double_backward(backend: str) -> None:
 def _backward(ctx, grad_mse: Tensor | None, grad_at: Tensor | None, _grad_saved):
     num_levels, whiten, at_mode, backend = ctx.options
     _refuse_double_backward(backend)
-    tensors = ctx.saved_tensors
-    student, teacher = list(tensors[:num_levels]), list(tensors[num_levels:2 * num_levels])
-    saved = list(tensors[2 * num_levels:])
-    ref = tensors[2 * num_levels]
+    student, teacher, saved = _saved_maps(ctx, num_levels)
+    ref = saved[0]
     if grad_mse is None:
         grad_mse = ref.new_zeros(num_levels)
     if grad_at is None:
@@ -192,7 +220,7 @@ class _EagerFusedLoss(torch.autograd.Function):
         else:
             mse, at, saved = _kernel_forward(student, teacher, whiten, at_mode, backend)
             loss = torch.add(mse, at, alpha=at_weight).mean()
-        ctx.save_for_backward(*student, *teacher, *saved)
+        _save_maps(ctx, student, teacher, saved)
         ctx.options = (num_levels, whiten, at_mode, backend, at_weight)
         ctx.set_materialize_grads(False)  # unused outputs (the parts, usually) get None, not zeros
         return loss, mse, at
@@ -201,9 +229,7 @@ class _EagerFusedLoss(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor | None, grad_mse: Tensor | None, grad_at: Tensor | None):
         num_levels, whiten, at_mode, backend, at_weight = ctx.options
         _refuse_double_backward(backend)
-        tensors = ctx.saved_tensors
-        student, teacher = list(tensors[:num_levels]), list(tensors[num_levels:2 * num_levels])
-        saved = list(tensors[2 * num_levels:])
+        student, teacher, saved = _saved_maps(ctx, num_levels)
         none = (None,) * (5 + 2 * num_levels)
         if grad_loss is None and grad_mse is None and grad_at is None:
             return none
@@ -250,18 +276,26 @@ def dreamteacher_loss_total(student_feats: Sequence[Tensor], teacher_feats: Sequ
     """Validated (loss, mse: Tensor[L], at: Tensor[L]) from the chosen backend, loss = mean_l(mse_l + at_weight * at_l).
     Gradients flow from all three (the eager fused path is cheapest when only the loss is differentiated)."""
     _validate.check_options(whiten, at_mode)
+    if not isinstance(student_feats, (list, tuple, Tensor)):
+        student_feats = list(student_feats)  # e.g. a generator
+    if not isinstance(teacher_feats, (list, tuple, Tensor)):
+        teacher_feats = list(teacher_feats)
     _validate.check_feature_lists(student_feats, teacher_feats)
     student = list(student_feats)
     teacher = [g.detach() for g in teacher_feats]
     dtype = student[0].dtype
     if any(s.dtype != dtype for s in student):
+        if backend == "auto":
+            backend = os.environ.get("DTFAST_BACKEND", "").strip().lower() or "auto"
         chosen = "torch" if backend == "auto" else resolve_backend(backend, student[0].device, dtype)
         if chosen != "torch":
             raise ValueError(f"dreamteacher_loss: backend {chosen!r} needs one dtype for all levels, got "
                              f"{[s.dtype for s in student]}")
     else:
         chosen = resolve_backend(backend, student[0].device, dtype)
-    if chosen != "torch" and not torch.compiler.is_compiling():
+    # a learnable at_weight (a tensor that requires grad) gets its gradient from the composed sum below
+    weight_has_grad = isinstance(at_weight, Tensor) and at_weight.requires_grad
+    if chosen != "torch" and not torch.compiler.is_compiling() and not weight_has_grad:
         loss, mse, at = _EagerFusedLoss.apply(WHITEN_CODE[whiten], AT_MODE_CODE[at_mode], chosen, len(student),
                                               float(at_weight), *student, *teacher)
     else:

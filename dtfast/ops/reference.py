@@ -40,6 +40,8 @@ def whiten(x: Tensor, mode: str = "channel", eps: float = WHITEN_EPS) -> Tensor:
     """
     if mode not in WHITEN_MODES:
         raise ValueError(f"whiten must be one of {WHITEN_MODES}, got {mode!r}")
+    if x.dim() != 4:
+        raise ValueError(f"whiten expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
     x = x.to(_compute_dtype(x))
     dims = (1,) if mode == "channel" else (1, 2, 3)
     mean = x.mean(dim=dims, keepdim=True)
@@ -98,7 +100,9 @@ def dreamteacher_loss_parts(student_feats: list[Tensor], teacher_feats: list[Ten
                             at_mode: str = "paper") -> tuple[Tensor, Tensor]:
     """Per-level terms (mse: Tensor[L], at: Tensor[L]) of the reference loss. No input validation here."""
     terms = [level_terms(s, g, whiten, at_mode) for s, g in zip(student_feats, teacher_feats)]
-    dtype = torch.promote_types(terms[0][0].dtype, torch.float32)
+    dtype = torch.float32
+    for m, _ in terms:
+        dtype = torch.promote_types(dtype, m.dtype)
     mse = torch.stack([m.to(dtype) for m, _ in terms])
     at = torch.stack([a.to(dtype) for _, a in terms])
     return mse, at

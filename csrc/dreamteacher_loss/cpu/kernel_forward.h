@@ -74,7 +74,7 @@ double channel_rows_nchw(const T* s, const T* g, int64_t C, int64_t N, int64_t p
     const double sum_sw = static_cast<double>(sum_sd[t]) - md * static_cast<double>(sum_s[t]);
     const double sum_ww = static_cast<double>(sum_dd[t]) - 2.0 * md * static_cast<double>(sum_d[t]) + count * md * md;
     const double err = static_cast<double>(sum_ss[t]) - 2.0 * r * sum_sw + r * r * sum_ww;
-    total += err > 0.0 ? err : 0.0;
+    total += err < 0.0 ? 0.0 : err;  // clamps rounding below 0; a NaN (from a NaN input) stays NaN
     stats[p0 + t] = static_cast<A>(static_cast<double>(shift[t]) + md);
     stats[N + p0 + t] = rstd;
     stats[2 * N + p0 + t] = sum_ss[t];
