@@ -402,3 +402,43 @@ def test_a_failing_row_keeps_the_compiled_graphs_of_the_others(tmp_path, monkeyp
     statuses = {row["row"]: row["status"] for row in result["rows"]}
     assert statuses["config"] == "failed" and statuses["baseline"] == "ok", statuses
     assert len(resets) == 1  # the final clean-up only
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_real_data_rows_time_the_configured_backend(tmp_path, monkeypatch, backend):
+    """bench.data=real times training's own input pipeline with data.backend (it used to time the torch
+    DataLoader whatever the config said), and closes it when the row is done."""
+    if backend == "dali":
+        from dtfast.data.dali import dali_available
+
+        if not dali_available():
+            pytest.skip("NVIDIA DALI is not installed")
+    from test_data_backends import smooth_folder
+
+    from dtfast.bench import runner
+    from dtfast.data.pipeline import InputPipeline
+
+    root = tmp_path / "images"
+    smooth_folder(str(root / "train"), per_class=6)
+    built, closed = [], []
+    real_init, real_close = InputPipeline.__init__, InputPipeline.close
+
+    def init(self, *args, **kwargs):
+        built.append(kwargs.get("backend"))
+        real_init(self, *args, **kwargs)
+
+    def close(self):
+        closed.append(self.backend)
+        real_close(self)
+
+    monkeypatch.setattr(InputPipeline, "__init__", init)
+    monkeypatch.setattr(InputPipeline, "close", close)
+    monkeypatch.setattr(runner, "release", lambda *a, **k: None)  # keep the test's dynamo state
+    result = run_benchmark(TINY, ["bench.warmup=1", "bench.steps=1", "bench.rows=[config]", "bench.data=real",
+                                  f"data.root={root}", f"data.backend={backend}", "data.num_workers=0",
+                                  "train.batch_size=4", "dist.engine=ddp", "bench.peak_tflops=1",
+                                  "bench.results_dir="], out=str(tmp_path / "run"))
+    row = result["rows"][0]
+    assert row["status"] == "ok", row.get("error")
+    assert row["data_backend"] == backend and built == [backend] and set(closed) == {backend}
+    assert row["stage_s_per_step"]["data"] > 0

@@ -28,6 +28,7 @@ from dtfast.bench import flops as flop_count
 from dtfast.bench import report
 from dtfast.bench.rows import Row, parse_row, split_overrides, sweep_rows
 from dtfast.bench.runner import Measurement, build_trainer, release
+from dtfast.train.checkpoint import atomic_write_text
 from dtfast.train.config import ConfigError, load_config
 from dtfast.train.distributed import resolve_device
 
@@ -105,6 +106,7 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
                 continue
             pending += steps_s
             t_row = time.perf_counter()
+            measurement = None  # this row's (a failure before it is built must not close the previous row's)
             try:
                 with _warmup_deadline(_warmup_allowance(bench.time_budget_s, started, active, bench.steps)):
                     if row.name not in trainers:
@@ -120,6 +122,8 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
             except Exception as error:  # noqa: BLE001 - one failing row must not lose the others
                 _fail(entry, error, trainers)
             if entry.get("status") == "failed":  # outside the except block: its traceback no longer pins tensors
+                if measurement is not None:
+                    measurement.close()
                 measurement = None
                 release(device, compiled=False)
         # timed steps, interleaved across rows: a shared machine's slow drifts hit every row alike
@@ -131,13 +135,14 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
                     _fail(item[0], error, trainers)
                     active.remove(item)
                 if item[0].get("status") == "failed":
-                    item[1].trainer = item[1].source = None  # let the failed row's models go
+                    item[1].close()  # its data pipeline ends, and the failed row's models can go
                     release(device, compiled=False)
         for entry, measurement, setup_s in active:
             entry.update(measurement.result())
             entry["setup_s"] = setup_s
             estimates[entry["row"]] = (measurement.warmup_s, entry["step_time_s"]["total"], batch_size)
             entry["early_exit"] = _teacher_early_exit(measurement.trainer)
+            measurement.close()
             executed, model = _flops_for_row(result["flops"], entry["early_exit"])
             per_device = entry["images_per_s_per_device"]
             entry["flops_per_image"], entry["model_flops_per_image"] = executed, model
@@ -228,8 +233,7 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
 
 def _finish(result: dict[str, Any], paths: dict[str, str], results_dir: str) -> dict[str, Any]:
     text = report.header(result) + "\n\n" + report.table(result)
-    with open(paths["md"], "w") as fh:
-        fh.write("```\n" + report.header(result) + "\n```\n\n" + report.table(result) + "\n")
+    atomic_write_text(paths["md"], "```\n" + report.header(result) + "\n```\n\n" + report.table(result) + "\n")
     has_png = report.write_png(result, paths["png"])
     result["files"] = {"json": paths["json"], "md": paths["md"], "png": paths["png"] if has_png else None}
     result["files"]["recorded"] = report.record(result, results_dir, paths["png"] if has_png else None)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from dtfast.train.checkpoint import atomic_write_text
 from dtfast.train.timing import STAGES
 
 BREAKDOWN = (*STAGES, "other")
@@ -160,8 +161,7 @@ def record(result: dict[str, Any], results_dir: str, png_path: str | None) -> li
     written.append(path)
     stem = f"bench_{slug(meta['machine']['device_name'])}_{slug(meta['preset'])}"
     md_path = os.path.join(results_dir, stem + ".md")
-    with open(md_path, "w") as fh:
-        fh.write("```\n" + header(result) + "\n```\n\n" + table(result) + "\n")
+    atomic_write_text(md_path, "```\n" + header(result) + "\n```\n\n" + table(result) + "\n")
     written.append(md_path)
     if png_path and os.path.isfile(png_path):
         import shutil

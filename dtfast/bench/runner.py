@@ -83,19 +83,21 @@ class SyntheticBatches:
 
 
 class RealBatches:
-    """The trainer's own loader at this batch size, restarted at epoch ends."""
+    """Training's own input at this batch size: ``Trainer.build_pipeline`` (the configured ``data.backend``,
+    prefetch and on-device views; endless). ``close()`` ends its workers."""
 
     def __init__(self, trainer, batch_size: int):
         trainer.cfg.train.batch_size = batch_size
-        self.trainer = trainer
-        self.iterator = iter(trainer._build_loader(0))
+        self.pipeline = trainer.build_pipeline(0)
+        self.backend = self.pipeline.backend
 
     def __next__(self):
-        try:
-            return next(self.iterator)
-        except StopIteration:
-            self.iterator = iter(self.trainer._build_loader(0))
-            return next(self.iterator)
+        return next(self.pipeline)
+
+    def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
 
 
 def _micro_batches(source, count: int, timer):
@@ -158,6 +160,13 @@ class Measurement:
         self.warmup_s = 0.0
         self.peak_kind = ""
 
+    def close(self) -> None:
+        """End the row's data pipeline (real data) and let go of its trainer."""
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
+        self.trainer = self.source = None
+
     def _step(self, timer) -> None:
         self.trainer.apply_backend_flags()  # rows interleave in one process: each step under its own row's flags
         self.parts = self.trainer.optimizer_step(_micro_batches(self.source, self.grad_accum, timer), timer)
@@ -209,16 +218,20 @@ class Measurement:
             "peak_memory_kind": self.peak_kind,
             "resident_before_gb": self.resident_gb,
             "loss": float(self.parts["loss"].detach().float()) if self.parts is not None else None,
+            "data_backend": getattr(self.source, "backend", "synthetic"),
         }
 
 
 def measure(trainer, batch_size: int, warmup: int, steps: int, data: str, seed: int = 0) -> dict[str, Any]:
     """One row alone: ``warmup`` + ``steps`` optimizer steps; timings, breakdown and memory of the timed steps."""
     measurement = Measurement(trainer, batch_size, data, seed)
-    measurement.warmup(warmup)
-    for _ in range(steps):
-        measurement.step()
-    return measurement.result()
+    try:
+        measurement.warmup(warmup)
+        for _ in range(steps):
+            measurement.step()
+        return measurement.result()
+    finally:
+        measurement.close()
 
 
 def release(device: torch.device, compiled: bool = True) -> None:
