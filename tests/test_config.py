@@ -66,3 +66,22 @@ def test_help_lists_every_field():
                 assert f"{section.name}.{f.name}" in text
         else:
             assert section.name in text
+
+
+def test_text_keys_take_the_override_text_as_written():
+    # YAML parsing turned "a #b" into "a", "1.10" into "1.1" and a date-like name into an error
+    cfg = load_config(None, ["data.root=/data/set #2", "out=runs/v1.10", "teacher.pretrained=1.10",
+                             "train.resume=never"])
+    assert cfg.data.root == "/data/set #2" and cfg.out == "runs/v1.10" and cfg.teacher.pretrained == "1.10"
+    assert load_config(None, ["out=2024-06-01"]).out == "2024-06-01"
+    assert load_config(None, ["out=runs/exp: a"]).out == "runs/exp: a"
+    assert load_config(None, ["teacher.pretrained="]).teacher.pretrained == ""
+    # other types still parse
+    cfg = load_config(None, ["train.betas=[0.9,0.95]", "teacher.strides=4,8,16,32", "train.lr=1e-3"])
+    assert cfg.train.betas == [0.9, 0.95] and cfg.teacher.strides == [4, 8, 16, 32] and cfg.train.lr == 1e-3
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".nan"])
+def test_non_finite_numbers_are_refused(value):
+    with pytest.raises(ConfigError, match="'train.lr' must be a finite number"):
+        load_config(None, [f"train.lr={value}"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -178,13 +179,18 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif expected is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+            return number
     elif expected is str:
         if value is None:
             return ""
@@ -198,6 +204,16 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
     else:
         return value
     raise ConfigError(f"config key '{key}' expects {expected.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _key_type(cls: type, parts: list[str]) -> Any:
+    """The declared type of dotted key ``parts`` in config class ``cls`` (None for an unknown key: _apply names it)."""
+    expected: Any = cls
+    for part in parts:
+        if not dataclasses.is_dataclass(expected):
+            return None
+        expected = _field_types(expected).get(part)
+    return expected
 
 
 def _parse_scalar(text: str) -> Any:
@@ -256,7 +272,8 @@ def build_config(cls: type, path: str | None = None, overrides: list[str] | None
         parts = key.strip().split(".")
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = _parse_scalar(text) if text.strip() else ""
+        # a text key takes the text as written: YAML would read "a #b" as "a", "1.10" as 1.1, "2024-06-01" as a date
+        cursor[parts[-1]] = text if _key_type(cls, parts) is str else _parse_scalar(text) if text.strip() else ""
         _apply(cfg, nested)
     if validate_fn is not None:
         validate_fn(cfg)
