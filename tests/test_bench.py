@@ -442,3 +442,10 @@ def test_real_data_rows_time_the_configured_backend(tmp_path, monkeypatch, backe
     assert row["status"] == "ok", row.get("error")
     assert row["data_backend"] == backend and built == [backend] and set(closed) == {backend}
     assert row["stage_s_per_step"]["data"] > 0
+
+
+def test_bench_batch_size_below_two_names_the_key(tmp_path):
+    from dtfast.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'bench.batch_sizes' must hold sizes >= 2"):
+        run_benchmark(TINY, ["bench.batch_sizes=[1,4]"], out=str(tmp_path / "run"))

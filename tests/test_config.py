@@ -85,3 +85,9 @@ def test_text_keys_take_the_override_text_as_written():
 def test_non_finite_numbers_are_refused(value):
     with pytest.raises(ConfigError, match="'train.lr' must be a finite number"):
         load_config(None, [f"train.lr={value}"])
+
+
+def test_batch_size_below_two_is_refused_naming_the_key():
+    # the regressor's pooling BatchNorm (1x1 map) cannot train on one image: name the key before building anything
+    with pytest.raises(ConfigError, match="'train.batch_size' must be >= 2"):
+        load_config(None, ["train.batch_size=1"])

@@ -38,8 +38,9 @@ def _check_bench(cfg) -> None:
         raise ConfigError(f"config key 'bench.steps' must be > 0, got {cfg.bench.steps}")
     if cfg.bench.warmup < 0:
         raise ConfigError(f"config key 'bench.warmup' must be >= 0, got {cfg.bench.warmup}")
-    if any(int(b) <= 0 for b in cfg.bench.batch_sizes):
-        raise ConfigError(f"config key 'bench.batch_sizes' must hold positive sizes, got {cfg.bench.batch_sizes}")
+    if any(int(b) < 2 for b in cfg.bench.batch_sizes):
+        raise ConfigError(f"config key 'bench.batch_sizes' must hold sizes >= 2 (images per process: the regressor's "
+                          f"pooling BatchNorm needs 2 to train), got {cfg.bench.batch_sizes}")
 
 
 def _flops_for_row(flops: dict[str, Any], early_exit: bool) -> tuple[int | None, int | None]:

@@ -316,6 +316,10 @@ def validate(cfg: PretrainConfig) -> None:
     for key in positive:
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)}")
+    if cfg.train.batch_size < 2:
+        raise ConfigError(f"config key 'train.batch_size' must be >= 2 (images per process): the regressor's "
+                          f"pooling branch has a BatchNorm over a 1x1 map, which needs 2 images to train; "
+                          f"got {cfg.train.batch_size}")
     strides = cfg.teacher.strides
     if not strides or sorted(strides) != list(strides) or len(set(strides)) != len(strides):
         raise ConfigError(f"config key 'teacher.strides' must be strictly ascending, got {strides}")
