@@ -42,11 +42,20 @@ def set_default_modes(folder: str) -> None:
 
 def mkstemp(dir: str, prefix: str, suffix: str = "") -> tuple[int, str]:  # noqa: A002 - tempfile's name
     fd, path = tempfile.mkstemp(dir=dir, prefix=prefix, suffix=suffix)
-    set_default_mode(path)
+    try:
+        set_default_mode(path)
+    except BaseException:  # the caller never sees the name: remove the file here
+        os.close(fd)
+        os.remove(path)
+        raise
     return fd, path
 
 
 def mkdtemp(dir: str, prefix: str) -> str:  # noqa: A002 - tempfile's name
     path = tempfile.mkdtemp(dir=dir, prefix=prefix)
-    set_default_mode(path)
+    try:
+        set_default_mode(path)
+    except BaseException:  # the caller never sees the name: remove the folder here
+        os.rmdir(path)
+        raise
     return path

@@ -1,11 +1,13 @@
 """Evaluate a backbone by linear probe and k-NN on frozen, globally pooled features.
 
-    python -m dtfast.evaluate backbone=runs/pretrain/backbone.safetensors arch=resnet18 [data.root=ROOT]
+    python -m dtfast.evaluate backbone=runs/pretrain/backbone.safetensors [data.root=ROOT] [out=FILE|FOLDER/]
     python -m dtfast.evaluate backbone=random arch=resnet18 seed=1
     python -m dtfast.evaluate backbone=timm arch=resnet50 data.root=/data/labelled data.image_size=224
 
 Data: ``ROOT/train/<class>/<image>`` and ``ROOT/val/<class>/<image>`` (centre crops, no augmentation), or with
-no ``data.root`` the embedded procedural set's train and val splits. Prints and writes top-1 accuracy (JSON).
+no ``data.root`` the embedded procedural set's train and val splits. Prints and writes top-1 accuracy (JSON):
+by default ``<backbone stem>.eval.json`` next to the backbone file, ``random-<arch>-seed<seed>.eval.json`` or
+``timm-<arch>.eval.json`` in the current folder. ``arch`` defaults to the one the exported file records.
 """
 
 from __future__ import annotations
@@ -35,9 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dtfast.evaluate: {exc}", file=sys.stderr)
         return 2
-    from dtfast.eval.runner import evaluate
+    from dtfast.eval.features import BackboneError
+    from dtfast.eval.runner import ProbeDataError, evaluate
 
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except (ConfigError, BackboneError, ProbeDataError) as exc:
+        print(f"dtfast.evaluate: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -108,3 +108,164 @@ def test_cli_writes_results(tmp_path):
 def test_config_rejects_missing_backbone_file(tmp_path):
     with pytest.raises(ConfigError, match="backbone"):
         load_eval_config(None, [f"backbone={os.path.join(tmp_path, 'nope.safetensors')}"])
+
+
+# ------------------------------------------------------------------------------------- review findings 5-8, 15
+_SMALL = ["data.num_train=8", "data.num_val=4", "data.num_workers=0", "probe.max_iter=5", "probe.knn_k=0",
+          "probe.weight_decays=[0.1]"]
+
+
+def _tmp_leftovers(folder):
+    return [p for p in folder.rglob("*") if p.name.startswith(".tmp_")]
+
+
+def test_cli_out_folder_gets_the_default_name(tmp_path):
+    # out= an existing folder, or a new one ending in '/', used to crash in os.replace after the whole evaluation
+    from dtfast.evaluate import main
+
+    (tmp_path / "existing").mkdir()
+    assert main(["backbone=random", "seed=3", f"out={tmp_path / 'existing'}", *_SMALL]) == 0
+    assert json.loads((tmp_path / "existing" / "random-resnet18-seed3.eval.json").read_text())["num_train"] == 8
+    assert main(["backbone=random", f"out={tmp_path / 'new' / 'sub'}/", *_SMALL]) == 0
+    assert (tmp_path / "new" / "sub" / "random-resnet18-seed0.eval.json").is_file()
+    assert not _tmp_leftovers(tmp_path)
+
+
+def test_out_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match="'out'.*a_file is a file"):
+        load_eval_config(None, ["backbone=random", f"out={tmp_path / 'a_file' / 'eval.json'}"])
+    (tmp_path / "dir" / "random-resnet18-seed0.eval.json").mkdir(parents=True)  # the resolved name is a folder
+    with pytest.raises(ConfigError, match="'out'.*is a folder"):
+        load_eval_config(None, ["backbone=random", f"out={tmp_path / 'dir'}"])
+
+
+def test_atomic_writers_leave_no_temp_file_on_failure(tmp_path, monkeypatch):
+    from dtfast import _files
+    from dtfast.train.checkpoint import atomic_write_text
+
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(OSError):  # os.replace onto a folder
+        atomic_write_text(str(tmp_path / "folder"), "text")
+    assert not _tmp_leftovers(tmp_path)
+
+    def broken_chmod(path, umask=None):
+        raise PermissionError("chmod refused")
+
+    monkeypatch.setattr(_files, "set_default_mode", broken_chmod)
+    with pytest.raises(PermissionError):
+        _files.mkstemp(str(tmp_path), ".tmp_")
+    with pytest.raises(PermissionError):
+        _files.mkdtemp(str(tmp_path), ".tmp_")
+    assert not _tmp_leftovers(tmp_path)
+
+
+def _save_backbone(model_or_state, path, arch=None):
+    from safetensors.torch import save_file
+
+    state = model_or_state if isinstance(model_or_state, dict) else model_or_state.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"arch": arch} if arch else None)
+    return str(path)
+
+
+def test_default_out_is_per_backbone_file(tmp_path):
+    # two backbones of one run used to share <folder>/eval.json, the second evaluation replacing the first's
+    from dtfast.eval.config import out_path
+    from dtfast.evaluate import main
+
+    model = load_backbone("resnet18", "random", seed=0)
+    step = _save_backbone(model, tmp_path / "backbone_step_10.safetensors", arch="resnet18")
+    final = _save_backbone(model, tmp_path / "backbone.safetensors", arch="resnet18")
+    assert out_path(load_eval_config(None, [f"backbone={step}"])) == str(tmp_path / "backbone_step_10.eval.json")
+    assert out_path(load_eval_config(None, [f"backbone={final}"])) == str(tmp_path / "backbone.eval.json")
+    assert out_path(load_eval_config(None, ["backbone=random", "arch=resnet34", "seed=2"])) == \
+        "random-resnet34-seed2.eval.json"
+    assert out_path(load_eval_config(None, ["backbone=timm", "arch=resnet50"])) == "timm-resnet50.eval.json"
+    assert main([f"backbone={step}", *_SMALL]) == 0
+    assert main([f"backbone={final}", *_SMALL]) == 0
+    assert json.loads((tmp_path / "backbone_step_10.eval.json").read_text())["backbone"] == step
+    assert json.loads((tmp_path / "backbone.eval.json").read_text())["backbone"] == final
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_standardise_one_row_is_finite():
+    x = torch.randn(1, 4)
+    train, other = standardise(x, torch.randn(3, 4))
+    assert torch.isfinite(train).all() and torch.isfinite(other).all()
+    many = torch.randn(10, 4, dtype=torch.float64)  # two or more rows: still the unbiased std, as before
+    assert torch.allclose(standardise(many)[0].double(), (many - many.mean(0)) / many.std(0), atol=1e-6)
+
+
+def test_linear_probe_with_too_few_images_says_so(tmp_path):
+    from PIL import Image
+
+    from dtfast.eval.runner import ProbeDataError, load_probe_data
+    from dtfast.evaluate import main
+
+    x, y = torch.randn(2, 8), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="2 train images; it needs at least 3"):
+        linear_probe(x, y, x, y, weight_decays=(0.1,), max_iter=5)
+    assert linear_probe(torch.randn(3, 8), torch.tensor([0, 1, 0]), x, y, weight_decays=(0.1,), max_iter=5)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / split / label / "0.png")
+    cfg = load_eval_config(None, [f"data.root={tmp_path}", "data.num_workers=0"])
+    with pytest.raises(ProbeDataError, match=f"{tmp_path / 'train'} has 2 images; the linear probe needs at least 3"):
+        load_probe_data(cfg)
+    assert main(["backbone=random", f"data.root={tmp_path}", "data.num_workers=0",
+                 f"out={tmp_path / 'e.json'}"]) == 2
+    with pytest.raises(ConfigError, match="data.num_train"):
+        load_eval_config(None, ["data.num_train=2"])
+
+
+def test_backbone_file_errors_name_the_file_and_the_fix(tmp_path):
+    from dtfast.eval.features import BackboneError
+
+    r18 = load_backbone("resnet18", "random", seed=0)
+    plain = _save_backbone(r18, tmp_path / "r18.safetensors")  # no metadata: only the shapes can tell
+    with pytest.raises(BackboneError) as info:
+        load_backbone("resnet50", plain)
+    message = str(info.value)
+    assert plain in message and "'resnet50'" in message and "\n" not in message
+    assert "layer1.0.conv1.weight has shape [64, 64, 3, 3] in the file, [64, 64, 1, 1] in the model" in message
+
+    tagged = _save_backbone(r18, tmp_path / "tagged.safetensors", arch="resnet18")
+    with pytest.raises(BackboneError, match="exported for arch 'resnet18'.*arch='resnet50'"):
+        load_backbone("resnet50", tagged)
+
+    torch.save(r18.state_dict(), tmp_path / "r18.pt")
+    with pytest.raises(BackboneError, match=f"{tmp_path / 'r18.pt'}.*not a safetensors file"):
+        load_backbone("resnet18", str(tmp_path / "r18.pt"))
+
+    checkpoint = _save_backbone({**{f"backbone.{k}": v for k, v in r18.state_dict().items()},
+                                 "regressor.w": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(BackboneError, match="training checkpoint.*train.export_only=true"):
+        load_backbone("resnet18", checkpoint)
+
+
+def test_arch_defaults_to_the_files_and_a_different_one_is_refused(tmp_path):
+    from dtfast.evaluate import main
+
+    path = _save_backbone({"w": torch.zeros(1)}, tmp_path / "b.safetensors", arch="resnet34")
+    assert load_eval_config(None, [f"backbone={path}"]).arch == "resnet34"
+    assert load_eval_config(None, [f"backbone={path}", "arch=resnet34"]).arch == "resnet34"
+    with pytest.raises(ConfigError, match="config key 'arch'.*'resnet34'.*arch='resnet18'"):
+        load_eval_config(None, [f"backbone={path}", "arch=resnet18"])
+    assert load_eval_config(None, ["backbone=random"]).arch == "resnet18"
+    no_meta = _save_backbone({"w": torch.zeros(1)}, tmp_path / "c.safetensors")
+    assert load_eval_config(None, [f"backbone={no_meta}"]).arch == "resnet18"
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ConfigError, match="bad.safetensors.*not a safetensors file"):
+        load_eval_config(None, [f"backbone={tmp_path / 'bad.safetensors'}"])
+    assert main([f"backbone={path}", "arch=resnet18"]) == 2
+
+
+@pytest.mark.parametrize("override,key", [("data.num_classes=21", "data.num_classes"),
+                                          ("data.num_classes=0", "data.num_classes"),
+                                          ("data.num_workers=-1", "data.num_workers"),
+                                          ("device=cuda", "device")])
+def test_config_ranges_name_the_key(override, key, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        load_eval_config(None, ["backbone=random", override])

@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 
 from dtfast.train.config import ConfigError, _f, build_config, get_key, help_text, to_dict
 
-__all__ = ["ConfigError", "EvalConfig", "help_text", "load_eval_config", "to_dict"]
+__all__ = ["ConfigError", "EvalConfig", "check_out", "default_out_name", "help_text", "load_eval_config", "out_path",
+           "resolve_arch", "to_dict", "validate"]
+
+MAX_PROCEDURAL_CLASSES = 20  # dtfast.data.procedural's limit (checked there too)
+DEFAULT_ARCH = "resnet18"
 
 
 @dataclass
@@ -17,9 +21,9 @@ class EvalDataConfig:
     image_size: int = _f(32, "images are resized (shorter side) and centre-cropped to this size; no augmentation")
     num_train: int = _f(5000, "procedural set only: images in the train split")
     num_val: int = _f(2000, "procedural set only: images in the val split")
-    num_classes: int = _f(10, "procedural set only: number of classes (1..20)")
+    num_classes: int = _f(10, f"procedural set only: number of classes (1..{MAX_PROCEDURAL_CLASSES})")
     seed: int = _f(0, "procedural set only: content seed of both splits")
-    num_workers: int = _f(1, "data-loader workers for decoding / rendering")
+    num_workers: int = _f(1, "data-loader workers for decoding / rendering (0 = in the main process)")
 
 
 @dataclass
@@ -39,9 +43,14 @@ class ProbeConfig:
 class EvalConfig:
     backbone: str = _f("random", "random (timm init with `seed`) | path to a backbone.safetensors (timm naming, "
                                  "headless, as dtfast.pretrain exports) | timm (timm's own pretrained weights)")
-    arch: str = _f("resnet18", "timm architecture of the backbone")
+    arch: str = _f("", "timm architecture of the backbone; empty = the arch a backbone file records in its "
+                       "metadata (dtfast.pretrain's export does), else resnet18. A set arch that differs from the "
+                       "file's is refused")
     seed: int = _f(0, "seed of the random init (backbone=random)")
-    out: str = _f("", "JSON file for the results; empty = <backbone folder>/eval.json, or eval.json for random")
+    out: str = _f("", "JSON file for the results, or a folder (existing, or ending in /) to write the default "
+                      "name into; empty = <backbone stem>.eval.json next to the backbone file (backbone_step_10"
+                      ".safetensors -> backbone_step_10.eval.json), or random-<arch>-seed<seed>.eval.json / "
+                      "timm-<arch>.eval.json in the current folder")
     device: str = _f("auto", "auto (cuda when available) | cpu | cuda")
     batch_size: int = _f(250, "feature-extraction batch size")
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
@@ -51,19 +60,110 @@ class EvalConfig:
 _CHOICES = {"device": ("auto", "cpu", "cuda"), "probe.features": ("last", "all")}
 
 
+def resolve_arch(cfg: EvalConfig) -> str:
+    """``cfg.arch``, or when empty the arch the backbone file records (dtfast.pretrain's export), else resnet18.
+
+    Raises ConfigError when a set ``arch`` differs from the file's, and for a file that cannot be evaluated (not
+    safetensors, or a training checkpoint).
+    """
+    if cfg.backbone in ("random", "timm"):
+        return cfg.arch or DEFAULT_ARCH
+    from dtfast.eval.features import BackboneError, backbone_file_info, check_arch
+
+    try:
+        metadata, _ = backbone_file_info(cfg.backbone)
+    except (BackboneError, FileNotFoundError) as exc:
+        raise ConfigError(f"config key 'backbone': {exc}") from exc
+    try:
+        check_arch(cfg.backbone, cfg.arch, metadata)
+    except BackboneError as exc:
+        raise ConfigError(f"config key 'arch': {exc}") from exc
+    return cfg.arch or metadata.get("arch") or DEFAULT_ARCH
+
+
+def default_out_name(cfg: EvalConfig) -> str:
+    """The results file's name: ``<backbone stem>.eval.json``, or one naming the arch (and seed) of random/timm."""
+    if cfg.backbone == "random":
+        return f"random-{_file_safe(cfg.arch or DEFAULT_ARCH)}-seed{cfg.seed}.eval.json"
+    if cfg.backbone == "timm":
+        return f"timm-{_file_safe(cfg.arch or DEFAULT_ARCH)}.eval.json"
+    return os.path.splitext(os.path.basename(cfg.backbone))[0] + ".eval.json"
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def out_path(cfg: EvalConfig) -> str:
+    """Where the results go: ``out`` as a file, or ``default_out_name`` in the folder ``out`` names (an existing
+    folder, or a path ending in a separator), or next to the backbone file (the current folder for random/timm)."""
+    name = default_out_name(cfg)
+    if not cfg.out:
+        if cfg.backbone in ("random", "timm"):
+            return name
+        return os.path.join(os.path.dirname(os.path.abspath(cfg.backbone)), name)
+    if cfg.out.endswith(("/", os.sep)) or os.path.isdir(cfg.out):
+        return os.path.join(cfg.out, name)
+    return cfg.out
+
+
+def check_out(cfg: EvalConfig) -> None:
+    """Refuse a results path that cannot be written (a folder, under a file, read-only), before any work."""
+    path = os.path.abspath(out_path(cfg))
+    where = f"config key 'out' = {cfg.out!r}" if cfg.out else f"the default results file {path}"
+    if os.path.isdir(path):
+        raise ConfigError(f"{where}: {path} is a folder; name a file or a folder to write "
+                          f"{default_out_name(cfg)} into")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{where}: cannot write {path}, {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: cannot write {path}, {parent} is not writable")
+
+
+def min_train_images(holdout: float) -> int:
+    from dtfast.eval.probe import min_train_images as minimum
+
+    return minimum(holdout)
+
+
 def validate(cfg: EvalConfig) -> None:
+    """Check every key before any work; fills in ``arch`` when it is empty (see ``resolve_arch``)."""
     for key, choices in _CHOICES.items():
         if get_key(cfg, key) not in choices:
             raise ConfigError(f"config key '{key}' = {get_key(cfg, key)!r}; expected one of {', '.join(choices)}")
     for key in ("data.image_size", "data.num_train", "data.num_val", "batch_size", "probe.max_iter"):
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)}")
+    if not 1 <= cfg.data.num_classes <= MAX_PROCEDURAL_CLASSES:
+        raise ConfigError(f"config key 'data.num_classes' must be in 1..{MAX_PROCEDURAL_CLASSES}, "
+                          f"got {cfg.data.num_classes}")
+    for key in ("data.num_workers", "probe.knn_k"):
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {get_key(cfg, key)}")
+    if not cfg.probe.knn_temperature > 0:
+        raise ConfigError(f"config key 'probe.knn_temperature' must be > 0, got {cfg.probe.knn_temperature}")
     if not 0.0 < cfg.probe.holdout < 1.0:
         raise ConfigError(f"config key 'probe.holdout' must be in (0, 1), got {cfg.probe.holdout}")
-    if not cfg.probe.weight_decays or any(float(w) < 0 for w in cfg.probe.weight_decays):
+    if not cfg.probe.weight_decays or any(not float(w) >= 0 for w in cfg.probe.weight_decays):
         raise ConfigError(f"config key 'probe.weight_decays' needs values >= 0, got {cfg.probe.weight_decays}")
+    needed = min_train_images(cfg.probe.holdout)
+    if not cfg.data.root and cfg.data.num_train < needed:
+        raise ConfigError(f"config key 'data.num_train' = {cfg.data.num_train}: the linear probe needs at least "
+                          f"{needed} train images (probe.holdout={cfg.probe.holdout:g})")
     if cfg.backbone not in ("random", "timm") and not os.path.isfile(cfg.backbone):
         raise ConfigError(f"config key 'backbone' = {cfg.backbone!r}: not 'random', 'timm' or an existing file")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("config key 'device' = 'cuda', but no CUDA device is available; use device=cpu "
+                              "or device=auto")
+    cfg.arch = resolve_arch(cfg)
+    if cfg.out:  # the default path is checked by evaluate() when it is to write it (not by library users)
+        check_out(cfg)
 
 
 def load_eval_config(path: str | None = None, overrides: list[str] | None = None) -> EvalConfig:

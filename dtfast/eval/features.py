@@ -9,34 +9,84 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["load_backbone", "load_images", "pooled_features", "probe_datasets", "stage_indices"]
+__all__ = ["BackboneError", "backbone_file_info", "check_arch", "load_backbone", "load_images", "pooled_features",
+           "probe_datasets", "stage_indices"]
 
 STRIDES = (4, 8, 16, 32)
+
+
+class BackboneError(ValueError):
+    """A backbone file that cannot be evaluated as asked; the message names the file and what to do."""
+
+
+def backbone_file_info(path: str) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """(safetensors metadata, {key: shape}) of a backbone file, read from its header only (no tensor data).
+
+    Raises FileNotFoundError for a missing file and ``BackboneError`` for a file that is not safetensors or that is
+    a training checkpoint (keys ``backbone.*``) rather than an exported backbone.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backbone weights {path!r}: no such file")
+    try:
+        with safe_open(path, framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BackboneError(f"backbone weights {path!r} are not a safetensors file ({exc}); dtfast.evaluate reads "
+                            "a headless backbone in timm naming, as dtfast.pretrain exports (backbone.safetensors)"
+                            ) from exc
+    tops = {key.split(".", 1)[0] for key in shapes}
+    if "backbone" in tops and tops <= {"backbone", "regressor"}:  # dtfast.pretrain's model.safetensors
+        raise BackboneError(f"backbone weights {path!r} look like a training checkpoint (keys 'backbone.*'), not "
+                            "an exported backbone: export one with the run's own command plus "
+                            "train.export_only=true (writes <out>/backbone_step_<N>.safetensors) and evaluate that")
+    return metadata, shapes
+
+
+def check_arch(path: str, arch: str, metadata: dict[str, str]) -> None:
+    """Refuse ``arch`` when the file records another one (dtfast.pretrain's export stores ``arch`` in metadata)."""
+    stored = metadata.get("arch")
+    if stored and arch and stored != arch:
+        raise BackboneError(f"backbone weights {path!r} were exported for arch {stored!r} (safetensors metadata), "
+                            f"but arch={arch!r} was asked for: leave arch unset to use the file's, or pass "
+                            f"arch={stored}")
 
 
 def load_backbone(arch: str, weights: str = "random", seed: int = 0) -> nn.Module:
     """A headless timm model (``num_classes=0``) in eval mode.
 
     weights: "random" (timm's init under ``torch.manual_seed(seed)``), "timm" (timm's pretrained weights, from
-    the hub or its cache) or a safetensors file in timm naming (what dtfast.pretrain exports); every key must match.
+    the hub or its cache) or a safetensors file in timm naming (what dtfast.pretrain exports); every key must match
+    in name and shape. An ``arch`` that differs from the one the file's metadata records is refused, and so is a
+    training checkpoint (``checkpoints/step_<N>/model.safetensors``). Errors about the file are ``BackboneError``.
     """
     import timm
 
     if weights == "timm":
         return timm.create_model(arch, pretrained=True, num_classes=0).eval()
+    shapes: dict[str, tuple[int, ...]] = {}
+    if weights != "random":
+        metadata, shapes = backbone_file_info(weights)  # before building the model: a wrong file fails fast
+        check_arch(weights, arch, metadata)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = timm.create_model(arch, pretrained=False, num_classes=0)
     if weights != "random":
         from safetensors.torch import load_file
 
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"backbone weights {weights!r}: no such file")
-        state = load_file(weights)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        hint = "was it exported for another arch?"
+        expected = model.state_dict()
+        for key, shape in shapes.items():
+            if key in expected and tuple(expected[key].shape) != shape:
+                raise BackboneError(f"backbone weights {weights!r} do not fit timm {arch!r} (num_classes=0): "
+                                    f"{key} has shape {list(shape)} in the file, {list(expected[key].shape)} in "
+                                    f"the model; {hint}")
+        missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
         if missing or unexpected:
-            raise ValueError(f"backbone weights {weights!r} do not fit timm {arch!r} (num_classes=0): missing "
-                             f"{missing[:5]}, unexpected {unexpected[:5]}; was it exported for another arch?")
+            raise BackboneError(f"backbone weights {weights!r} do not fit timm {arch!r} (num_classes=0): missing "
+                                f"{missing[:5]}, unexpected {unexpected[:5]}; {hint}")
     return model.eval()
 
 

@@ -11,13 +11,21 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["accuracy", "fit_logistic", "knn_top1", "linear_probe", "standardise"]
+__all__ = ["accuracy", "fit_logistic", "holdout_split_sizes", "knn_top1", "linear_probe", "min_train_images",
+           "standardise"]
 
 
 def standardise(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) -> list[torch.Tensor]:
-    """Subtract the train mean and divide by the train std, per feature (statistics in float64, result float32)."""
+    """Subtract the train mean and divide by the train std, per feature (statistics in float64, result float32).
+
+    The std is the unbiased one, except for a single train row (where that is NaN): 0 there, so the feature is 0.
+    Features with a std below ``eps`` are divided by ``eps``.
+    """
+    if train.shape[0] == 0:
+        raise ValueError("standardise: no train rows to take the mean and std of")
     train64 = train.double()
-    mean, std = train64.mean(0, keepdim=True), train64.std(0, keepdim=True).clamp_min(eps)
+    std = train64.std(0, keepdim=True, correction=1 if train.shape[0] > 1 else 0)
+    mean, std = train64.mean(0, keepdim=True), std.nan_to_num(nan=0.0).clamp_min(eps)
     return [((t.double() - mean) / std).float() for t in (train, *others)]
 
 
@@ -43,6 +51,25 @@ def accuracy(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch
     return float(((x @ weight + bias).argmax(1) == y).double().mean())
 
 
+MIN_FIT_IMAGES = 2  # images the L2 search fits on, besides the held-out ones (at least 1)
+
+
+def holdout_split_sizes(num_train: int, holdout: float) -> tuple[int, int]:
+    """(held out, fit): the sizes of the split ``linear_probe`` makes to pick the L2 strength."""
+    n_hold = max(1, round(holdout * num_train))
+    return n_hold, num_train - n_hold
+
+
+def min_train_images(holdout: float) -> int:
+    """The fewest train images ``linear_probe`` accepts: 1 held out (more at larger ``holdout``) + 2 to fit."""
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    n = MIN_FIT_IMAGES + 1
+    while holdout_split_sizes(n, holdout)[1] < MIN_FIT_IMAGES:
+        n += 1
+    return n
+
+
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                  weight_decays: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1), holdout: float = 0.2,
                  max_iter: int = 200, seed: int = 0) -> dict:
@@ -51,10 +78,16 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
     The L2 strength is the one with the best accuracy on a seeded ``holdout`` part of the train split (ties: the
     stronger one); the probe is then refit on the whole train split with it.
     """
+    n_hold, n_fit = holdout_split_sizes(train_x.shape[0], holdout)
+    if n_fit < MIN_FIT_IMAGES:
+        raise ValueError(f"linear probe: {train_x.shape[0]} train images; it needs at least "
+                         f"{min_train_images(holdout)} ({n_hold} held out at holdout={holdout:g} to pick the L2 "
+                         f"strength, {MIN_FIT_IMAGES} or more to fit)")
+    if val_x.shape[0] == 0:
+        raise ValueError("linear probe: no val images")
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(train_x.shape[0], generator=generator)
-    n_hold = max(1, round(holdout * train_x.shape[0]))
     hold, fit = order[:n_hold], order[n_hold:]
     fit_x, hold_x = standardise(train_x[fit], train_x[hold])
     search = {}

@@ -10,11 +10,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dtfast.eval.config import EvalConfig, to_dict
+from dtfast.eval.config import EvalConfig, check_out, out_path, to_dict, validate
 from dtfast.eval.features import load_backbone, load_images, pooled_features, probe_datasets
-from dtfast.eval.probe import knn_top1, linear_probe
+from dtfast.eval.probe import knn_top1, linear_probe, min_train_images
 
-__all__ = ["ProbeData", "evaluate", "evaluate_model", "load_probe_data", "resolve_device"]
+__all__ = ["ProbeData", "ProbeDataError", "default_out", "evaluate", "evaluate_model", "load_probe_data",
+           "resolve_device"]
+
+
+class ProbeDataError(ValueError):
+    """Labelled data the probe cannot use (too few images); the message names the folder and the count."""
 
 
 @dataclass
@@ -38,9 +43,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _split_name(root: str, split: str) -> str:
+    return os.path.join(root, split) if root else f"the procedural {split} split (data.num_{split})"
+
+
 def load_probe_data(cfg: EvalConfig) -> ProbeData:
     d = cfg.data
     train, val = probe_datasets(d.root, d.image_size, d.num_train, d.num_val, d.num_classes, d.seed)
+    needed = min_train_images(cfg.probe.holdout)
+    if len(train) < needed:  # checked before decoding anything
+        images = "1 image" if len(train) == 1 else f"{len(train)} images"
+        raise ProbeDataError(f"{_split_name(d.root, 'train')} has {images}; the linear probe needs at "
+                             f"least {needed} (probe.holdout={cfg.probe.holdout:g} holds some out to pick the L2 "
+                             "strength, and 2 or more are fitted)")
+    if len(val) == 0:
+        raise ProbeDataError(f"{_split_name(d.root, 'val')} has no images; the probe is scored on them")
     train_images, train_labels = load_images(train, d.num_workers)
     val_images, val_labels = load_images(val, d.num_workers)
     what = d.root or f"procedural(seed={d.seed}, classes={d.num_classes})"
@@ -70,17 +87,21 @@ def evaluate_model(model: nn.Module, data: ProbeData, cfg: EvalConfig) -> dict:
 
 
 def default_out(cfg: EvalConfig) -> str:
-    if cfg.out:
-        return cfg.out
-    if cfg.backbone in ("random", "timm"):
-        return "eval.json"
-    return os.path.join(os.path.dirname(os.path.abspath(cfg.backbone)), "eval.json")
+    """The results file ``evaluate`` writes (see ``EvalConfig.out``)."""
+    return out_path(cfg)
 
 
 def evaluate(cfg: EvalConfig, data: ProbeData | None = None, write: bool = True) -> dict:
-    """Evaluate ``cfg.backbone``; print a summary and (``write``) save the JSON. ``data`` may be reused."""
-    data = data or load_probe_data(cfg)
+    """Evaluate ``cfg.backbone``; print a summary and (``write``) save the JSON. ``data`` may be reused.
+
+    ``cfg`` is validated first (``arch`` filled in from the backbone file when empty), and the backbone is loaded
+    before the data is decoded, so that a wrong file or output path fails before any long work.
+    """
+    validate(cfg)
+    if write:
+        check_out(cfg)
     model = load_backbone(cfg.arch, cfg.backbone, cfg.seed)
+    data = data or load_probe_data(cfg)
     result = {"backbone": cfg.backbone, "arch": cfg.arch, **evaluate_model(model, data, cfg), "config": to_dict(cfg)}
     knn = f", k-NN (k={cfg.probe.knn_k}) top-1 {100 * result['knn_top1']:.2f}%" if "knn_top1" in result else ""
     print(f"[dtfast.evaluate] {cfg.arch} ({cfg.backbone}) on {data.description}: linear-probe top-1 "
@@ -90,6 +111,11 @@ def evaluate(cfg: EvalConfig, data: ProbeData | None = None, write: bool = True)
         from dtfast.train.checkpoint import atomic_write_text
 
         path = default_out(cfg)
-        atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
+        text = json.dumps(result, indent=2, default=str) + "\n"
+        try:
+            atomic_write_text(path, text)
+        except OSError:  # keep the results of a long evaluation: print them before giving up
+            print(f"[dtfast.evaluate] could not write {path}; the results were:\n{text}", end="", flush=True)
+            raise
         print(f"[dtfast.evaluate] results: {os.path.abspath(path)}", flush=True)
     return result

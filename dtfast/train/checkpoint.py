@@ -37,11 +37,15 @@ def atomic_write_text(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = _files.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:  # a failed write or replace (disk full, `path` is a folder, ...) leaves no temporary file behind
+        if os.path.lexists(tmp):
+            os.remove(tmp)
     _fsync_dir(folder)
 
 
