@@ -449,3 +449,42 @@ def test_bench_batch_size_below_two_names_the_key(tmp_path):
 
     with pytest.raises(ConfigError, match="'bench.batch_sizes' must hold sizes >= 2"):
         run_benchmark(TINY, ["bench.batch_sizes=[1,4]"], out=str(tmp_path / "run"))
+
+
+@pytest.mark.multiproc
+def test_two_process_ddp_rows_measure_exposed_communication(tmp_path):
+    """Under torchrun with DDP each timed step is paired with one without the gradient all-reduce; the difference
+    is the communication column, taken out of backward (the column used to be always 0)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dtfast.bench",
+           "--config", TINY, "bench.warmup=1", "bench.steps=2", "dist.engine=ddp", "train.batch_size=4",
+           "data.num_images=64", "bench.peak_tflops=1", "bench.results_dir=", f"out={out}"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads((out / "bench" / "bench.json").read_text())["rows"][0]
+    assert row["status"] == "ok" and row["world_size"] == 2
+    assert row["communication"].startswith("exposed gradient all-reduce")
+    assert len(row["step_times_without_sync_s"]) == 2 and all(t > 0 for t in row["step_times_without_sync_s"])
+    stages = row["stage_s_per_step"]
+    assert stages["communication"] is not None and 0.0 <= stages["communication"]
+    total = sum(v for v in stages.values() if v is not None)
+    assert total == pytest.approx(row["step_time_s"]["mean"], rel=0.05)
+
+
+def test_unmeasured_communication_prints_a_dash():
+    from dtfast.bench import report
+
+    row = {"row": "config", "batch_size": 4, "status": "ok", "images_per_s": 10.0, "images_per_s_per_device": 5.0,
+           "step_time_s": {"median": 0.4, "p10": 0.39, "p90": 0.41},
+           "stage_s_per_step": {"data": 0.01, "teacher": 0.1, "student": 0.1, "loss": 0.01, "backward": 0.1,
+                                "optimizer": 0.05, "communication": None, "other": 0.03},
+           "achieved_tflops": None, "mfu": None, "peak_memory_gb": 1.0}
+    line = report.table({"rows": [row]}).splitlines()[-1]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    head = [c.strip() for c in report.table({"rows": []}).splitlines()[0].strip("|").split("|")]
+    assert cells[head.index("communication ms")] == "-" and cells[head.index("backward ms")] == "100.0"

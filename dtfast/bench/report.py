@@ -14,7 +14,9 @@ import torch
 from dtfast.train.checkpoint import atomic_write_text
 from dtfast.train.timing import STAGES
 
-BREAKDOWN = (*STAGES, "other")
+# "communication": the exposed gradient all-reduce of multi-process DDP rows (measured by difference; "-" where it
+# is not measured, e.g. DeepSpeed, whose communication stays inside backward and optimizer)
+BREAKDOWN = (*STAGES, "communication", "other")
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -59,6 +61,10 @@ def _fmt(value: Any, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1e3 * seconds
+
+
 def table(result: dict[str, Any]) -> str:
     """A markdown table (also readable on a terminal): one line per measured (row, batch size)."""
     head = ["row", "batch", "img/s", "img/s/dev", "step ms (p10-p90)", *[f"{s} ms" for s in BREAKDOWN],
@@ -70,7 +76,7 @@ def table(result: dict[str, Any]) -> str:
                          f"{row.get('error', '')[:100]} |" + " |" * (len(head) - 3))
             continue
         step = row["step_time_s"]
-        stages = [_fmt(1e3 * row["stage_s_per_step"].get(s, 0.0), ".1f") for s in BREAKDOWN]
+        stages = [_fmt(_ms(row["stage_s_per_step"].get(s, 0.0)), ".1f") for s in BREAKDOWN]
         lines.append("| " + " | ".join([
             row["row"], str(row["batch_size"]), _fmt(row["images_per_s"], ".1f"),
             _fmt(row["images_per_s_per_device"], ".1f"),
@@ -103,10 +109,7 @@ def header(result: dict[str, Any]) -> str:
 
 
 def write_json(result: dict[str, Any], path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(result, fh, indent=1, default=str)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(result, indent=1, default=str))
 
 
 def write_png(result: dict[str, Any], path: str) -> bool:
@@ -126,7 +129,7 @@ def write_png(result: dict[str, Any], path: str) -> bool:
     left = [0.0] * len(rows)
     colors = plt.get_cmap("tab10").colors
     for index, stage in enumerate(BREAKDOWN):
-        widths = [1e3 * r["stage_s_per_step"].get(stage, 0.0) for r in rows]
+        widths = [_ms(r["stage_s_per_step"].get(stage, 0.0)) or 0.0 for r in rows]
         if not any(widths):
             continue
         ax.barh(range(len(rows)), widths, left=left, label=stage, color=colors[index % len(colors)])

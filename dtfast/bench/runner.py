@@ -142,7 +142,13 @@ def summarize(step_times: list[float]) -> dict[str, float]:
 
 class Measurement:
     """One row at one batch size: ``warmup()`` once, then ``step()`` N times (interleaved with other rows'
-    steps by the driver, so that slow drifts of a shared machine hit every row alike), then ``result()``."""
+    steps by the driver, so that slow drifts of a shared machine hit every row alike), then ``result()``.
+
+    Communication: with DDP on several processes each ``step()`` also times one step without the gradient
+    all-reduce (``DDPEngine.sync_gradients = False``); the exposed communication is the difference of the mean
+    step times, and it is taken out of "backward", where DDP waits for its all-reduce. One process has none (0).
+    DeepSpeed's communication is not separated (None): it stays inside backward and optimizer.
+    """
 
     def __init__(self, trainer, batch_size: int, data: str, seed: int = 0):
         self.trainer, self.batch_size, self.device = trainer, batch_size, trainer.device
@@ -159,6 +165,9 @@ class Measurement:
         self.warmup_steps = 0
         self.warmup_s = 0.0
         self.peak_kind = ""
+        world = trainer.dist.world_size
+        self.comm = "none" if world == 1 else "ddp" if getattr(trainer.engine, "name", "") == "ddp" else "unmeasured"
+        self.nosync_times: list[float] = []
 
     def close(self) -> None:
         """End the row's data pipeline (real data) and let go of its trainer."""
@@ -177,9 +186,19 @@ class Measurement:
         t0 = time.perf_counter()
         for _ in range(steps):
             self._step(timer)
+        if self.comm == "ddp" and steps:
+            self._step_without_sync(timer)  # a compiled model traces the no-sync variant here, not in a timed step
         synchronize(self.device)
         self.warmup_steps = steps
         self.warmup_s = time.perf_counter() - t0
+
+    def _step_without_sync(self, timer) -> None:
+        engine = self.trainer.engine
+        engine.sync_gradients = False
+        try:
+            self._step(timer)
+        finally:
+            engine.sync_gradients = True
 
     def step(self) -> None:
         """One timed step, the device synchronised before and after it."""
@@ -193,6 +212,11 @@ class Measurement:
         self.step_times.append(time.perf_counter() - t0)
         peak_gb, self.peak_kind = _peak_memory_gb(self.device)
         self.peak_gb = max(self.peak_gb, peak_gb)
+        if self.comm == "ddp":
+            t0 = time.perf_counter()
+            self._step_without_sync(StageTimer(self.device))
+            synchronize(self.device)
+            self.nosync_times.append(time.perf_counter() - t0)
 
     def result(self) -> dict[str, Any]:
         steps = len(self.step_times)
@@ -200,8 +224,14 @@ class Measurement:
         world = self.trainer.dist.world_size
         images_per_step = self.batch_size * self.grad_accum * world
         timing = summarize(self.step_times)
-        stages = {name: totals.get(name, 0.0) / steps for name in STAGES}
-        stages["other"] = max(0.0, timing["mean"] - sum(stages.values()))
+        stages: dict[str, float | None] = {name: totals.get(name, 0.0) / steps for name in STAGES}
+        communication: float | None = 0.0 if self.comm == "none" else None
+        if self.comm == "ddp" and self.nosync_times:
+            communication = max(0.0, timing["mean"] - statistics.fmean(self.nosync_times))
+            communication = min(communication, stages["backward"])
+            stages["backward"] -= communication
+        stages["communication"] = communication
+        stages["other"] = max(0.0, timing["mean"] - sum(v for v in stages.values() if v is not None))
         return {
             "batch_size": self.batch_size,
             "grad_accum": self.grad_accum,
@@ -219,6 +249,10 @@ class Measurement:
             "resident_before_gb": self.resident_gb,
             "loss": float(self.parts["loss"].detach().float()) if self.parts is not None else None,
             "data_backend": getattr(self.source, "backend", "synthetic"),
+            "communication": {"none": "one process: none", "unmeasured": "not separated (DeepSpeed): inside "
+                              "backward and optimizer", "ddp": "exposed gradient all-reduce: mean step minus mean "
+                              "step without it (DDP no_sync), interleaved"}[self.comm],
+            "step_times_without_sync_s": list(self.nosync_times),
         }
 
 

@@ -48,6 +48,9 @@ class DDPEngine:
         self.model = torch.compile(model) if cfg.train.compile else model
         self._micro = 0
         self.last_grad_norm: float | None = None
+        # False skips the gradient all-reduce altogether (dtfast.bench times steps without it to measure what the
+        # communication adds to a step); training never sets it
+        self.sync_gradients = True
 
     # ---------------------------------------------------------------- step
     def set_lr(self, lr: float) -> None:
@@ -60,7 +63,7 @@ class DDPEngine:
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         # gradients are all-reduced once per optimizer step: skip the sync on all micro-batches but the last
-        sync = self._ddp is None or self._micro == self.grad_accum - 1
+        sync = self._ddp is None or (self._micro == self.grad_accum - 1 and self.sync_gradients)
         no_sync = contextlib.nullcontext() if sync else self._ddp.no_sync()
         with no_sync, torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return self.model(images)

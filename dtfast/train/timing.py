@@ -13,9 +13,9 @@ from typing import Iterator
 
 import torch
 
-# Gradient communication is not a stage of its own: DDP all-reduces gradient buckets while backward runs (it is in
-# "backward"), DeepSpeed's reductions and gathers are in "backward" and "optimizer". No timer separates the exposed
-# part from the overlapped part; a 1-process row against an N-process row of the same per-GPU batch shows its cost.
+# Timed sections of a step. Gradient communication is not a section: DDP all-reduces gradient buckets while backward
+# runs, DeepSpeed reduces and gathers inside backward and optimizer. dtfast.bench derives the exposed part for DDP
+# from steps without the all-reduce (see dtfast.bench.runner.Measurement).
 STAGES = ("data", "teacher", "student", "loss", "backward", "optimizer")
 
 
