@@ -4,7 +4,9 @@
     torchrun --nproc_per_node 2 -m dtfast.train_teacher out=runs/teacher
 
 Writes ``<out>/teacher/`` (diffusers UNet2DModel + DDPMScheduler, EMA weights): pass it as
-``python -m dtfast.pretrain teacher.pretrained=<out>/teacher``.
+``python -m dtfast.pretrain teacher.pretrained=<out>/teacher``. Exit status: 0 when the teacher is exported, 2 for a
+configuration error (refused resume included), 128 + signal after SIGTERM/SIGINT stopped it (checkpoint written;
+rerun with ``train.resume=auto`` to continue).
 """
 
 from __future__ import annotations
@@ -37,12 +39,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from dtfast.teacher_training.trainer import TeacherTrainer
 
-    trainer = TeacherTrainer(cfg)
+    trainer = None
     try:
+        trainer = TeacherTrainer(cfg)
         trainer.train()
+    except (ConfigError, FileNotFoundError) as exc:
+        # too few images for a batch, a refused resume (another model or size than the checkpoint's; the run's
+        # files are left as they were), train.resume=<missing folder>
+        print(f"dtfast.train_teacher: {exc}", file=sys.stderr)
+        return 2
     finally:
-        trainer.close()
-    return 0
+        if trainer is not None:
+            trainer.close()
+    # 128 + signal number after a preemption stop: torchrun --max-restarts and schedulers then restart the job,
+    # which resumes from the checkpoint the stop wrote (train.resume=auto)
+    return trainer.exit_code
 
 
 if __name__ == "__main__":

@@ -96,3 +96,134 @@ def test_cli_help_lists_every_key(capsys):
     for key in ("data.root", "model.arch", "train.ema_decay", "train.resume", "diffusion.beta_schedule"):
         assert key in text
     assert main(["train.lr=-1"]) == 2
+
+
+def _main(out, *overrides):
+    from dtfast.train_teacher import main
+
+    return main([f"out={out}", *SMALL, *overrides])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.lr=1e-5", "train.min_lr"),  # below the default min_lr 1e-4: the cosine "decay" would raise the LR
+    ("train.lr=nan", "train.lr"), ("train.lr=inf", "train.lr"), ("train.min_lr=-1e-5", "train.min_lr"),
+    ("train.warmup_steps=-1", "train.warmup_steps"), ("train.save_every=-1", "train.save_every"),
+    ("data.num_workers=-1", "data.num_workers"), ("train.grad_clip=-1", "train.grad_clip"),
+    ("train.weight_decay=-0.1", "train.weight_decay"), ("train.keep_last=0", "train.keep_last"),
+    ("train.betas=[0.9,1.0]", "train.betas"), ("train.betas=[-0.1,0.9]", "train.betas"),
+    ("model.arch=sd15", "model.arch")])
+def test_config_refuses_values_that_would_train_wrongly(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_teacher_config(None, [override])
+
+
+def test_config_accepts_a_low_lr_with_a_lower_min_lr():
+    cfg = load_teacher_config(None, ["train.lr=1e-5", "train.min_lr=0", "train.betas=[0,0.99]"])
+    assert cfg.train.lr == 1e-5
+
+
+def test_image_size_must_be_a_multiple_of_the_unet_downsampling(tmp_path, capsys):
+    # tiny has 6 levels, 5 downsamplings: 48 px would crash in diffusers' skip connections at step 1
+    with pytest.raises(ConfigError, match=r"'data\.image_size' = 48 must be a multiple of 32 for model\.arch=tiny"):
+        load_teacher_config(None, ["data.image_size=48"])
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        load_teacher_config(None, ["data.image_size=16"])
+    assert load_teacher_config(None, ["data.image_size=64"])
+    assert load_teacher_config(None, ["model.arch=adm256", "data.image_size=64"])
+    assert _main(tmp_path / "run", "data.image_size=48") == 2
+    assert "multiple of 32" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def _signal_at(monkeypatch, step, signum, times=1):
+    """Deliver ``signum`` to this process ``times`` times during the forward of step ``step`` (1-based)."""
+    import os
+
+    original = TeacherTrainer.diffusion_loss
+
+    def loss(self, images, generator):
+        if self.step + 1 == step:
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+        return original(self, images, generator)
+
+    monkeypatch.setattr(TeacherTrainer, "diffusion_loss", loss)
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_signal_stop_checkpoints_and_exits_with_128_plus_signal(tmp_path, monkeypatch, signum):
+    import signal
+
+    signum = getattr(signal, signum)
+    before = signal.getsignal(signum)
+    _signal_at(monkeypatch, 2, signum)
+    # not 0: torchrun --max-restarts, schedulers and recipes/small_scale.py must see that the job is not done
+    assert _main(tmp_path, "train.max_steps=3", "train.save_every=0") == 128 + signum
+    assert signal.getsignal(signum) == before  # close() put the handlers back
+    assert (tmp_path / "checkpoints" / "step_2").is_dir() and not (tmp_path / "teacher").exists()
+    monkeypatch.undo()
+    assert _main(tmp_path, "train.max_steps=3", "train.save_every=0") == 0  # resumes at step 2, exports
+    assert json.loads((tmp_path / "teacher" / "dtfast_teacher.json").read_text())["steps"] == 3
+
+
+def test_repeated_signal_still_checkpoints(tmp_path, monkeypatch):
+    import signal
+
+    # Slurm and torchrun deliver the same request twice: the second must not abort the checkpoint
+    _signal_at(monkeypatch, 1, signal.SIGTERM, times=2)
+    assert _main(tmp_path, "train.max_steps=3", "train.save_every=0") == 128 + signal.SIGTERM
+    assert (tmp_path / "checkpoints" / "step_1").is_dir()
+
+
+def test_finished_run_exits_0_and_a_signal_after_the_loop_exits_at_once(tmp_path, monkeypatch):
+    import signal
+
+    assert _main(tmp_path, "train.max_steps=1") == 0
+    # a signal during the export (outside the step loop): nothing to finish, so out at once with 128 + signal
+    monkeypatch.setattr(TeacherTrainer, "export", lambda self: signal.raise_signal(signal.SIGTERM))
+    with pytest.raises(SystemExit) as exc:
+        _main(tmp_path, "train.max_steps=1")
+    assert exc.value.code == 128 + signal.SIGTERM
+
+
+def test_resume_never_sets_the_earlier_run_aside(tmp_path, capsys):
+    _train(tmp_path, "train.max_steps=3", "train.save_every=1")
+    _train(tmp_path, "train.max_steps=2", "train.save_every=1", "train.resume=never")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    earlier = [json.loads(line)["step"] for line in (tmp_path / "metrics.1.jsonl").read_text().splitlines()]
+    assert earlier == [1, 2, 3]
+    # the earlier run's checkpoints are kept, apart: they can neither be pruned with nor resumed instead of this run's
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_1", "step_2"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints.1").glob("step_*")) == ["step_2", "step_3"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_2"
+    assert "went to" in capsys.readouterr().out
+    resumed = _train(tmp_path, "train.max_steps=2")
+    assert resumed.step == 2
+
+
+def test_refused_resume_leaves_the_config_and_prints_no_traceback(tmp_path, capsys):
+    _train(tmp_path, "train.max_steps=1")
+    config = (tmp_path / "config.yaml").read_text()
+    capsys.readouterr()
+    assert _main(tmp_path, "train.max_steps=2", "data.image_size=64") == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "data.image_size: checkpoint has 32, this run has 64" in err, err
+    assert "Traceback" not in err
+    assert (tmp_path / "config.yaml").read_text() == config  # still the config of the checkpoints and the export
+    assert _main(tmp_path, "train.resume=" + str(tmp_path / "nowhere")) == 2
+    assert "no checkpoint folder" in capsys.readouterr().err
+
+
+def test_too_few_images_for_a_batch_names_train_batch_size(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (40, 40), (i * 60, 0, 0)).save(root / "a" / f"{i}.png")
+    assert _main(tmp_path / "run", f"data.root={root}", "train.batch_size=4") == 2
+    err = capsys.readouterr().err
+    assert "'train.batch_size' = 4" in err and str(root) in err and "3 images" in err, err
+    with pytest.raises(ConfigError, match=r"'train\.batch_size' = 4: data\.num_images=3 has 3 images"):
+        _train(tmp_path / "run2", "data.num_images=3")

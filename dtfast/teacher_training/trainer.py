@@ -6,7 +6,11 @@ written with ``save_pretrained`` as ``<out>/teacher/{unet,scheduler}/`` (the lay
 ``dtfast.teachers.build_teacher(pretrained=...)`` and ``teacher.pretrained=`` read).
 
 Timesteps and noise of step n come from a generator seeded by (seed, rank, n), so a resumed run draws exactly
-what an uninterrupted one would. One process or ``torchrun`` (DDP, gloo on CPU / nccl on GPU).
+what an uninterrupted one would. One process or ``torchrun`` (DDP, gloo on CPU / nccl on GPU). SIGTERM/SIGINT
+on any rank finish the step, write a checkpoint and stop every rank, after which ``exit_code`` is 128 + the signal
+number (as in ``dtfast.pretrain``), so that ``torchrun --max-restarts`` or a scheduler restarts the job, which resumes
+with ``train.resume=auto``. ``train.resume=never`` in a used folder moves the earlier run's ``metrics.jsonl`` and
+``checkpoints/`` aside (``metrics.<n>.jsonl``, ``checkpoints.<n>/``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dtfast.teacher_training.config import TeacherTrainConfig, to_dict
+from dtfast.teacher_training.config import ConfigError, TeacherTrainConfig, to_dict
 from dtfast.teachers.build import export_teacher
 from dtfast.train import checkpoint as ckpt
 from dtfast.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
@@ -36,14 +40,16 @@ EXPORT_DIR = "teacher"
 
 def unet_config(cfg: TeacherTrainConfig) -> dict[str, Any]:
     """The UNet2DModel config: the named arch, at the training size, with the overrides of ``cfg.model``."""
-    from dtfast.teachers.archs import pixel_arch
+    from dtfast.teachers.archs import PIXEL_ARCHS, pixel_arch
 
+    if cfg.model.arch not in PIXEL_ARCHS:
+        raise ConfigError(f"config key 'model.arch' = {cfg.model.arch!r}; expected one of {', '.join(PIXEL_ARCHS)}")
     config = pixel_arch(cfg.model.arch)
     config["sample_size"] = cfg.data.image_size
     if cfg.model.block_out_channels:
         if len(cfg.model.block_out_channels) != len(config["block_out_channels"]):
-            raise ValueError(f"model.block_out_channels needs {len(config['block_out_channels'])} values for arch "
-                             f"{cfg.model.arch!r}, got {cfg.model.block_out_channels}")
+            raise ConfigError(f"config key 'model.block_out_channels' needs {len(config['block_out_channels'])} "
+                              f"values for arch {cfg.model.arch!r}, got {cfg.model.block_out_channels}")
         config["block_out_channels"] = tuple(int(c) for c in cfg.model.block_out_channels)
     if cfg.model.layers_per_block > 0:
         config["layers_per_block"] = cfg.model.layers_per_block
@@ -55,11 +61,18 @@ def unet_config(cfg: TeacherTrainConfig) -> dict[str, Any]:
         config["attention_head_dim"] = cfg.model.attention_head_dim
     attention = [c for c, kind in zip(config["block_out_channels"], config["down_block_types"]) if "Attn" in kind]
     if any(c % config["attention_head_dim"] for c in attention):
-        raise ValueError(f"model.attention_head_dim={config['attention_head_dim']} does not divide the attention "
-                         f"widths {attention}")
+        raise ConfigError(f"config key 'model.attention_head_dim' = {config['attention_head_dim']} does not divide "
+                          f"the attention widths {attention}")
     bad = [c for c in config["block_out_channels"] if c % config["norm_num_groups"]]
     if bad:
-        raise ValueError(f"model.norm_num_groups={config['norm_num_groups']} does not divide the widths {bad}")
+        raise ConfigError(f"config key 'model.norm_num_groups' = {config['norm_num_groups']} does not divide the "
+                          f"widths {bad}")
+    # every level but the last halves the resolution; an odd size there breaks the skip connections at step 1
+    factor = 2 ** (len(config["block_out_channels"]) - 1)
+    if cfg.data.image_size % factor:
+        raise ConfigError(f"config key 'data.image_size' = {cfg.data.image_size} must be a multiple of {factor} for "
+                          f"model.arch={cfg.model.arch} ({len(config['block_out_channels'])} levels, "
+                          f"{len(config['block_out_channels']) - 1} downsamplings)")
     config["dropout"] = cfg.model.dropout
     return config
 
@@ -99,11 +112,15 @@ class TeacherTrainer:
         from diffusers import UNet2DModel
 
         from dtfast.data import build_dataset, build_loader
+        from dtfast.data.loader import steps_per_epoch
 
         self.cfg = cfg
         self.dist = dist_info or init_distributed(cfg.device)
         self.device = self.dist.device
         self._stop_signal: int | None = None
+        self._signals_while_stopping = 0
+        self._in_loop = False
+        self._old_handlers: dict[int, Any] = {}
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
@@ -122,6 +139,11 @@ class TeacherTrainer:
         self._build_loader = lambda start_step: build_loader(
             self.dataset, cfg.train.batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
             seed=cfg.train.seed, num_workers=cfg.data.num_workers, drop_last=True, start_step=start_step)
+        if steps_per_epoch(len(self.dataset), cfg.train.batch_size, self.dist.world_size) == 0:
+            source = f"data.root={cfg.data.root}" if cfg.data.root else f"data.num_images={cfg.data.num_images}"
+            raise ConfigError(f"config key 'train.batch_size' = {cfg.train.batch_size}: {source} has "
+                              f"{len(self.dataset)} images, fewer than one batch on each of {self.dist.world_size} "
+                              "rank(s); lower train.batch_size or add images")
 
     # ------------------------------------------------------------------ checkpoints
     def _model_state(self) -> dict[str, torch.Tensor]:
@@ -139,17 +161,24 @@ class TeacherTrainer:
             self._print(f"checkpoint: {path}")
         barrier(self.dist)
 
-    def maybe_resume(self) -> None:
+    def _load_checkpoint(self) -> str | None:
+        """Load the checkpoint train.resume names (auto: the latest in out/, if any) and set the step; its path, or
+        None when there is none to load. A checkpoint of another model, schedule or size is refused (ConfigError)
+        before anything is loaded or written."""
         mode = self.cfg.train.resume
         if mode in ("never", ""):
-            return
+            return None
         path = ckpt.read_latest(self.cfg.out) if mode == "auto" else mode
         if path is None:
-            return
+            return None
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"train.resume={mode}: no checkpoint folder at {path}")
         model_state, train_state, meta = ckpt.load_checkpoint(path)
         diffs = ckpt.compare_configs(meta.get("config", {}), to_dict(self.cfg), RESUME_KEYS)
         if diffs:
-            raise ValueError(f"cannot resume from {path}: its config differs in " + "; ".join(diffs))
+            raise ConfigError(f"cannot resume from {path}: its config differs in " + "; ".join(diffs) + ". Set the "
+                              "checkpoint's values, or start over with train.resume=never (the earlier run's "
+                              "checkpoints and metrics are moved aside) or another out")
         for prefix, module in (("unet.", self.unet), ("ema.", self.ema.model)):
             part = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
             module.load_state_dict(part, strict=True)
@@ -157,8 +186,38 @@ class TeacherTrainer:
         self.ema.num_updates = int(train_state["ema_updates"])
         torch.set_rng_state(train_state["torch_rng"])
         self.step = int(train_state["step"])
-        self._truncate_metrics(self.step)
-        self._print(f"resumed from {path} at step {self.step}")
+        return path
+
+    def maybe_resume(self) -> None:
+        path = self._load_checkpoint()
+        if path is not None:
+            self._truncate_metrics(self.step)
+            self._print(f"resumed from {path} at step {self.step}")
+            return
+        if self.dist.is_main:
+            self._set_aside_earlier_run()
+        barrier(self.dist)
+
+    def _set_aside_earlier_run(self) -> None:
+        """A start from step 0 in a used folder (train.resume=never, or a crash before the first checkpoint): the
+        earlier attempt's metrics.jsonl goes to metrics.<n>.jsonl, as in dtfast.pretrain, and with
+        train.resume=never its checkpoints/ to checkpoints.<n>/. Moved, not deleted (a rename, nothing is copied):
+        never is a request to start over, not to lose the earlier run; and left in place, the earlier run's
+        checkpoints would be pruned among, and resumed instead of, this run's (read_latest falls back to the
+        highest step when the `latest` pointer is gone)."""
+        moved = ckpt.set_aside_metrics(os.path.join(self.cfg.out, "metrics.jsonl"))
+        if moved:
+            self._print(f"starting from step 0: the metrics of an earlier attempt went to {moved}")
+        root = ckpt.checkpoint_dir(self.cfg.out)
+        if self.cfg.train.resume not in ("never", "") or not os.path.isdir(root) or not os.listdir(root):
+            return
+        n = 1
+        if moved:  # the same number as the metrics it goes with, when free
+            n = int(os.path.basename(moved).split(".")[1])
+        while os.path.exists(f"{root}.{n}"):
+            n += 1
+        os.replace(root, f"{root}.{n}")
+        self._print(f"train.resume=never: the checkpoints of an earlier run went to {root}.{n}")
 
     def _truncate_metrics(self, step: int) -> None:
         if self.dist.is_main:
@@ -170,7 +229,38 @@ class TeacherTrainer:
             print(f"[dtfast.train_teacher] {msg}", flush=True)
 
     def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
+        if not self._in_loop:
+            # outside the step loop (resume, final checkpoint, export) there is no step to finish: leave at once
+            # with 128 + signal; the last complete checkpoint stays valid and the export is atomic
+            raise SystemExit(128 + signum)
+        if self._stop_signal is None:
+            self._stop_signal = signum  # finish this step, checkpoint, then stop
+            return
+        # the same request delivered twice (Slurm signals every process, torchrun forwards its own SIGTERM): keep
+        # writing the checkpoint; a third one means "now"
+        self._signals_while_stopping += 1
+        if self._signals_while_stopping == 1:
+            os.write(2, b"[dtfast.train_teacher] signal repeated while stopping: still finishing the step and its "
+                        b"checkpoint (one more signal exits at once)\n")  # os.write: print is not signal-safe
+            return
+        raise SystemExit(128 + signum)
+
+    @property
+    def exit_code(self) -> int:
+        """0 after a finished run; 128 + signal number after a signal stopped it (the job is not done)."""
+        return 128 + int(self._stop_signal) if self._stop_signal is not None else 0
+
+    def _install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
 
     def diffusion_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Epsilon-prediction MSE of a uint8 batch (B, 3, H, W) at uniformly drawn timesteps."""
@@ -183,24 +273,39 @@ class TeacherTrainer:
         return torch.mean((prediction.float() - noise) ** 2)
 
     def train(self) -> str | None:
+        """Steps to train.max_steps, then the export; the export folder, or None when a signal stopped the run
+        (``exit_code`` then says which)."""
         cfg = self.cfg
+        self._install_signal_handlers()
         if self.dist.is_main:
+            os.makedirs(cfg.out, exist_ok=True)
+        self.maybe_resume()
+        if self.dist.is_main:  # after the resume check: a refused resume leaves the run's config as it was
             import yaml
 
-            os.makedirs(cfg.out, exist_ok=True)
             ckpt.atomic_write_text(os.path.join(cfg.out, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.maybe_resume()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread
-                pass
         params = sum(p.numel() for p in self.unet.parameters())
         global_batch = cfg.train.batch_size * self.dist.world_size
         self._print(f"UNet2DModel {cfg.model.arch} ({params / 1e6:.2f}M parameters) at {cfg.data.image_size}px, "
                     f"{len(self.dataset)} images ({cfg.data.root or 'embedded procedural set'}), global batch "
                     f"{global_batch}, {self.dist.world_size} process(es) on {self.device.type}, "
                     f"steps {self.step}->{cfg.train.max_steps}")
+        self._in_loop = True
+        try:
+            stopped = self._loop(global_batch)
+        finally:
+            self._in_loop = False
+        if stopped:
+            return None
+        self._stop_signal = None  # a signal after the last step's check has nothing left to stop: the run is done
+        if ckpt.read_latest(cfg.out) != os.path.join(ckpt.checkpoint_dir(cfg.out), f"step_{self.step}"):
+            self.save()
+        return self.export()
+
+    def _loop(self, global_batch: int) -> bool:
+        """Optimizer steps to train.max_steps (or train.max_minutes); True when a signal stopped them, after a
+        checkpoint."""
+        cfg = self.cfg
         metrics_path = os.path.join(cfg.out, "metrics.jsonl")
         loader = iter(self._build_loader(self.step))
         start = window_start = time.perf_counter()
@@ -243,19 +348,22 @@ class TeacherTrainer:
                 self._print(f"step {self.step:>6}/{cfg.train.max_steps}  loss {mean_loss:.4f}  lr {lr:.2e}  "
                             f"{rate:.1f} img/s  eta {eta / 60:.1f} min")
                 window_start, window_images, window_loss, window_n = now, 0, torch.zeros((), device=self.device), 0
-            out_of_time = cfg.train.max_minutes > 0 and time.perf_counter() - start > 60 * cfg.train.max_minutes
-            stop = any_rank(self._stop_signal is not None or out_of_time, self.dist)
-            if stop or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
+            # reduced apart: every rank must know whether it stops for a signal (exit 128 + signal, no export) or
+            # for the time limit (export)
+            signalled = any_rank(self._stop_signal is not None, self.dist)
+            out_of_time = cfg.train.max_minutes > 0 and any_rank(
+                time.perf_counter() - start > 60 * cfg.train.max_minutes, self.dist)
+            if signalled or out_of_time or (cfg.train.save_every and self.step % cfg.train.save_every == 0):
                 self.save()
-            if stop and self._stop_signal is not None:
+            if signalled:
+                if self._stop_signal is None:  # another rank got the signal: this one stops for the same reason
+                    self._stop_signal = signal.SIGTERM
                 self._print(f"stopped by signal at step {self.step}; resume with train.resume=auto")
-                return None
-            if stop:
+                return True
+            if out_of_time:
                 self._print(f"train.max_minutes={cfg.train.max_minutes} reached at step {self.step}; exporting")
                 break
-        if ckpt.read_latest(cfg.out) != os.path.join(ckpt.checkpoint_dir(cfg.out), f"step_{self.step}"):
-            self.save()
-        return self.export()
+        return False
 
     def export(self) -> str | None:
         """Write the EMA UNet + scheduler as a diffusers folder ``<out>/teacher`` (atomically) and check it loads."""
@@ -271,4 +379,5 @@ class TeacherTrainer:
         return folder
 
     def close(self) -> None:
+        self._restore_signal_handlers()
         shutdown(self.dist)
