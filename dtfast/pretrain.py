@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dtfast.pretrain: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from dtfast.distributed.checkpoint import ResumeRefused
     from dtfast.train.trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.export_checkpoint()
         else:
             trainer.train()
-    except FileNotFoundError as exc:  # export_only without a checkpoint, or train.resume=<missing folder>
+    except (FileNotFoundError, ResumeRefused) as exc:  # no checkpoint where one is named, or one of another run
         print(f"dtfast.pretrain: {exc}", file=sys.stderr)
         return 2
     finally:

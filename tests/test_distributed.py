@@ -161,3 +161,32 @@ def test_sharded_teacher_equals_replicated(tmp_path):
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     {"engines": _engines_worker, "teacher": _teacher_worker}[sys.argv[1]](sys.argv[2])
+
+
+@pytest.mark.multiproc
+def test_zero0_weights_export_at_another_process_count(tmp_path):
+    """A 2-process DeepSpeed ZeRO-0 run's checkpoint: train.export_only from 1 process gives the run's own backbone
+    (ZeRO-0 holds the whole model; the export used to be refused for the process count), while resuming at 1
+    process is refused with a one-line error naming the world size."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    args = [f"out={out}", *TINY, "train.resume=auto", "dist.engine=deepspeed", "dist.zero_stage=0",
+            f"train.max_steps={STEPS}", f"train.save_every={STEPS}"]
+    torchrun(["-m", "dtfast.pretrain", *args])
+    final = load_file(str(out / "backbone.safetensors"))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    export = subprocess.run([sys.executable, "-m", "dtfast.pretrain", *args, "train.export_only=true"], env=env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert export.returncode == 0, export.stdout[-3000:] + export.stderr[-3000:]
+    exported = load_file(str(out / f"backbone_step_{STEPS}.safetensors"))
+    assert exported.keys() == final.keys()
+    for key, value in final.items():
+        assert torch.equal(exported[key], value), key
+    resume = subprocess.run([sys.executable, "-m", "dtfast.pretrain", *args, f"train.max_steps={STEPS + 1}"], env=env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert resume.returncode == 2, resume.stdout[-3000:] + resume.stderr[-3000:]
+    assert "cannot resume from" in resume.stderr and "world size: checkpoint has 2 processes, this run has 1" \
+        in resume.stderr and "Traceback" not in resume.stderr

@@ -156,3 +156,23 @@ def test_pretrained_from_a_file_restores_the_backbone(tmp_path):
     restored = build_student("resnet18", TEACHER_CHANNELS, width=16, pretrained=str(path))
     for key, value in student.backbone_state_dict().items():
         assert torch.equal(value, restored.backbone_state_dict()[key]), key
+
+
+def test_valid_padding_mismatch_names_the_arch():
+    # Inception-style backbones round their maps (valid padding) even at a multiple of the largest stride: the
+    # message must name the arch, not send the user to the image size
+    teacher = [(32, 32, 32), (32, 16, 16), (64, 8, 8), (64, 4, 4)]
+    student = [(32, 28, 28), (32, 13, 13), (64, 6, 6), (64, 2, 2)]
+    with pytest.raises(ValueError, match=r"student.arch=inception_v3 does not give maps of exactly 128 / stride"):
+        check_feature_shapes(student, teacher, strides=(4, 8, 16, 32), arch="inception_v3", image_size=128)
+    with pytest.raises(ValueError, match="Check the image size"):  # not a multiple of 32: the size is the suspect
+        check_feature_shapes(student, teacher, strides=(4, 8, 16, 32), arch="resnet18", image_size=100)
+
+
+def test_fixed_input_size_backbone_is_a_clear_error(tmp_path):
+    # Swin-like students build, then fail on an input of another size deep inside timm; the trainer names the arch
+    from dtfast.pretrain import main
+
+    with pytest.raises(ValueError, match=r"student.arch=swin_tiny_patch4_window7_224 cannot run a 32x32 input"):
+        main([f"out={tmp_path}", "data.image_size=32", "data.num_images=16", "data.num_workers=0",
+              "student.arch=swin_tiny_patch4_window7_224", "train.max_steps=1", "dist.engine=ddp"])

@@ -137,8 +137,13 @@ def read_meta(path: str) -> dict[str, Any]:
 
 
 def check_compatible(path: str, meta: dict[str, Any], current_config: dict[str, Any], keys: list[str],
-                     engine, world_size: int) -> None:
-    """ValueError naming every key in which the checkpoint and this run disagree in a way resuming cannot bridge."""
+                     engine, world_size: int, weights_only: bool = False) -> None:
+    """ResumeRefused naming every key in which the checkpoint and this run disagree in a way resuming (or, with
+    ``weights_only``, loading the weights for an export) cannot bridge.
+
+    Process count under DeepSpeed: resuming needs the run's count at every stage (ZeRO 1-3 partition the optimizer
+    state per rank, and so does stage 0's bf16 optimizer); the weights alone load at any count below ZeRO-3, whose
+    checkpoints hold only per-rank weight partitions."""
     diffs = ckpt.compare_configs(meta.get("config", {}), current_config, keys)
     if meta.get("engine") != engine.name:
         diffs.append(f"dist.engine: checkpoint has {meta.get('engine')!r}, this run has {engine.name!r}")
@@ -146,20 +151,37 @@ def check_compatible(path: str, meta: dict[str, Any], current_config: dict[str, 
         if meta.get("zero_stage") != engine.zero_stage:
             diffs.append(f"dist.zero_stage: checkpoint has {meta.get('zero_stage')!r}, this run has "
                          f"{engine.zero_stage!r}")
-        if meta.get("world_size") != world_size:
+        stage = meta.get("zero_stage")
+        if meta.get("world_size") != world_size and (stage == 3 or not weights_only):
+            why = ("ZeRO-3 partitions the weights per rank" if stage == 3 else
+                   "the optimizer state is partitioned per rank; train.export_only=true loads the weights alone at "
+                   "any process count")
             diffs.append(f"world size: checkpoint has {meta.get('world_size')!r} processes, this run has "
-                         f"{world_size} (DeepSpeed partitions are per rank)")
+                         f"{world_size} ({why})")
     if diffs:
-        raise ValueError(f"cannot resume from {path}: " + "; ".join(diffs))
+        if weights_only:
+            raise ResumeRefused(f"cannot export from {path}: " + "; ".join(diffs) + ". Run the export with the "
+                                "checkpoint's values (the run's own command plus train.export_only=true)")
+        raise ResumeRefused(f"cannot resume from {path}: " + "; ".join(diffs) + ". Set the checkpoint's values, or "
+                            "start over with train.resume=never (the earlier run's checkpoints and metrics are moved "
+                            "aside) or another out")
 
 
-def load(engine, path: str, dist_info) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG from ``path`` (collective); returns the checkpoint's meta."""
+class ResumeRefused(ValueError):
+    """A checkpoint this run cannot continue (another model, engine, ZeRO stage or world size)."""
+
+
+def load(engine, path: str, dist_info, weights_only: bool = False) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG from ``path`` (collective); returns the checkpoint's meta.
+    ``weights_only``: the model alone (an export); below ZeRO-3 DeepSpeed then reads only the whole-model file, at
+    any process count."""
     meta = read_meta(path)
     if engine.name == "deepspeed":
         root, tag = os.path.split(os.path.abspath(path))
-        loaded, _ = engine.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False, load_module_strict=True)
+        module_only = weights_only and meta.get("zero_stage") != 3
+        loaded, _ = engine.engine.load_checkpoint(root, tag=tag, load_optimizer_states=not module_only,
+                                                  load_lr_scheduler_states=False, load_module_strict=True,
+                                                  load_module_only=module_only)
         if loaded is None:
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {path}")
     else:

@@ -7,10 +7,9 @@ The defaults train the ``tiny`` UNet on the embedded procedural set at 32x32, a 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from dtfast.train.config import ConfigError, _f, build_config, get_key, help_text, to_dict
+from dtfast.train.config import ConfigError, _f, build_config, get_key, help_text, to_dict, validate_schedule
 
 __all__ = ["ConfigError", "TeacherTrainConfig", "help_text", "load_teacher_config", "to_dict"]
 
@@ -88,28 +87,8 @@ def validate(cfg: TeacherTrainConfig) -> None:
             raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), got {cfg.train.ema_decay}")
-    # "not x > 0" and isfinite: nan passes every plain comparison
-    if not (math.isfinite(cfg.train.lr) and cfg.train.lr > 0):
-        raise ConfigError(f"config key 'train.lr' must be finite and > 0, got {cfg.train.lr}")
-    # values that would run without an error and train wrongly (an LR that rises, a schedule that starts
-    # mid-cosine, weight growth, odd saving), as dtfast.train.config.validate checks them for pretraining
-    for key in ("train.min_lr", "train.weight_decay", "train.grad_clip", "train.max_minutes"):
-        value = get_key(cfg, key)
-        if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"config key '{key}' must be finite and >= 0, got {value}")
-    for key in ("train.warmup_steps", "train.save_every", "data.num_workers"):
-        if get_key(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {get_key(cfg, key)}")
-    if cfg.train.keep_last < 1:
-        raise ConfigError(f"config key 'train.keep_last' must be >= 1 (the checkpoint a resume needs), got "
-                          f"{cfg.train.keep_last}")
-    if cfg.train.min_lr > cfg.train.lr:
-        raise ConfigError(f"config key 'train.min_lr' = {cfg.train.min_lr} is above 'train.lr' = {cfg.train.lr}: "
-                          "the cosine schedule would raise the learning rate; lower train.min_lr too")
-    if len(cfg.train.betas) != 2:
-        raise ConfigError(f"config key 'train.betas' needs two values, got {cfg.train.betas}")
-    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in cfg.train.betas):
-        raise ConfigError(f"config key 'train.betas' must be two numbers in [0, 1), got {cfg.train.betas}")
+    validate_schedule(cfg, ["train.min_lr", "train.weight_decay", "train.grad_clip", "train.max_minutes",
+                            "train.warmup_steps", "train.save_every", "data.num_workers"])
     # the model keys (arch, widths, groups, head width) and data.image_size against the arch's downsampling
     from dtfast.teacher_training.trainer import unet_config
 

@@ -32,6 +32,7 @@ from dtfast.teachers.build import export_teacher
 from dtfast.train import checkpoint as ckpt
 from dtfast.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
 from dtfast.train.optim import build_optimizer, lr_at, set_lr
+from dtfast.train.signals import StopOnSignal
 
 # keys that must agree between a checkpoint and the run resuming from it
 RESUME_KEYS = ["model", "diffusion", "data.image_size"]
@@ -107,7 +108,9 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step + 7) % (2**63 - 1)
 
 
-class TeacherTrainer:
+class TeacherTrainer(StopOnSignal):
+    _signal_tag = b"[dtfast.train_teacher]"
+
     def __init__(self, cfg: TeacherTrainConfig, dist_info: DistInfo | None = None):
         from diffusers import UNet2DModel
 
@@ -117,10 +120,7 @@ class TeacherTrainer:
         self.cfg = cfg
         self.dist = dist_info or init_distributed(cfg.device)
         self.device = self.dist.device
-        self._stop_signal: int | None = None
-        self._signals_while_stopping = 0
-        self._in_loop = False
-        self._old_handlers: dict[int, Any] = {}
+        self._init_stop_state()
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
@@ -195,29 +195,9 @@ class TeacherTrainer:
             self._print(f"resumed from {path} at step {self.step}")
             return
         if self.dist.is_main:
-            self._set_aside_earlier_run()
+            for message in ckpt.set_aside_earlier_run(self.cfg.out, self.cfg.train.resume):
+                self._print(message)
         barrier(self.dist)
-
-    def _set_aside_earlier_run(self) -> None:
-        """A start from step 0 in a used folder (train.resume=never, or a crash before the first checkpoint): the
-        earlier attempt's metrics.jsonl goes to metrics.<n>.jsonl, as in dtfast.pretrain, and with
-        train.resume=never its checkpoints/ to checkpoints.<n>/. Moved, not deleted (a rename, nothing is copied):
-        never is a request to start over, not to lose the earlier run; and left in place, the earlier run's
-        checkpoints would be pruned among, and resumed instead of, this run's (read_latest falls back to the
-        highest step when the `latest` pointer is gone)."""
-        moved = ckpt.set_aside_metrics(os.path.join(self.cfg.out, "metrics.jsonl"))
-        if moved:
-            self._print(f"starting from step 0: the metrics of an earlier attempt went to {moved}")
-        root = ckpt.checkpoint_dir(self.cfg.out)
-        if self.cfg.train.resume not in ("never", "") or not os.path.isdir(root) or not os.listdir(root):
-            return
-        n = 1
-        if moved:  # the same number as the metrics it goes with, when free
-            n = int(os.path.basename(moved).split(".")[1])
-        while os.path.exists(f"{root}.{n}"):
-            n += 1
-        os.replace(root, f"{root}.{n}")
-        self._print(f"train.resume=never: the checkpoints of an earlier run went to {root}.{n}")
 
     def _truncate_metrics(self, step: int) -> None:
         if self.dist.is_main:
@@ -227,40 +207,6 @@ class TeacherTrainer:
     def _print(self, msg: str) -> None:
         if self.dist.is_main:
             print(f"[dtfast.train_teacher] {msg}", flush=True)
-
-    def _on_signal(self, signum, frame) -> None:
-        if not self._in_loop:
-            # outside the step loop (resume, final checkpoint, export) there is no step to finish: leave at once
-            # with 128 + signal; the last complete checkpoint stays valid and the export is atomic
-            raise SystemExit(128 + signum)
-        if self._stop_signal is None:
-            self._stop_signal = signum  # finish this step, checkpoint, then stop
-            return
-        # the same request delivered twice (Slurm signals every process, torchrun forwards its own SIGTERM): keep
-        # writing the checkpoint; a third one means "now"
-        self._signals_while_stopping += 1
-        if self._signals_while_stopping == 1:
-            os.write(2, b"[dtfast.train_teacher] signal repeated while stopping: still finishing the step and its "
-                        b"checkpoint (one more signal exits at once)\n")  # os.write: print is not signal-safe
-            return
-        raise SystemExit(128 + signum)
-
-    @property
-    def exit_code(self) -> int:
-        """0 after a finished run; 128 + signal number after a signal stopped it (the job is not done)."""
-        return 128 + int(self._stop_signal) if self._stop_signal is not None else 0
-
-    def _install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread
-                pass
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
-        self._old_handlers.clear()
 
     def diffusion_loss(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Epsilon-prediction MSE of a uint8 batch (B, 3, H, W) at uniformly drawn timesteps."""

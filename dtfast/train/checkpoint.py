@@ -191,6 +191,28 @@ def truncate_metrics(path: str, step: int) -> None:
         atomic_write_text(path, "".join(kept))
 
 
+def set_aside_earlier_run(out: str, resume_mode: str) -> list[str]:
+    """A start from step 0 in a used folder (``train.resume=never``, or a crash before the first checkpoint): the
+    earlier attempt's metrics.jsonl goes to ``metrics.<n>.jsonl``, and with ``train.resume=never`` its
+    ``checkpoints/`` to ``checkpoints.<n>/`` (the metrics' number when free). Moved, not deleted (renames): never is a
+    request to start over, not to lose the earlier run; and left in place, the earlier run's checkpoints would be
+    pruned among, and resumed instead of, this run's (read_latest falls back to the highest step when the `latest`
+    pointer is gone). Returns what was moved, as messages. Main rank only; the caller holds the others back."""
+    messages = []
+    moved = set_aside_metrics(os.path.join(out, "metrics.jsonl"))
+    if moved:
+        messages.append(f"starting from step 0: the metrics of an earlier attempt went to {moved}")
+    root = checkpoint_dir(out)
+    if resume_mode not in ("never", "") or not os.path.isdir(root) or not os.listdir(root):
+        return messages
+    n = int(os.path.basename(moved).split(".")[1]) if moved else 1
+    while os.path.exists(f"{root}.{n}"):
+        n += 1
+    os.replace(root, f"{root}.{n}")
+    messages.append(f"train.resume=never: the checkpoints of an earlier run went to {root}.{n}")
+    return messages
+
+
 def set_aside_metrics(path: str) -> str | None:
     """Move a non-empty metrics.jsonl to ``metrics.<n>.jsonl`` (the first free n) before a run starts from step 0;
     the new name, or None when there was nothing to move."""

@@ -95,8 +95,8 @@ class TrainConfig:
     keep_last: int = _f(2, "checkpoints to keep")
     resume: str = _f("auto", "auto (latest checkpoint in out/ if any) | never | path to a checkpoint folder")
     export_only: bool = _f(False, "do not train: load the checkpoint train.resume names (auto: the latest in out/), "
-                                  "write out/backbone_step_<N>.safetensors and exit (same launcher and process count "
-                                  "as the run that wrote it)")
+                                  "write out/backbone_step_<N>.safetensors and exit (the run's engine; any process "
+                                  "count, but the run's own under ZeRO-3)")
     bf16: bool = _f(True, "bf16 autocast for the student on GPU (CPU runs stay fp32)")
     compile: bool = _f(False, "torch.compile the student and regressor")
     cudnn_benchmark: bool = _f(True, "GPU: let cuDNN time its convolution algorithms once per input shape (the "
@@ -329,24 +329,31 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError("config keys 'teacher.cuda_graph' = true and 'teacher.compile_mode' = reduce-overhead both "
                           "capture CUDA graphs: set one of them")
     _validate_dist(cfg)
-    if len(cfg.train.betas) != 2:
-        raise ConfigError(f"config key 'train.betas' needs two values, got {cfg.train.betas}")
-    if cfg.train.lr <= 0:
-        raise ConfigError(f"config key 'train.lr' must be > 0, got {cfg.train.lr}")
-    # values that would run without an error and train wrongly (negative LR at the end, a schedule that starts
-    # mid-cosine, weight growth, odd saving)
-    non_negative = ["train.min_lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.save_every",
-                    "loss.at_weight", "data.num_workers", "teacher.timestep"]
+    validate_schedule(cfg, ["train.min_lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
+                            "train.save_every", "loss.at_weight", "data.num_workers", "teacher.timestep"])
+
+
+def validate_schedule(cfg: Any, non_negative: list[str]) -> None:
+    """The optimizer and schedule keys every trainer shares (``train.lr``, ``min_lr``, ``betas``, ``keep_last``) and
+    the ``non_negative`` keys: values that would run without an error and train wrongly (an LR that rises or goes
+    negative, a schedule that starts mid-cosine, weight growth, odd saving). Errors name the key."""
+    # "not x > 0": nan passes every plain comparison (overrides refuse non-finite numbers; YAML files may not)
+    if not (math.isfinite(cfg.train.lr) and cfg.train.lr > 0):
+        raise ConfigError(f"config key 'train.lr' must be finite and > 0, got {cfg.train.lr}")
     for key in non_negative:
-        if get_key(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {get_key(cfg, key)}")
+        value = get_key(cfg, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"config key '{key}' must be finite and >= 0, got {value}")
     if cfg.train.keep_last < 1:
         raise ConfigError(f"config key 'train.keep_last' must be >= 1 (the checkpoint a resume needs), got "
                           f"{cfg.train.keep_last}")
     if cfg.train.min_lr > cfg.train.lr:
-        raise ConfigError(f"config key 'train.min_lr' = {cfg.train.min_lr} is above 'train.lr' = {cfg.train.lr}")
-    if not all(0.0 <= b < 1.0 for b in cfg.train.betas):
-        raise ConfigError(f"config key 'train.betas' must be in [0, 1), got {cfg.train.betas}")
+        raise ConfigError(f"config key 'train.min_lr' = {cfg.train.min_lr} is above 'train.lr' = {cfg.train.lr}: "
+                          "the cosine schedule would raise the learning rate; lower train.min_lr too")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"config key 'train.betas' needs two values, got {cfg.train.betas}")
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in cfg.train.betas):
+        raise ConfigError(f"config key 'train.betas' must be two numbers in [0, 1), got {cfg.train.betas}")
 
 
 def _validate_dist(cfg: PretrainConfig) -> None:

@@ -35,6 +35,7 @@ from dtfast.train.distributed import (
     shutdown,
 )
 from dtfast.train.optim import build_optimizer, lr_at
+from dtfast.train.signals import StopOnSignal
 from dtfast.train.timing import NullTimer
 
 log = logging.getLogger("dtfast.train")
@@ -70,12 +71,10 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-class Trainer:
+class Trainer(StopOnSignal):
     def __init__(self, cfg: PretrainConfig, dist_info: DistInfo | None = None):
         self.cfg = cfg
-        self._stop_signal: int | None = None
-        self._signals_while_stopping = 0
-        self._in_loop = False
+        self._init_stop_state()
         self._install_signal_handlers()  # before the (slow) set-up: a signal then still ends in a clean stop
         self.dist = dist_info or init_distributed(cfg.device, cfg.dist.backend, cfg.dist.timeout_minutes)
         self.device = self.dist.device
@@ -141,9 +140,17 @@ class Trainer:
         self.student.eval()
         with torch.no_grad():
             probe = torch.zeros(2, 3, size, size, device=self.device)
-            student_shapes = [tuple(f.shape[1:]) for f in self.student(probe)]
+            try:
+                student_shapes = [tuple(f.shape[1:]) for f in self.student(probe)]
+            except (RuntimeError, AssertionError, ValueError) as exc:
+                raise ValueError(
+                    f"student.arch={cfg.student.arch} cannot run a {size}x{size} input (data.image_size): "
+                    f"{type(exc).__name__}: {str(exc)[:300]}. Models built for one input size (Swin, Hiera, CoAtNet, "
+                    "GCViT, EfficientFormerV2, ...) are not supported as students; use a convolutional backbone"
+                ) from exc
         self.student.train()
-        check_feature_shapes(student_shapes, [tuple(s) for s in self.teacher.feature_shapes(size, size)])
+        check_feature_shapes(student_shapes, [tuple(s) for s in self.teacher.feature_shapes(size, size)],
+                             strides=tuple(cfg.teacher.strides), arch=cfg.student.arch, image_size=size)
         if cfg.student.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
 
@@ -188,9 +195,9 @@ class Trainer:
         self._print(f"checkpoint: {path}")
         return path
 
-    def _load_checkpoint(self) -> str | None:
+    def _load_checkpoint(self, weights_only: bool = False) -> str | None:
         """Load the checkpoint train.resume names (auto: the latest in out/, if any) into the engine and set the step;
-        its path, or None when there is none to load."""
+        its path, or None when there is none to load. ``weights_only``: the model alone, for an export."""
         mode = self.cfg.train.resume
         if mode in ("never", ""):
             return None
@@ -201,8 +208,9 @@ class Trainer:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"train.resume={mode}: no checkpoint folder at {path}")
         meta = dist_ckpt.read_meta(path)
-        dist_ckpt.check_compatible(path, meta, to_dict(self.cfg), RESUME_KEYS, self.engine, self.dist.world_size)
-        dist_ckpt.load(self.engine, path, self.dist)
+        dist_ckpt.check_compatible(path, meta, to_dict(self.cfg), RESUME_KEYS, self.engine, self.dist.world_size,
+                                   weights_only=weights_only)
+        dist_ckpt.load(self.engine, path, self.dist, weights_only=weights_only)
         self.step = int(meta["step"])
         changed = ckpt.compare_configs(meta.get("config", {}), to_dict(self.cfg), DATA_POSITION_KEYS)
         if meta.get("world_size") not in (None, self.dist.world_size):
@@ -218,12 +226,13 @@ class Trainer:
         if path is not None:
             self._truncate_metrics(self.step)
             self._print(f"resumed from {path} at step {self.step}")
-        elif self.dist.is_main:
-            # a fresh start in a used folder (a crash before the first checkpoint, or train.resume=never): the old
-            # lines would mix with this run's
-            moved = ckpt.set_aside_metrics(os.path.join(self.cfg.out, "metrics.jsonl"))
-            if moved:
-                self._print(f"starting from step 0: the metrics of an earlier attempt went to {moved}")
+            return
+        # a fresh start in a used folder (a crash before the first checkpoint, or train.resume=never): the old
+        # metrics would mix with this run's, and (never) the old checkpoints would be pruned among this run's
+        if self.dist.is_main:
+            for message in ckpt.set_aside_earlier_run(self.cfg.out, self.cfg.train.resume):
+                self._print(message)
+        barrier(self.dist)
 
     def _truncate_metrics(self, step: int) -> None:
         if self.dist.is_main:
@@ -234,40 +243,10 @@ class Trainer:
         if self.dist.is_main:
             print(f"[dtfast] {msg}", flush=True)
 
-    def _on_signal(self, signum, frame) -> None:
-        if not self._in_loop:
-            # outside the step loop (set-up, resume, export) there is no step to finish: leave at once; the last
-            # complete checkpoint stays valid
-            raise SystemExit(128 + signum)
-        if self._stop_signal is None:
-            self._stop_signal = signum  # finish this step, checkpoint on every rank, then stop
-            return
-        # A stop is pending. One more signal is usually the same request delivered twice (Slurm signals every
-        # process of the job step and torchrun forwards its own SIGTERM to the workers): keep writing the
-        # checkpoint. A third one means "now".
-        self._signals_while_stopping += 1
-        if self._signals_while_stopping == 1:
-            os.write(2, b"[dtfast] signal repeated while stopping: still finishing the step and its checkpoint "
-                        b"(one more signal exits at once)\n")  # os.write: print is not safe in a signal handler
-            return
-        raise SystemExit(128 + signum)
-
     @property
     def global_batch(self) -> int:
         """Images per optimizer step, all ranks and micro-batches."""
         return self.cfg.train.batch_size * self.dist.world_size * self.cfg.train.grad_accum
-
-    @property
-    def exit_code(self) -> int:
-        """0 after a finished run; 128 + signal number after a signal stopped it (the job is not done)."""
-        return 128 + int(self._stop_signal) if self._stop_signal is not None else 0
-
-    def _install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread
-                pass
 
     def forward_backward(self, batch, timer=None) -> dict[str, torch.Tensor]:
         """One micro-batch: teacher features, student features, loss, backward (gradients accumulate).
@@ -419,7 +398,7 @@ class Trainer:
         (a checkpoint of a run in progress or preempted, e.g. to evaluate it), without training or touching the
         run's config.yaml, metrics or checkpoints."""
         check_shared_folder(self.cfg.out, self.dist)
-        path = self._load_checkpoint()
+        path = self._load_checkpoint(weights_only=True)
         if path is None:
             raise FileNotFoundError(f"train.export_only: no checkpoint to export (train.resume="
                                     f"{self.cfg.train.resume!r}, {ckpt.checkpoint_dir(self.cfg.out)} has none); point "
@@ -434,8 +413,9 @@ class Trainer:
             ckpt.save_safetensors_atomic(state, path,
                                          metadata={"arch": self.cfg.student.arch, "step": str(self.step)})
             self._print(f"backbone weights ({self.cfg.student.arch}, timm naming): {os.path.abspath(path)}")
-            self._print(f"load with timm.create_model('{self.cfg.student.arch}', pretrained=True, num_classes=0, "
-                        f"pretrained_cfg_overlay=dict(file='{os.path.abspath(path)}'))")
+            self._print(f"load with timm.create_model('{self.cfg.student.arch}', num_classes=0).load_state_dict("
+                        f"safetensors.torch.load_file('{os.path.abspath(path)}'), strict=True); the trained part is "
+                        "the stride 4-32 feature pyramid (README: loading the backbone)")
         barrier(self.dist)
         return path
 

@@ -1,0 +1,60 @@
+"""Stopping a training run on SIGTERM/SIGINT: finish the step, checkpoint, exit 128 + signal (shared by the trainers).
+
+A scheduler's preemption, ``torchrun``'s forwarding and a Ctrl-C all arrive as one of these signals. Inside the step
+loop the first one asks the loop to stop after the current step and its checkpoint; the same signal delivered once
+more (Slurm signals every process of the job step and torchrun forwards its own SIGTERM to the workers) is absorbed;
+a third one means "now". Outside the loop (set-up, resume, final save, export) there is no step to finish: the
+process leaves at once, and the last complete checkpoint stays valid. ``exit_code`` is 128 + the signal after a
+stop, so that ``torchrun --max-restarts`` or a scheduler restarts the job, which resumes with ``train.resume=auto``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+
+class StopOnSignal:
+    """Mixin for a trainer: call ``_init_stop_state()`` in ``__init__``, set ``_in_loop`` around the step loop, and
+    check ``_stop_signal`` after each step. ``_signal_tag`` prefixes the one message the handler writes."""
+
+    _signal_tag = b"[dtfast]"
+
+    def _init_stop_state(self) -> None:
+        self._stop_signal: int | None = None
+        self._signals_while_stopping = 0
+        self._in_loop = False
+        self._old_handlers: dict[int, Any] = {}
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        if not self._in_loop:
+            raise SystemExit(128 + signum)
+        if self._stop_signal is None:
+            self._stop_signal = signum  # finish this step, checkpoint on every rank, then stop
+            return
+        self._signals_while_stopping += 1
+        if self._signals_while_stopping == 1:
+            # os.write: print is not safe in a signal handler
+            os.write(2, self._signal_tag + b" signal repeated while stopping: still finishing the step and its "
+                     b"checkpoint (one more signal exits at once)\n")
+            return
+        raise SystemExit(128 + signum)
+
+    @property
+    def exit_code(self) -> int:
+        """0 after a finished run; 128 + signal number after a signal stopped it (the job is not done)."""
+        return 128 + int(self._stop_signal) if self._stop_signal is not None else 0
+
+    def _install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                continue
+            self._old_handlers.setdefault(sig, previous)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
