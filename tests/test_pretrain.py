@@ -202,3 +202,15 @@ def test_noise_seeds_do_not_repeat_across_ranks():
     seeds = [_rank_seed(0, rank, micro) for rank in range(8) for micro in range(0, 40000, 7)]
     assert len(set(seeds)) == len(seeds)
     assert _rank_seed(0, 0, 10_007) != _rank_seed(0, 1, 0)  # the old linear mix made these equal
+
+
+def test_resume_never_moves_the_earlier_run_aside(tmp_path):
+    # a fresh start in a used folder: the old checkpoints would be pruned among (and, without the `latest` pointer,
+    # resumed instead of) the new run's; they and the old metrics are renamed, not deleted
+    out = tmp_path / "run"
+    _run(str(out), 3, ["dist.engine=ddp"])
+    assert (out / "checkpoints" / "step_3").is_dir()
+    _run(str(out), 1, ["dist.engine=ddp", "train.resume=never"])
+    assert (out / "checkpoints.1" / "step_3").is_dir() and (out / "metrics.1.jsonl").is_file()
+    assert [m["step"] for m in _metrics(str(out))] == [1]
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_1"]
