@@ -32,7 +32,7 @@ from dtfast.teachers.build import export_teacher
 from dtfast.train import checkpoint as ckpt
 from dtfast.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
 from dtfast.train.optim import build_optimizer, lr_at, set_lr
-from dtfast.train.signals import StopOnSignal
+from dtfast.train.lifecycle import RunLifecycle
 
 # keys that must agree between a checkpoint and the run resuming from it
 RESUME_KEYS = ["model", "diffusion", "data.image_size"]
@@ -108,7 +108,7 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step + 7) % (2**63 - 1)
 
 
-class TeacherTrainer(StopOnSignal):
+class TeacherTrainer(RunLifecycle):
     _signal_tag = b"[dtfast.train_teacher]"
 
     def __init__(self, cfg: TeacherTrainConfig, dist_info: DistInfo | None = None):
@@ -187,21 +187,6 @@ class TeacherTrainer(StopOnSignal):
         torch.set_rng_state(train_state["torch_rng"])
         self.step = int(train_state["step"])
         return path
-
-    def maybe_resume(self) -> None:
-        path = self._load_checkpoint()
-        if path is not None:
-            self._truncate_metrics(self.step)
-            self._print(f"resumed from {path} at step {self.step}")
-            return
-        if self.dist.is_main:
-            for message in ckpt.set_aside_earlier_run(self.cfg.out, self.cfg.train.resume):
-                self._print(message)
-        barrier(self.dist)
-
-    def _truncate_metrics(self, step: int) -> None:
-        if self.dist.is_main:
-            ckpt.truncate_metrics(os.path.join(self.cfg.out, "metrics.jsonl"), step)
 
     # ------------------------------------------------------------------ loop
     def _print(self, msg: str) -> None:

@@ -35,7 +35,7 @@ from dtfast.train.distributed import (
     shutdown,
 )
 from dtfast.train.optim import build_optimizer, lr_at
-from dtfast.train.signals import StopOnSignal
+from dtfast.train.lifecycle import RunLifecycle
 from dtfast.train.timing import NullTimer
 
 log = logging.getLogger("dtfast.train")
@@ -71,7 +71,7 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-class Trainer(StopOnSignal):
+class Trainer(RunLifecycle):
     def __init__(self, cfg: PretrainConfig, dist_info: DistInfo | None = None):
         self.cfg = cfg
         self._init_stop_state()
@@ -220,23 +220,6 @@ class Trainer(StopOnSignal):
                         "the rest of this epoch is not the samples an uninterrupted run would have seen (some are "
                         "repeated or skipped)", path, "; ".join(changed), self.step)
         return path
-
-    def maybe_resume(self) -> None:
-        path = self._load_checkpoint()
-        if path is not None:
-            self._truncate_metrics(self.step)
-            self._print(f"resumed from {path} at step {self.step}")
-            return
-        # a fresh start in a used folder (a crash before the first checkpoint, or train.resume=never): the old
-        # metrics would mix with this run's, and (never) the old checkpoints would be pruned among this run's
-        if self.dist.is_main:
-            for message in ckpt.set_aside_earlier_run(self.cfg.out, self.cfg.train.resume):
-                self._print(message)
-        barrier(self.dist)
-
-    def _truncate_metrics(self, step: int) -> None:
-        if self.dist.is_main:
-            ckpt.truncate_metrics(os.path.join(self.cfg.out, "metrics.jsonl"), step)
 
     # ------------------------------------------------------------------ loop
     def _print(self, msg: str) -> None:

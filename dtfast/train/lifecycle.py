@@ -1,4 +1,5 @@
-"""Stopping a training run on SIGTERM/SIGINT: finish the step, checkpoint, exit 128 + signal (shared by the trainers).
+"""What the trainers share about a run's life: stopping on SIGTERM/SIGINT (finish the step, checkpoint, exit
+128 + signal) and starting (resume from a checkpoint, or set an earlier run's files aside).
 
 A scheduler's preemption, ``torchrun``'s forwarding and a Ctrl-C all arrive as one of these signals. Inside the step
 loop the first one asks the loop to stop after the current step and its checkpoint; the same signal delivered once
@@ -14,10 +15,14 @@ import os
 import signal
 from typing import Any
 
+from dtfast.train import checkpoint as ckpt
+from dtfast.train.distributed import barrier
 
-class StopOnSignal:
-    """Mixin for a trainer: call ``_init_stop_state()`` in ``__init__``, set ``_in_loop`` around the step loop, and
-    check ``_stop_signal`` after each step. ``_signal_tag`` prefixes the one message the handler writes."""
+
+class RunLifecycle:
+    """Mixin for a trainer (with ``cfg``, ``dist``, ``step``, ``_print`` and ``_load_checkpoint() -> path | None``):
+    call ``_init_stop_state()`` in ``__init__``, set ``_in_loop`` around the step loop, and check ``_stop_signal``
+    after each step. ``_signal_tag`` prefixes the one message the signal handler writes."""
 
     _signal_tag = b"[dtfast]"
 
@@ -58,3 +63,22 @@ class StopOnSignal:
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
         self._old_handlers.clear()
+
+    # ---------------------------------------------------------------- start
+    def maybe_resume(self) -> None:
+        """Continue from the checkpoint train.resume names (metrics cut back to its step), or, starting from step 0
+        in a used folder (a crash before the first checkpoint, or train.resume=never), move the earlier run's
+        metrics (and with never its checkpoints) aside: they would mix with, or be pruned among, this run's."""
+        path = self._load_checkpoint()
+        if path is not None:
+            self._truncate_metrics(self.step)
+            self._print(f"resumed from {path} at step {self.step}")
+            return
+        if self.dist.is_main:
+            for message in ckpt.set_aside_earlier_run(self.cfg.out, self.cfg.train.resume):
+                self._print(message)
+        barrier(self.dist)
+
+    def _truncate_metrics(self, step: int) -> None:
+        if self.dist.is_main:
+            ckpt.truncate_metrics(os.path.join(self.cfg.out, "metrics.jsonl"), step)
