@@ -30,7 +30,7 @@ from dtfast.bench.rows import Row, parse_row, split_overrides, sweep_rows
 from dtfast.bench.runner import Measurement, build_trainer, release
 from dtfast.train.checkpoint import atomic_write_text
 from dtfast.train.config import ConfigError, load_config
-from dtfast.train.distributed import resolve_device
+from dtfast.train.distributed import broadcast_object, resolve_device
 
 
 def _check_bench(cfg) -> None:
@@ -100,7 +100,11 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
             result["rows"].append(entry)
             left = bench.time_budget_s - (time.perf_counter() - started) - pending
             warm_s, steps_s = _estimate(estimates.get(row.name), batch_size)
-            if bench.time_budget_s and left < warm_s + steps_s:
+            skip = bool(bench.time_budget_s and left < warm_s + steps_s)
+            if trainers:  # under torchrun rank 0 decides for all: ranks that disagreed would wait on each other
+                any_trainer = next(iter(trainers.values()))
+                skip = broadcast_object(skip, any_trainer.dist)
+            if skip:
                 entry.update(status="skipped", error=f"time budget: {left:.0f} s left, this row needs about "
                              f"{warm_s + steps_s:.0f} s (from the previous batch size)" if left > 0 else
                              f"time budget {bench.time_budget_s:.0f} s spent")
