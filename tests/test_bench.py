@@ -442,6 +442,9 @@ def test_real_data_rows_time_the_configured_backend(tmp_path, monkeypatch, backe
     assert row["status"] == "ok", row.get("error")
     assert row["data_backend"] == backend and built == [backend] and set(closed) == {backend}
     assert row["stage_s_per_step"]["data"] > 0
+    # the batches decoded ahead during the warm-up were taken before timing (the loader's: DALI's queue of 2, none
+    # from a DataLoader without workers; none from the pipeline's own queue on CPU; plus one)
+    assert row["data_drained_before_timing"] == (3 if backend == "dali" else 1)
 
 
 def test_bench_batch_size_below_two_names_the_key(tmp_path):

@@ -68,7 +68,7 @@ def _ms(seconds: float | None) -> float | None:
 def table(result: dict[str, Any]) -> str:
     """A markdown table (also readable on a terminal): one line per measured (row, batch size)."""
     head = ["row", "batch", "img/s", "img/s/dev", "step ms (p10-p90)", *[f"{s} ms" for s in BREAKDOWN],
-            "TFLOP/s", "MFU", "peak GB", "vs baseline"]
+            "TFLOP/s", "MFU", "peak GiB", "vs baseline"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
         if row.get("status") != "ok":

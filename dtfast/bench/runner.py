@@ -94,6 +94,14 @@ class RealBatches:
     def __next__(self):
         return next(self.pipeline)
 
+    def drain(self) -> int:
+        """Take (and drop) the batches decoded ahead, e.g. during a long compiling warm-up: otherwise the timed steps
+        would be served from them and the data wait would not show whether decoding keeps up. Returns the count."""
+        count = self.pipeline.max_in_flight
+        for _ in range(count):
+            next(self.pipeline)
+        return count
+
     def close(self) -> None:
         if self.pipeline is not None:
             self.pipeline.close()
@@ -168,6 +176,7 @@ class Measurement:
         world = trainer.dist.world_size
         self.comm = "none" if world == 1 else "ddp" if getattr(trainer.engine, "name", "") == "ddp" else "unmeasured"
         self.nosync_times: list[float] = []
+        self.drained = 0
 
     def close(self) -> None:
         """End the row's data pipeline (real data) and let go of its trainer."""
@@ -189,6 +198,8 @@ class Measurement:
         if self.comm == "ddp" and steps:
             self._step_without_sync(timer)  # a compiled model traces the no-sync variant here, not in a timed step
         synchronize(self.device)
+        if hasattr(self.source, "drain"):
+            self.drained = self.source.drain()
         self.warmup_steps = steps
         self.warmup_s = time.perf_counter() - t0
 
@@ -249,6 +260,7 @@ class Measurement:
             "resident_before_gb": self.resident_gb,
             "loss": float(self.parts["loss"].detach().float()) if self.parts is not None else None,
             "data_backend": getattr(self.source, "backend", "synthetic"),
+            "data_drained_before_timing": self.drained,
             "communication": {"none": "one process: none", "unmeasured": "not separated (DeepSpeed): inside "
                               "backward and optimizer", "ddp": "exposed gradient all-reduce: mean step minus mean "
                               "step without it (DDP no_sync), interleaved"}[self.comm],

@@ -198,6 +198,14 @@ class InputPipeline:
         self.step += 1
         return batch
 
+    @property
+    def max_in_flight(self) -> int:
+        """An upper bound on the batches decoded ahead of the consumer: this pipeline's prefetch queue plus the
+        loader's (DataLoader workers x their default prefetch factor of 2; DALI's queue depth of 2). A benchmark
+        consumes this many after its warm-up, so that its timed steps wait for batches decoded at the steady rate."""
+        loader_ahead = 2 if self.backend == "dali" else 2 * self.num_workers  # 0 workers: decoded on demand
+        return self.prefetch + loader_ahead + 1
+
     def close(self) -> None:
         """Stop the prefetch thread and the loader's worker processes (idempotent)."""
         self._stop.set()
