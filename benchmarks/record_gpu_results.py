@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dtfast.bench import report
+from dtfast.train.checkpoint import atomic_write_text
 
 
 def _local_commit() -> str | None:
@@ -63,9 +64,7 @@ def record_bench_json(path: str, results: str, card: str, commit: str | None) ->
         except json.JSONDecodeError:
             continue
     written = []
-    stem = f"bench_{report.slug(meta['machine']['device_name'])}_{report.slug(meta['preset'])}"
-    if meta.get("data") == "real":  # gpu_check's real-data stage: its own table beside the synthetic one
-        stem += "_real-data"
+    stem = report.table_stem(result)  # gpu_check's real-data stage has its own table beside the synthetic one
     png = os.path.join(os.path.dirname(path), os.path.splitext(os.path.basename(path))[0] + ".png")
     fresh = [r for r in result["rows"]
              if (meta["date"], r["row"], r["batch_size"], meta["machine"]["device_name"]) not in seen]
@@ -73,8 +72,9 @@ def record_bench_json(path: str, results: str, card: str, commit: str | None) ->
         rest = {**result, "rows": fresh}
         report.record(rest, results, None)
         written.append(target)
-    with open(os.path.join(results, stem + ".md"), "w") as fh:
-        fh.write("```\n" + report.header(result) + "\n```\n\n" + report.table(result) + "\n")
+    # the whole run's table (report.record above wrote one of the fresh rows only)
+    atomic_write_text(os.path.join(results, stem + ".md"),
+                      "```\n" + report.header(result) + "\n```\n\n" + report.table(result) + "\n")
     written.append(os.path.join(results, stem + ".md"))
     if os.path.isfile(png):
         shutil.copyfile(png, os.path.join(results, stem + ".png"))

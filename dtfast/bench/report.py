@@ -146,6 +146,13 @@ def write_png(result: dict[str, Any], path: str) -> bool:
     return True
 
 
+def table_stem(result: dict[str, Any]) -> str:
+    """File stem of the latest table per machine, preset and data kind (a real-data run has its own table)."""
+    meta = result["meta"]
+    stem = f"bench_{slug(meta['machine']['device_name'])}_{slug(meta['preset'])}"
+    return stem + "_real-data" if meta.get("data") == "real" else stem
+
+
 def record(result: dict[str, Any], results_dir: str, png_path: str | None) -> list[str]:
     """Append compact rows to <dir>/bench_results.jsonl; latest table (and chart) per machine and preset."""
     if not results_dir or not os.path.isdir(results_dir):
@@ -162,7 +169,7 @@ def record(result: dict[str, Any], results_dir: str, png_path: str | None) -> li
                     "flops_per_image": result["flops"], **compact}
             fh.write(json.dumps(line, default=str) + "\n")
     written.append(path)
-    stem = f"bench_{slug(meta['machine']['device_name'])}_{slug(meta['preset'])}"
+    stem = table_stem(result)
     md_path = os.path.join(results_dir, stem + ".md")
     atomic_write_text(md_path, "```\n" + header(result) + "\n```\n\n" + table(result) + "\n")
     written.append(md_path)
