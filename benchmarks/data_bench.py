@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dtfast._provenance import git_commit
 from dtfast.data import ImageFolder, InputPipeline
 from dtfast.data.dali import dali_available
 
@@ -83,14 +83,6 @@ def machine(device: str) -> str:
     return text
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def time_backend(dataset: ImageFolder, backend: str, args: argparse.Namespace, device: str) -> dict:
     pipeline = InputPipeline(dataset, args.batch_size, mean=MEAN, std=STD, device=device, backend=backend,
                              seed=0, num_workers=args.threads, num_threads=args.threads)
@@ -119,6 +111,8 @@ def step_share(dataset: ImageFolder, backend: str, args: argparse.Namespace) -> 
     """GPU only: share of wall time lost to data when a simulated training step of batch/target_rate seconds
     (a chain of bf16 matmuls) runs on the default stream: 1 - T(synthetic batches) / T(pipeline batches)."""
     weights = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):  # cuBLAS handle, workspace and kernel loading: the first matmul took ~50x a warm one
+        weights @ weights
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(10):
@@ -202,7 +196,7 @@ def main() -> None:
                                                        if "step_share" in row else ""))
 
     stamp = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "commit": commit(), "machine": machine(args.device), "torch": torch.__version__,
+             "commit": git_commit(), "machine": machine(args.device), "torch": torch.__version__,
              "mean_jpeg_kib": None if mean_kib is None else round(mean_kib, 1), "num_images": len(dataset),
              "load_avg_1m": round(os.getloadavg()[0], 2)}  # other work on the machine skews CPU figures
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

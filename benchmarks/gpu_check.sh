@@ -13,7 +13,9 @@
 # value, so the ones that get skipped when time runs out are the least important. The stage logs are packed into
 # $OUT after every stage, so they come back even when the device call is cut off.
 #
-# Usage (repository root, on the GPU machine; carry `.whl`):   bash benchmarks/gpu_check.sh
+# Usage (repository root, on the GPU machine; carry `.whl`):
+#   DTFAST_COMMIT=<output of `git rev-parse --short=12 HEAD` here, +dirty if so> bash benchmarks/gpu_check.sh
+#   (the copied tree's git metadata may be missing or stale: every record takes its commit from DTFAST_COMMIT)
 # What comes back under $OUT (<= 8 files, flat): summary.txt (the table printed last), gpu_info.json,
 #   logs.tar.gz (one log per stage), results.tar.gz (benchmarks/results/ after the run + the bench folders),
 #   bench_r50.{json,md,png} (dtfast.bench, synthetic data), bench_real.json (nvJPEG data). Record them here with:
@@ -103,11 +105,9 @@ try:
         capture_output=True, text=True, timeout=20).stdout.strip()
 except Exception:  # noqa: BLE001
     pass
-try:
-    info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    timeout=10).stdout.strip() or None
-except Exception:  # noqa: BLE001
-    info["commit"] = None
+from dtfast._provenance import git_commit  # DTFAST_COMMIT (set by the sender) or this copy's git, else "unknown"
+
+info["commit"] = git_commit()
 text = json.dumps(info, indent=1)
 print(text)
 with open(info_path, "w") as fh:

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -26,16 +25,9 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from dtfast._provenance import git_commit
 from dtfast.bench import report
 from dtfast.train.checkpoint import atomic_write_text
-
-
-def _local_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10, check=False).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _read_lines(path: str) -> list[str]:
@@ -51,7 +43,7 @@ def record_bench_json(path: str, results: str, card: str, commit: str | None) ->
         result = json.load(fh)
     meta = result["meta"]
     if meta.get("commit") in (None, "", "unknown") and commit:
-        meta["commit"] = f"{commit} (local HEAD at record time)"
+        meta["commit"] = commit
     meta["machine"]["card"] = card
     if meta["machine"].get("device_type") == "cuda":
         meta["machine"]["device_name"] = meta["machine"].get("device_name") or card
@@ -168,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(info_path) as fh:
             info = json.load(fh)
     card = info.get("device") or info.get("card") or "unknown GPU"
-    commit = info.get("commit") or _local_commit()
+    commit = info.get("commit") if info.get("commit") not in (None, "", "unknown", "HEAD") else None
+    commit = f"{commit} (gpu_info.json)" if commit else f"{git_commit()} (local checkout at record time)"
     os.makedirs(args.results, exist_ok=True)
     written: list[str] = []
     for name in sorted(os.listdir(args.folder)):

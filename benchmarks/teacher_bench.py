@@ -26,7 +26,6 @@ import platform
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 
@@ -37,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from dtfast._provenance import git_commit
 from dtfast.teachers import DiffusionTeacher, LatentDiffusionTeacher, TeacherOptions, build_teacher
 from dtfast.teachers.archs import ADM_SCHEDULER, LATENT_ARCHS, SD_SCHEDULER, pixel_arch
 from dtfast.teachers.build import instantiate, load_scheduler
@@ -268,12 +268,18 @@ def time_teacher(teacher: nn.Module, images: torch.Tensor, warmup: int, min_iter
 # Where a teacher forward's device time goes, by kernel (CUDA) or operator (CPU) name. First match wins; names are
 # lower-cased. cuDNN/CUTLASS convolutions are "*fprop*"/"*implicit_gemm*"/"*conv*"; SDPA is flash/"fmha"/efficient.
 KERNEL_CATEGORIES = [
+    # inductor's templates (max-autotune) are convolutions / matmuls written in Triton: before "fused (triton)"
+    ("conv", ("triton_tem_fused_convolution", "triton_tem_fused__convolution")),
+    ("matmul", ("triton_tem_fused_mm", "triton_tem_fused_addmm", "triton_tem_fused_bmm")),
     ("fused (triton)", ("triton",)),  # inductor's kernels are named after the ops they fuse: match them first
-    ("layout", ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "memcpy", "memset", "contiguous", "cat")),
+    ("layout", ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "memcpy", "memset", "contiguous", "catarray",
+                "aten::cat", "cat_batched")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
     ("conv", ("conv", "fprop", "implicit_gemm", "winograd", "cudnn", "nhwckrsc")),
-    ("matmul", ("gemm", "matmul", "addmm", "bmm", "aten::mm", "linear", "cutlass", "xmma")),
-    ("norm", ("group_norm", "groupnorm", "layer_norm", "batch_norm")),
+    # cuBLAS's Hopper GEMMs are named nvjet_*; wgmma/sm90_xmma are CUTLASS-style names
+    ("matmul", ("gemm", "matmul", "addmm", "bmm", "aten::mm", "linear", "cutlass", "xmma", "nvjet", "wgmma")),
+    ("norm", ("group_norm", "groupnorm", "layer_norm", "batch_norm", "rowwisemoments", "computefusedparams",
+              "native_group_norm")),
     ("elementwise", ("silu", "add", "mul", "elementwise", "vectorized", "unrolled", "interpolate", "upsample",
                      "avg_pool", "pool")),
 ]
@@ -354,21 +360,6 @@ def machine_name(device: torch.device) -> str:
     return f"CPU {cpu} x{os.cpu_count()} ({socket.gethostname()})"
 
 
-def commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.strip()
-        return out or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def format_table(rows: list[dict], peak: float) -> str:
     lines = [
         "| arch | row | batch x res | dtype | img/s | TFLOP/s | %peak | GFLOP/img | first call s | speed vs plain |",
@@ -432,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     peak, peak_what = matmul_peak(device)
     meta = {
         "machine": machine_name(device),
-        "commit": commit(),
+        "commit": git_commit(),
         "preset": preset_name,
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),  # noqa: UP017 (3.10)

@@ -491,3 +491,17 @@ def test_unmeasured_communication_prints_a_dash():
     cells = [c.strip() for c in line.strip("|").split("|")]
     head = [c.strip() for c in report.table({"rows": []}).splitlines()[0].strip("|").split("|")]
     assert cells[head.index("communication ms")] == "-" and cells[head.index("backward ms")] == "100.0"
+
+
+def test_commit_stamp_prefers_dtfast_commit_and_never_says_head(tmp_path, monkeypatch):
+    import subprocess as sp
+
+    from dtfast import _provenance
+
+    monkeypatch.setenv("DTFAST_COMMIT", "abc123def456+dirty")
+    assert _provenance.git_commit() == "abc123def456+dirty"
+    monkeypatch.delenv("DTFAST_COMMIT")
+    # a copy of the tree in a repository without commits: git prints "HEAD" with an error; the stamp is "unknown"
+    sp.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.setattr(_provenance, "ROOT", str(tmp_path))
+    assert _provenance.git_commit() == "unknown"

@@ -55,6 +55,14 @@ def test_profile_categories_add_up():
     ("void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false>", "layout"),
     ("aten::native_group_norm", "norm"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>", "elementwise"),
+    # names a review found filed as "other" or in the wrong place: cuBLAS's Hopper GEMMs, GroupNorm's statistics
+    # pass, inductor's convolution template, and "cat" inside "scatter"
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>", "norm"),
+    ("void at::native::(anonymous namespace)::ComputeFusedParamsCUDAKernel<float>", "norm"),
+    ("triton_tem_fused_convolution_12", "conv"),
+    ("aten::scatter_add_", "elementwise"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, unsigned int, 4, 64, 64>", "layout"),
 ])
 def test_kernel_categories(name, category):
     assert load_bench().kernel_category(name) == category

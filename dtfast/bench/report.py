@@ -6,11 +6,11 @@ import json
 import os
 import platform
 import re
-import subprocess
 from typing import Any
 
 import torch
 
+from dtfast._provenance import git_commit  # noqa: F401 (dtfast.bench's callers use report.git_commit)
 from dtfast.train.checkpoint import atomic_write_text
 from dtfast.train.timing import STAGES
 
@@ -39,18 +39,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
 
 
 def slug(text: str) -> str:
