@@ -474,3 +474,82 @@ def test_workers_exit_when_the_training_process_is_killed(tmp_path):
     for pid in left:  # do not leave them behind when the test fails
         os.kill(pid, 9)
     assert not left, f"worker processes {left} outlived the process that started them"
+
+
+def test_class_folder_named_like_the_split_is_not_taken_for_the_split(tmp_path):
+    # PASCAL VOC / COCO have a class "train": root/train used to become the whole (unlabelled) data set
+    root = tmp_path / "voc"
+    smooth_folder(str(root), classes=("aeroplane", "boat", "train"), per_class=2)
+    data = ImageFolder(str(root), 16, split="train")
+    assert data.classes == ["aeroplane", "boat", "train"] and len(data) == 6
+    # a real split layout still picks root/train
+    split_root = tmp_path / "imagenet"
+    smooth_folder(str(split_root / "train"), per_class=2)
+    smooth_folder(str(split_root / "val"), per_class=1)
+    assert ImageFolder(str(split_root), 16, split="train").classes == ["ant", "bee"]
+    assert len(ImageFolder(str(split_root), 16, split="val")) == 2
+
+
+def test_folders_inside_a_class_and_dangling_links_are_counted_as_skipped(tmp_path):
+    root = tmp_path / "data"
+    smooth_folder(str(root), per_class=1)
+    smooth_folder(str(root / "ant" / "more"), classes=("x",), per_class=1)
+    os.symlink(str(tmp_path / "gone.jpg"), str(root / "bee" / "link.jpg"))
+    with pytest.warns(UserWarning, match="skipped 2 .*folder"):
+        data = ImageFolder(str(root), 16)
+    assert len(data) == 2
+    assert sorted(os.path.basename(p.rstrip("/")) for p in data.skipped_at_scan) == ["link.jpg", "more"]
+
+
+def test_nvjpeg_skips_a_file_that_cannot_be_read(tmp_path):
+    # a file gone after the scan (a cleaning job, a flaky network filesystem) is replaced, as on the torch backend
+    smooth_folder(str(tmp_path), per_class=3)
+    data = ImageFolder(str(tmp_path), 16, split="val")
+    os.remove(data.files[1])
+    with pytest.warns(UserWarning, match="replaced undecodable file"):
+        batches = list(NvjpegLoader(data, 2, device="cpu", num_workers=0, shuffle=False))
+    assert len(batches) == 3 and all(b[0].shape == (2, 3, 16, 16) for b in batches)
+
+
+def test_nvjpeg_takes_the_first_frame_of_an_animated_gif_like_pil(tmp_path):
+    root = tmp_path / "a"
+    root.mkdir()
+    rng = np.random.default_rng(3)
+    frames = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    frames[0].save(root / "00_anim.jpg", "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    data = ImageFolder(str(tmp_path), 16, split="val", strict=True)
+    nv = next(iter(NvjpegLoader(data, 1, device="cpu", num_workers=0, shuffle=False)))[0]
+    torch_backend = next(iter(build_loader(data, 1, num_workers=0, shuffle=False)))[0]
+    assert nv.shape == torch_backend.shape == (1, 3, 16, 16)
+    assert (nv.int() - torch_backend.int()).abs().max() <= 2
+
+
+class _StallAfterFirst(Dataset):
+    """The first item a worker makes is instant; later ones take 30 s (a stalled network read)."""
+
+    def __init__(self):
+        self.made = 0
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        self.made += 1
+        if self.made > 1:
+            time.sleep(30)
+        return torch.zeros(3, 8, 8, dtype=torch.uint8), index
+
+
+def test_close_ends_a_prefetch_thread_waiting_on_a_stalled_worker():
+    # close() used to leave the prefetch thread polling the stopped loader for ever (and the pipeline alive)
+    pipeline = InputPipeline(_StallAfterFirst(), 1, mean=(0.5,) * 3, std=(0.5,) * 3, backend="torch",
+                             num_workers=1, prefetch=1)
+    next(pipeline)
+    time.sleep(0.2)
+    started = time.monotonic()
+    pipeline.close()
+    deadline = time.monotonic() + 15
+    while any(t.name == "dtfast-input-prefetch" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(t.name == "dtfast-input-prefetch" for t in threading.enumerate())
+    assert time.monotonic() - started < 20

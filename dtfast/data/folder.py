@@ -34,18 +34,33 @@ class DecodeError(RuntimeError):
     """An image file could not be decoded (``strict=True``, or too many bad files in a row)."""
 
 
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
+
+
 def resolve_split_root(root: str, split: str | None) -> str:
-    """``root/split`` when that folder exists, else ``root`` (a folder or a file list); errors name a missing
-    root."""
+    """``root/split`` when that folder is a split of the data set, else ``root`` (a folder or a file list); errors
+    name a missing root.
+
+    ``root/split`` is a split unless it is a class folder that happens to have the split's name: it holds images
+    and no sub-folders while ``root`` has other folders that are not split names (PASCAL VOC and COCO have a class
+    "train"; such a folder used to become the whole data set, unlabelled)."""
     if not root:
         raise ValueError("data root is empty")
     if os.path.isfile(root):
         return root
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data root {root!r} does not exist (expected an image folder or a file list)")
-    if split and os.path.isdir(os.path.join(root, split)):
-        return os.path.join(root, split)
-    return root
+    candidate = os.path.join(root, split) if split else ""
+    if not candidate or not os.path.isdir(candidate):
+        return root
+    others = [e.name for e in os.scandir(root)
+              if e.is_dir() and not e.name.startswith(".") and e.name != split]
+    inner = list(os.scandir(candidate))
+    if (others and not all(name.lower() in SPLIT_NAMES for name in others)
+            and not any(e.is_dir() and not e.name.startswith(".") for e in inner)
+            and any(e.is_file() and _is_image(e.name) for e in inner)):
+        return root  # root/<split> is a class folder among others (ImageNet layout without split folders)
+    return candidate
 
 
 def _is_image(name: str) -> bool:
@@ -64,7 +79,11 @@ def scan_image_folder(root: str) -> tuple[list[str], list[str], list[int], list[
     def collect(folder_entries, label: int) -> int:
         found = 0
         for entry in folder_entries:
-            if not entry.is_file() or entry.name.startswith("."):
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_file():
+                if label >= 0 or entry.is_symlink():  # a folder inside a class (not read), a dangling link
+                    skipped.append(entry.path + ("/" if entry.is_dir() else ""))
                 continue
             if not _is_image(entry.name) or entry.stat().st_size == 0:
                 skipped.append(entry.path)
@@ -177,8 +196,9 @@ class ImageFolder(Dataset):
         self.classes, self.files, self.labels, skipped = scan(self.root)
         self.skipped_at_scan = skipped
         if skipped:
-            warnings.warn(f"data: skipped {len(skipped)} missing, non-image or empty file(s) in {self.root!r}, "
-                          f"e.g. {skipped[:3]}", stacklevel=2)
+            warnings.warn(f"data: skipped {len(skipped)} missing, non-image or empty file(s), dangling link(s) or "
+                          f"folder(s) inside a class folder (not read) in {self.root!r}, e.g. {skipped[:3]}",
+                          stacklevel=2)
         self.epoch = 0
         self.bad_files: list[str] = []  # decode failures seen by THIS process (workers keep their own)
 

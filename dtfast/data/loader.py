@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .workers import loader_options
+from .workers import loader_options, shutdown_workers
 
 __all__ = ["EpochLoader", "ResumableDistributedSampler", "build_loader", "shard_indices", "steps_per_epoch"]
 
@@ -179,10 +179,7 @@ class EpochLoader:
     def close(self) -> None:
         """Stop the worker processes (idempotent; a later iteration starts new ones)."""
         self._started = None
-        iterator = getattr(self.loader, "_iterator", None)
-        self.loader._iterator = None
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+        shutdown_workers(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self._started if self._started is not None else iter(self.loader)

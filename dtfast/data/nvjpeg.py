@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from .folder import DecodeError, ImageFolder, to_rgb
 from .loader import ResumableDistributedSampler, steps_per_epoch
 from .transforms import plan_resize_crop, sample_rng
-from .workers import loader_options
+from .workers import loader_options, shutdown_workers
 
 __all__ = ["NvjpegLoader"]
 
@@ -42,9 +42,17 @@ class _EncodedFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int):
-        with open(self.files[index], "rb") as handle:
-            data = torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8)
-        return data, self.labels[index], index
+        return read_bytes(self.files[index]), self.labels[index], index
+
+
+def read_bytes(path: str) -> torch.Tensor:
+    """A file's bytes as a uint8 tensor; empty when it cannot be read (gone since the scan, no permission, an I/O
+    error): the decoder then treats it as undecodable (skipped with a counted warning, or named under strict)."""
+    try:
+        with open(path, "rb") as handle:
+            return torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8)
+    except OSError:
+        return torch.empty(0, dtype=torch.uint8)
 
 
 def _collate(items):
@@ -117,10 +125,7 @@ class NvjpegLoader:
     def close(self) -> None:
         """Stop the worker processes (idempotent)."""
         self._started = None
-        iterator = getattr(self.loader, "_iterator", None)
-        self.loader._iterator = None
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+        shutdown_workers(self.loader)
 
     # ------------------------------------------------------------------ decoding
     def _decode_one(self, data: torch.Tensor, path: str) -> torch.Tensor:
@@ -137,6 +142,10 @@ class NvjpegLoader:
                     errors.append(f"nvJPEG: {err}")
             try:
                 pixels = decode_image(data, mode=ImageReadMode.RGB)
+                if pixels.dim() == 4:  # an animated GIF: its first frame, as PIL gives it
+                    pixels = pixels[0]
+                if pixels.dim() != 3 or pixels.shape[0] != 3:
+                    raise ValueError(f"decoded to shape {tuple(pixels.shape)}, not (3, H, W)")
                 if pixels.dtype == torch.uint16:  # a 16-bit PNG: 8 bits as the other backends give them
                     pixels = (pixels.float() / 257.0).round_().to(torch.uint8)
                 return pixels.to(self.device, non_blocking=True)
@@ -180,8 +189,7 @@ class NvjpegLoader:
         for attempt in range(16):
             current = (index + attempt) % len(files)
             if attempt:
-                with open(files[current], "rb") as handle:
-                    data = torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8)
+                data = read_bytes(files[current])
             try:
                 return self._decode_one(data, files[current]), current
             except DecodeError as err:

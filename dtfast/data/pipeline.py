@@ -209,15 +209,17 @@ class InputPipeline:
     def close(self) -> None:
         """Stop the prefetch thread and the loader's worker processes (idempotent)."""
         self._stop.set()
-        if self._thread is not None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
             while self._queue is not None and not self._queue.empty():
                 self._queue.get_nowait()
-            self._thread.join(timeout=10)
-            self._thread = None
+            thread.join(timeout=1)  # a thread between batches sees the stop flag at once
         self._iterator = None
         loader = getattr(self, "_loader", None)
         if loader is not None and hasattr(loader, "close"):
-            loader.close()
+            loader.close()  # a thread waiting on a stalled worker gets an error from the stopped loader and ends
+        if thread is not None and thread.is_alive():
+            thread.join(timeout=10)
 
     def __del__(self) -> None:
         try:

@@ -1,7 +1,8 @@
 """Crop/flip geometry shared by every backend, and the on-device teacher/student views.
 
-The recipe (DESIGN.md section 5): resize the shorter side to the training size, crop a square of that size
-(random for training, centred for validation) and flip horizontally with probability 1/2. Optionally
+The recipe (DESIGN.md sections 1 and 5): resize the shorter side to the training size, crop a square of that size
+(random for training, centred for validation: section 1's "center/random crops") and flip horizontally with
+probability 1/2; section 5's "horizontal flip only" rules out other augmentation (colour, blur, ...). Optionally
 random-resized crops (torchvision's parameters: scale (0.08, 1), ratio (3/4, 4/3)).
 
 All randomness is drawn from a per-sample generator seeded by (seed, epoch, index): the same sample in the

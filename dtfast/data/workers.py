@@ -117,3 +117,20 @@ def loader_options(num_workers: int, start_method: str | None = None) -> dict:
         return {}
     return {"multiprocessing_context": worker_context(start_method), "persistent_workers": True,
             "worker_init_fn": functools.partial(watch_parent, os.getpid())}
+
+
+def shutdown_workers(loader) -> None:
+    """Stop a persistent-worker DataLoader's processes (idempotent). Its result queue is closed too: a thread
+    still waiting in ``next()`` for a stalled worker (the input pipeline's prefetch thread) then gets an error and
+    ends, instead of polling the stopped loader for ever."""
+    iterator = getattr(loader, "_iterator", None)
+    loader._iterator = None
+    if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+        return
+    iterator._shutdown_workers()
+    results = getattr(iterator, "_worker_result_queue", None)
+    if results is not None:
+        try:
+            results.close()
+        except (OSError, ValueError):  # already closed
+            pass
