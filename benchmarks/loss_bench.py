@@ -230,7 +230,7 @@ def machine_name(device) -> str:
 
 
 def format_table(results, floor_ms) -> str:
-    lines = ["| variant | fwd ms | bwd ms | fwd+bwd ms | floor fraction (fwd+bwd) | saved MB | peak MB |",
+    lines = ["| variant | fwd ms | bwd ms | fwd+bwd ms | floor fraction (fwd+bwd) | saved MiB | peak MiB |",
              "|---|---|---|---|---|---|---|",
              f"| byte floor | {floor_ms['fwd']:.3f} | {floor_ms['bwd']:.3f} | {floor_ms['fwd_bwd']:.3f} | 1.00 | | |"]
     for name, row in results.items():
@@ -299,7 +299,8 @@ def main(argv=None) -> dict:
     shapes = [tuple(s.shape) for s in student]
     header = (f"DreamTeacher loss on {machine_name(args.device)} | {str(args.dtype).replace('torch.', '')} | "
               f"levels {shapes} | whiten={args.whiten} at_mode={args.at_mode} channels_last={args.channels_last} | "
-              f"copy bandwidth {bandwidth / 1e9:.1f} GB/s | bytes moved fwd+bwd {moved['fwd_bwd'] / 2**20:.0f} MiB")
+              f"copy bandwidth {bandwidth / 1e9:.1f} GB/s | bytes moved fwd+bwd {moved['fwd_bwd'] / 1e9:.3f} GB "
+              f"({moved['fwd_bwd'] / 2**20:.0f} MiB)")
     print(header)
     print(table)
     record = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
