@@ -162,3 +162,43 @@ def test_sd15_on_meta_shapes_and_early_exit():
     with FlopCounterMode(display=False) as counter:
         teacher(torch.zeros(1, 3, 512, 512, device="meta"))
     assert counter.get_total_flops() < 0.9 * flops[True]  # dropping the stride-8 level skips its 3 blocks
+
+
+def test_vae_with_per_channel_latent_statistics(components):
+    # SDXL-family VAEs give latents_mean/std: z = (E(x) - mean) * scaling_factor / std (they were ignored)
+    torch.manual_seed(0)
+    mean, std = [0.1, 0.2, 0.3, 0.4], [2.0, 1.5, 1.0, 0.5]
+    vae = AutoencoderKL(**{**SPEC["vae"], "latents_mean": mean, "latents_std": std}).eval()
+    text = empty_prompt_embedding(components["text_encoder"], components["tokenizer"])
+    teacher = LatentDiffusionTeacher(vae, components["unet"], components["scheduler"], text, strides=STRIDES)
+    x = images()
+    with torch.no_grad():
+        posterior = vae.encode(x).latent_dist.mean
+        want = (posterior - torch.tensor(mean).view(1, 4, 1, 1)) * vae.config.scaling_factor \
+            / torch.tensor(std).view(1, 4, 1, 1)
+        torch.testing.assert_close(teacher.encode_latents(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_unet_that_takes_other_input_channels_is_refused(components):
+    # inpainting (9), depth (5) or instruct-pix2pix (8) UNets passed every check and failed at the first step
+    unet = UNet2DConditionModel(**{**SPEC["unet"], "in_channels": 9}).eval()
+    text = empty_prompt_embedding(components["text_encoder"], components["tokenizer"])
+    with pytest.raises(ValueError, match="UNet takes 9 input channels but the VAE gives 4 latent channels"):
+        LatentDiffusionTeacher(components["vae"], unet, components["scheduler"], text, strides=STRIDES)
+
+
+def test_fourier_time_unet_is_refused():
+    # a score-SDE (NCSN++) UNet2DModel takes continuous noise levels, not DDPM timesteps: NaN features at t=0
+    from dtfast.teachers.unet_walk import check_supported
+
+    unet = UNet2DModel(**{**PIXEL_ARCHS["tiny"], "time_embedding_type": "fourier", "flip_sin_to_cos": False})
+    with pytest.raises(ValueError, match="fourier"):
+        check_supported(unet)
+
+
+def test_latent_mode_is_a_pretraining_config_key():
+    from dtfast.train.config import ConfigError, load_config
+
+    assert load_config(None, ["teacher.latent_mode=sample"]).teacher.latent_mode == "sample"
+    with pytest.raises(ConfigError, match="teacher.latent_mode"):
+        load_config(None, ["teacher.latent_mode=median"])

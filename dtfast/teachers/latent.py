@@ -53,11 +53,26 @@ class LatentDiffusionTeacher(FrozenDiffusionTeacher):
                 f"text embedding of shape {tuple(text_embedding.shape)} does not fit the UNet "
                 f"(expected (1, tokens, {unet.config.cross_attention_dim}))"
             )
+        if int(unet.config.in_channels) != int(vae.config.latent_channels):
+            raise ValueError(
+                f"the UNet takes {unet.config.in_channels} input channels but the VAE gives "
+                f"{vae.config.latent_channels} latent channels: a teacher needs a text-to-image UNet on this VAE's "
+                "latents (inpainting, depth and instruct-pix2pix UNets take extra input channels)"
+            )
         self.vae_encoder = vae.encoder
         self.quant_conv = getattr(vae, "quant_conv", None)
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(vae.config.get("shift_factor") or 0.0)
         self.latent_channels = int(vae.config.latent_channels)
+        # SDXL-family VAEs may normalise latents per channel: (z - latents_mean) * scaling_factor / latents_std
+        latents_mean, latents_std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+        if (latents_mean is None) != (latents_std is None) or (latents_mean is not None and self.shift_factor):
+            raise ValueError("the VAE config must give both latents_mean and latents_std, and not with shift_factor")
+        self.latents_mean = self.latents_std = None
+        if latents_mean is not None:
+            shape = (1, self.latent_channels, 1, 1)
+            self.latents_mean = torch.tensor(latents_mean, dtype=torch.float32).reshape(shape)
+            self.latents_std = torch.tensor(latents_std, dtype=torch.float32).reshape(shape)
         self.latent_stride = 2 ** (len(vae.config.block_out_channels) - 1)
         self.unet = unet
         self.scheduler = scheduler
@@ -81,7 +96,8 @@ class LatentDiffusionTeacher(FrozenDiffusionTeacher):
         return (images.shape[0], channels, images.shape[2] // self.latent_stride, images.shape[3] // self.latent_stride)
 
     def encode_latents(self, images: torch.Tensor, posterior_noise: torch.Tensor | None = None) -> torch.Tensor:
-        """(E(x) - shift) * scaling_factor: the posterior mean, or mean + std * posterior_noise."""
+        """(E(x) - shift) * scaling_factor, or (E(x) - latents_mean) * scaling_factor / latents_std where the VAE
+        config gives those: E(x) the posterior mean, or mean + std * posterior_noise."""
         moments = self.vae_encoder(images.to(self.unet.conv_in.weight.dtype))
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -89,6 +105,10 @@ class LatentDiffusionTeacher(FrozenDiffusionTeacher):
         latents = mean
         if posterior_noise is not None:  # as diffusers' DiagonalGaussianDistribution.sample
             latents = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * posterior_noise.to(mean.dtype)
+        if self.latents_mean is not None:
+            shift = self.latents_mean.to(latents.device, latents.dtype)
+            scale = self.latents_std.to(latents.device, latents.dtype)
+            return (latents - shift) * self.scaling_factor / scale
         return (latents - self.shift_factor) * self.scaling_factor
 
     def _encode(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:

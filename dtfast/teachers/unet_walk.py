@@ -53,6 +53,10 @@ def check_supported(unet: nn.Module) -> None:
         problems.append(f"encoder_hid_dim_type={config.get('encoder_hid_dim_type')!r}")
     if config.get("time_cond_proj_dim") is not None:
         problems.append("time_cond_proj_dim")
+    if config.get("time_embedding_type") == "fourier":
+        # score-SDE / NCSN++ models take continuous noise levels, not a DDPM timestep (noised with a DDPM
+        # schedule they gave NaN features at t=0)
+        problems.append("time_embedding_type='fourier' (continuous-noise score model, not a DDPM)")
     if problems:
         raise ValueError(f"{name}: a teacher UNet must be unconditional apart from text; unsupported: {problems}")
 

@@ -57,6 +57,8 @@ class TeacherConfig:
     cuda_graph: bool = _f(False, "capture the teacher's forward in a CUDA graph for the fixed batch shape (GPU only; "
                           "with compile it captures the compiled code; not with compile_mode=reduce-overhead)")
     dtype: str = _f("auto", "teacher weights/activations: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
+    latent_mode: str = _f("mean", "latent (Stable Diffusion) teachers: mean (the VAE posterior mean) | sample (mean + "
+                          "std * noise); pixel teachers ignore it")
     shard: bool = _f(False, "partition the frozen teacher's weights across ranks with ZeRO-3 (inference only, no "
                      "optimizer state); for teachers too large to replicate. Needs dist.engine=deepspeed")
 
@@ -289,6 +291,7 @@ _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "data.backend": ("auto", "torch", "dali", "nvjpeg"),
     "teacher.dtype": ("auto", "bf16", "fp16", "fp32"),
+    "teacher.latent_mode": ("mean", "sample"),
     "teacher.compile_mode": ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
     "loss.whiten": ("channel", "sample"),
     "loss.at_mode": ("paper", "code"),

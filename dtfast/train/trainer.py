@@ -115,7 +115,8 @@ class Trainer(RunLifecycle):
         options = {"compile": cfg.teacher.compile, "channels_last": cfg.teacher.channels_last,
                    "early_exit": cfg.teacher.early_exit,
                    "compile_mode": None if cfg.teacher.compile_mode == "default" else cfg.teacher.compile_mode,
-                   "inference_mode": cfg.teacher.inference_mode, "cuda_graph": cfg.teacher.cuda_graph}
+                   "inference_mode": cfg.teacher.inference_mode, "cuda_graph": cfg.teacher.cuda_graph,
+                   "latent_mode": cfg.teacher.latent_mode}
         if cfg.teacher.shard:
             from dtfast.distributed.teacher import SHARD_OPTIONS
 
