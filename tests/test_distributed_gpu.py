@@ -32,7 +32,7 @@ def _train(tmp_path, name, *overrides, steps=3):
     ["dist.zero_stage=2", "dist.bf16_mode=params"],
     ["dist.zero_stage=3"],
     ["dist.zero_stage=3", "teacher.shard=true"],
-    ["dist.zero_stage=0", "train.optimizer=lamb"],  # last: DeepSpeed's FusedLamb may JIT-build (about a minute)
+    ["dist.zero_stage=0", "train.optimizer=lamb"],  # dtfast's multi-tensor Lamb on the GPU
 ], ids=["z0", "z1-accum-clip", "z2-bf16params", "z3", "z3-sharded-teacher", "lamb"])
 def test_deepspeed_on_gpu_trains_and_exports(tmp_path, overrides):
     import timm

@@ -25,9 +25,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas) -> torch.optim.Optimizer:
-    """AdamW (fused on GPU) or LAMB (DeepSpeed's fused LAMB on GPU for contiguous parameters when its op builds,
-    ``Lamb`` below otherwise), over ``param_groups`` (no decay on norms and biases). Clipping is the engine's job
-    (``train.grad_clip``), never the optimizer's."""
+    """AdamW (fused on GPU) or LAMB (``Lamb`` below, multi-tensor on GPU), over ``param_groups`` (no decay on norms
+    and biases). Clipping is the engine's job (``train.grad_clip``), never the optimizer's."""
     groups = param_groups(model, weight_decay)
     betas = tuple(float(b) for b in betas)
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
@@ -35,34 +34,9 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         # fused AdamW is native PyTorch (no apex): one kernel for all parameters on GPU
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=on_cuda or None)
     if name == "lamb":
-        if on_cuda:
-            import os
-
-            # The op is JIT-built. DeepSpeed parses TORCH_CUDA_ARCH_LIST with int() and fails on "9.0a" entries
-            # (seen on an H100 image), and torch's fallback parse fails on "sm_90a" (pytorch#144037): give it the
-            # plain capability of this device when the list is unset or has such entries.
-            arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-            if not arch_list or any(a.strip().endswith("a") for a in arch_list.replace(",", ";").split(";")):
-                major, minor = torch.cuda.get_device_capability()
-                os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
-            try:
-                from deepspeed.ops.lamb import FusedLamb
-            except Exception:  # noqa: BLE001 - a broken DeepSpeed install must not stop training: fall back
-                FusedLamb = None
-            # DeepSpeed's fused LAMB asserts contiguous parameters: channels_last conv weights are not (seen on an
-            # H100), so those students take the multi-tensor Lamb below
-            contiguous = all(p.is_contiguous() for g in groups for p in g["params"])
-            if FusedLamb is not None and not contiguous:
-                log.info("optimizer: parameters are not contiguous (channels_last); DeepSpeed's FusedLamb needs them "
-                         "contiguous, using dtfast's multi-tensor Lamb")
-            elif FusedLamb is not None:
-                try:
-                    optimizer = FusedLamb(groups, lr=lr, betas=betas, max_grad_norm=0.0)
-                    log.info("optimizer: DeepSpeed FusedLamb")
-                    return optimizer
-                except Exception as exc:  # noqa: BLE001 - a JIT build (nvcc, ninja) or CUDA error: fall back
-                    log.warning("optimizer: DeepSpeed's FusedLamb op is unavailable (%s); using dtfast's multi-tensor "
-                                "Lamb", exc)
+        # one LAMB on every device: DeepSpeed's FusedLamb (used before on GPU for contiguous weights) is another
+        # variant (trust ratio also on norms/biases, clamped to [0.01, 10], other bias correction and eps), so the
+        # same config trained differently on a GPU and its checkpoints did not resume under this class
         log.info("optimizer: dtfast Lamb (multi-tensor)")
         return Lamb(groups, lr=lr, betas=betas)
     raise ValueError(f"train.optimizer: unknown optimizer {name!r} (expected adamw or lamb)")
