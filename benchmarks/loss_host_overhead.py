@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.loss_bench import ADM256_LEVELS, DTYPES, git_commit, machine_name
+from benchmarks.loss_bench import ADM256_LEVELS, DTYPES, machine_name
+from dtfast._provenance import git_commit
 from dtfast.ops import _backends, dreamteacher_loss
 
 

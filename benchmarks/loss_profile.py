@@ -259,7 +259,7 @@ def main(argv=None) -> dict:
 def record_profile(report: dict, shapes, dtype: str, command: str, results_dir: Path | None = None) -> None:
     out = Path(results_dir or ROOT / "benchmarks" / "results")
     out.mkdir(parents=True, exist_ok=True)
-    from benchmarks.loss_bench import git_commit
+    from dtfast._provenance import git_commit
 
     row = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
            "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -33,6 +33,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from dtfast._provenance import git_commit
 from dtfast.bench import report
 from dtfast.bench.flops import OpCounter
 from dtfast.bench.runner import summarize, synchronize
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: no CUDA device here")
     machine = report.machine_info(device)
     stamp = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),  # noqa: UP017
-             "commit": report.git_commit(), "machine": machine["device_name"], "torch": torch.__version__,
+             "commit": git_commit(), "machine": machine["device_name"], "torch": torch.__version__,
              "arch": args.arch, "width": args.width, "steps": args.steps,
              "command": "python benchmarks/optim_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     try:

@@ -27,7 +27,6 @@ sys.path.insert(0, ROOT)
 
 from dtfast._provenance import git_commit
 from dtfast.bench import report
-from dtfast.train.checkpoint import atomic_write_text
 
 
 def _read_lines(path: str) -> list[str]:
@@ -65,8 +64,7 @@ def record_bench_json(path: str, results: str, card: str, commit: str | None) ->
         report.record(rest, results, None)
         written.append(target)
     # the whole run's table (report.record above wrote one of the fresh rows only)
-    atomic_write_text(os.path.join(results, stem + ".md"),
-                      "```\n" + report.header(result) + "\n```\n\n" + report.table(result) + "\n")
+    report.write_markdown(result, os.path.join(results, stem + ".md"))
     written.append(os.path.join(results, stem + ".md"))
     if os.path.isfile(png):
         shutil.copyfile(png, os.path.join(results, stem + ".png"))

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
+from dtfast._provenance import git_commit
 from dtfast.bench import flops as flop_count
 from dtfast.bench import report
 from dtfast.bench.rows import Row, parse_row, split_overrides, sweep_rows
 from dtfast.bench.runner import Measurement, build_trainer, release
-from dtfast.train.checkpoint import atomic_write_text
 from dtfast.train.config import ConfigError, load_config
 from dtfast.train.distributed import broadcast_object, resolve_device
 
@@ -77,7 +77,7 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
             else flop_count.measure_peak_tflops(device))
     command = "python -m dtfast.bench " + " ".join((argv or [])[1:]) if argv else "run_benchmark(...)"
     result: dict[str, Any] = {
-        "meta": {"machine": report.machine_info(device), "commit": report.git_commit(), "command": command,
+        "meta": {"machine": report.machine_info(device), "commit": git_commit(), "command": command,
                  "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                  "preset": os.path.splitext(os.path.basename(config_path))[0] if config_path else "defaults",
                  "config": config_path or "", "overrides": overrides, "data": bench.data,
@@ -238,7 +238,7 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
 
 def _finish(result: dict[str, Any], paths: dict[str, str], results_dir: str) -> dict[str, Any]:
     text = report.header(result) + "\n\n" + report.table(result)
-    atomic_write_text(paths["md"], "```\n" + report.header(result) + "\n```\n\n" + report.table(result) + "\n")
+    report.write_markdown(result, paths["md"])
     has_png = report.write_png(result, paths["png"])
     result["files"] = {"json": paths["json"], "md": paths["md"], "png": paths["png"] if has_png else None}
     result["files"]["recorded"] = report.record(result, results_dir, paths["png"] if has_png else None)

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from dtfast._provenance import git_commit  # noqa: F401 (dtfast.bench's callers use report.git_commit)
 from dtfast.train.checkpoint import atomic_write_text
 from dtfast.train.timing import STAGES
 
@@ -96,6 +95,11 @@ def header(result: dict[str, Any]) -> str:
     return "\n".join(text)
 
 
+def write_markdown(result: dict[str, Any], path: str) -> None:
+    """The header (as a code block) and the table, written atomically."""
+    atomic_write_text(path, "```\n" + header(result) + "\n```\n\n" + table(result) + "\n")
+
+
 def write_json(result: dict[str, Any], path: str) -> None:
     atomic_write_text(path, json.dumps(result, indent=1, default=str))
 
@@ -159,7 +163,7 @@ def record(result: dict[str, Any], results_dir: str, png_path: str | None) -> li
     written.append(path)
     stem = table_stem(result)
     md_path = os.path.join(results_dir, stem + ".md")
-    atomic_write_text(md_path, "```\n" + header(result) + "\n```\n\n" + table(result) + "\n")
+    write_markdown(result, md_path)
     written.append(md_path)
     if png_path and os.path.isfile(png_path):
         import shutil

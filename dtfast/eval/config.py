@@ -123,12 +123,6 @@ def check_out(cfg: EvalConfig) -> None:
         raise ConfigError(f"{where}: cannot write {path}, {parent} is not writable")
 
 
-def min_train_images(holdout: float) -> int:
-    from dtfast.eval.probe import min_train_images as minimum
-
-    return minimum(holdout)
-
-
 def validate(cfg: EvalConfig) -> None:
     """Check every key before any work; fills in ``arch`` when it is empty (see ``resolve_arch``)."""
     for key, choices in _CHOICES.items():
@@ -149,6 +143,8 @@ def validate(cfg: EvalConfig) -> None:
         raise ConfigError(f"config key 'probe.holdout' must be in (0, 1), got {cfg.probe.holdout}")
     if not cfg.probe.weight_decays or any(not float(w) >= 0 for w in cfg.probe.weight_decays):
         raise ConfigError(f"config key 'probe.weight_decays' needs values >= 0, got {cfg.probe.weight_decays}")
+    from dtfast.eval.probe import min_train_images
+
     needed = min_train_images(cfg.probe.holdout)
     if not cfg.data.root and cfg.data.num_train < needed:
         raise ConfigError(f"config key 'data.num_train' = {cfg.data.num_train}: the linear probe needs at least "

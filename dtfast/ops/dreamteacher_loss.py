@@ -42,14 +42,20 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     Raises ValueError for an unknown name and BackendUnavailable (a RuntimeError saying why and how to get it)
     for a named backend that cannot run these maps here. Under torch.compile it runs once at trace time.
     """
-    if backend == "auto":
-        env = os.environ.get("DTFAST_BACKEND", "").strip().lower()
-        if env and env != "auto":
-            try:
-                return _resolve(env, device, dtype)
-            except (ValueError, RuntimeError) as e:
-                raise type(e)(f"{e} (the backend was set by the environment: DTFAST_BACKEND={env!r})") from None
+    requested = requested_backend(backend)
+    if requested != backend:
+        try:
+            return _resolve(requested, device, dtype)
+        except (ValueError, RuntimeError) as e:
+            raise type(e)(f"{e} (the backend was set by the environment: DTFAST_BACKEND={requested!r})") from None
     return _resolve(backend, device, dtype)
+
+
+def requested_backend(backend: str) -> str:
+    """``backend``, or for "auto" the ``DTFAST_BACKEND`` environment variable's choice when it names one."""
+    if backend == "auto":
+        return os.environ.get("DTFAST_BACKEND", "").strip().lower() or "auto"
+    return backend
 
 
 def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -285,9 +291,8 @@ def dreamteacher_loss_total(student_feats: Sequence[Tensor], teacher_feats: Sequ
     teacher = [g.detach() for g in teacher_feats]
     dtype = student[0].dtype
     if any(s.dtype != dtype for s in student):
-        if backend == "auto":
-            backend = os.environ.get("DTFAST_BACKEND", "").strip().lower() or "auto"
-        chosen = "torch" if backend == "auto" else resolve_backend(backend, student[0].device, dtype)
+        requested = requested_backend(backend)
+        chosen = "torch" if requested == "auto" else resolve_backend(requested, student[0].device, dtype)
         if chosen != "torch":
             raise ValueError(f"dreamteacher_loss: backend {chosen!r} needs one dtype for all levels, got "
                              f"{[s.dtype for s in student]}")

@@ -68,11 +68,11 @@ class LatentDiffusionTeacher(FrozenDiffusionTeacher):
         latents_mean, latents_std = vae.config.get("latents_mean"), vae.config.get("latents_std")
         if (latents_mean is None) != (latents_std is None) or (latents_mean is not None and self.shift_factor):
             raise ValueError("the VAE config must give both latents_mean and latents_std, and not with shift_factor")
-        self.latents_mean = self.latents_std = None
-        if latents_mean is not None:
-            shape = (1, self.latent_channels, 1, 1)
-            self.latents_mean = torch.tensor(latents_mean, dtype=torch.float32).reshape(shape)
-            self.latents_std = torch.tensor(latents_std, dtype=torch.float32).reshape(shape)
+        # buffers (not persistent): they follow the teacher's device, no copy per call
+        shape, unet_device = (1, self.latent_channels, 1, 1), next(unet.parameters()).device
+        for name, values in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+            value = None if values is None else torch.tensor(values, dtype=torch.float32, device=unet_device)
+            self.register_buffer(name, None if value is None else value.reshape(shape), persistent=False)
         self.latent_stride = 2 ** (len(vae.config.block_out_channels) - 1)
         self.unet = unet
         self.scheduler = scheduler
@@ -106,9 +106,7 @@ class LatentDiffusionTeacher(FrozenDiffusionTeacher):
         if posterior_noise is not None:  # as diffusers' DiagonalGaussianDistribution.sample
             latents = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * posterior_noise.to(mean.dtype)
         if self.latents_mean is not None:
-            shift = self.latents_mean.to(latents.device, latents.dtype)
-            scale = self.latents_std.to(latents.device, latents.dtype)
-            return (latents - shift) * self.scaling_factor / scale
+            return ((latents - self.latents_mean) * self.scaling_factor / self.latents_std).to(latents.dtype)
         return (latents - self.shift_factor) * self.scaling_factor
 
     def _encode(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
