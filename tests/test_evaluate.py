@@ -263,9 +263,154 @@ def test_arch_defaults_to_the_files_and_a_different_one_is_refused(tmp_path):
 
 @pytest.mark.parametrize("override,key", [("data.num_classes=21", "data.num_classes"),
                                           ("data.num_classes=0", "data.num_classes"),
+                                          ("data.num_classes=1", "data.num_classes"),
+                                          ("data.image_size=-1", "data.image_size"),
                                           ("data.num_workers=-1", "data.num_workers"),
                                           ("device=cuda", "device")])
 def test_config_ranges_name_the_key(override, key, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         load_eval_config(None, ["backbone=random", override])
+
+
+# ------------------------------------------------------------------------------- review of the eval numerics
+def _knn_float64(train_x, train_y, val_x, val_y, k, t):
+    """Weighted k-NN in float64 with weights relative to the best neighbour (no overflow at any T)."""
+    train_s, val_s = standardise(train_x, val_x)
+    train_s, val_s = F.normalize(train_s.double(), dim=1), F.normalize(val_s.double(), dim=1)
+    sims, idx = (val_s @ train_s.T).topk(k, dim=1)
+    votes = torch.zeros(val_s.shape[0], int(train_y.max()) + 1, dtype=torch.float64)
+    votes.scatter_add_(1, train_y[idx], ((sims - sims[:, :1]) / t).exp())
+    return float((votes.argmax(1) == val_y).double().mean())
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.005, 0.001])
+def test_knn_small_temperature_does_not_overflow(temperature):
+    # exp(sim / T) in float32 overflowed for T < ~0.011: every vote inf, every class tied, the lowest one picked
+    x, y = _blobs(200, 16, 5, 0.6, 0)
+    xv, yv = _blobs(100, 16, 5, 0.6, 1)
+    got = knn_top1(x, y, xv, yv, k=10, temperature=temperature)
+    assert got == pytest.approx(_knn_float64(x, y, xv, yv, 10, temperature), abs=0.011)  # at most one tie apart
+    assert got > 0.4  # chance is 0.2
+
+
+def test_standardise_constant_train_feature_is_zero_everywhere():
+    # a feature constant on train (a dead channel) was divided by eps=1e-6: val deviations became ~1e4
+    train = torch.randn(50, 4)
+    train[:, 2] = 0.25
+    val = torch.randn(7, 4)
+    train_s, val_s = standardise(train, val)
+    assert (train_s[:, 2] == 0).all() and (val_s[:, 2] == 0).all()
+    assert val_s.abs().max() < 100
+
+
+def test_pooled_features_keeps_the_callers_mode():
+    model = load_backbone("resnet18", "random").train()
+    pooled_features(model, torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8))
+    assert model.training
+
+
+def _folder(root, splits):
+    """root/<split>/<class>/<i>.png for {split: {class: count}}, each image a distinct colour."""
+    from PIL import Image
+
+    colour = 0
+    for split, classes in splits.items():
+        for name, count in classes.items():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                colour += 1
+                Image.new("RGB", (12, 12), (colour % 256, colour // 256, 7)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_data_mistakes_are_one_line_errors(tmp_path, capsys):
+    from dtfast.evaluate import main
+
+    args = ["backbone=random", "data.num_workers=0", "probe.knn_k=0", "probe.max_iter=5", "probe.weight_decays=[0.1]"]
+    cases = {
+        "no_val": ({"train": {"a": 4, "b": 4}}, "missing: \\['val'\\]"),
+        "missing_class": ({"train": {"a": 4, "b": 4}, "val": {"a": 2}}, "different classes"),
+        "one_class": ({"train": {"a": 6}, "val": {"a": 2}}, "needs 2 or more classes"),
+    }
+    for name, (layout, message) in cases.items():
+        root = _folder(tmp_path / name, layout)
+        assert main([*args, f"data.root={root}", f"out={tmp_path / name}.json"]) == 2, name
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert __import__("re").search(message, err), (name, err)
+
+
+def test_an_undecodable_image_is_an_error_not_a_substitute(tmp_path, capsys):
+    # the probe used to score the next file (perhaps of another class) in its place
+    from dtfast.evaluate import main
+
+    root = _folder(tmp_path / "d", {"train": {"a": 4, "b": 4}, "val": {"a": 2, "b": 2}})
+    (root / "val" / "a" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    for workers in (0, 1):
+        assert main(["backbone=random", f"data.root={root}", f"data.num_workers={workers}", "probe.knn_k=0",
+                     "probe.max_iter=5", f"out={tmp_path / 'e.json'}"]) == 2
+        err = capsys.readouterr().err
+        assert "cannot decode" in err and "1.png" in err and "does not skip" in err and "Traceback" not in err, err
+
+
+def test_val_images_identical_to_train_ones_are_counted(tmp_path):
+    from dtfast.eval.runner import count_shared_images, load_probe_data
+
+    train = torch.randint(0, 255, (5, 3, 4, 4), dtype=torch.uint8)
+    val = torch.cat([train[[1, 3]], torch.randint(0, 255, (3, 3, 4, 4), dtype=torch.uint8)])
+    assert count_shared_images(train, val) == 2
+    root = _folder(tmp_path / "d", {"train": {"a": 3, "b": 3}, "val": {}})
+    import shutil
+
+    shutil.copytree(root / "train", root / "val")  # val is a copy of train
+    cfg = load_eval_config(None, [f"data.root={root}", "data.num_workers=0"])
+    with pytest.warns(UserWarning, match="6 val image.*pixel-identical to train"):
+        data = load_probe_data(cfg)
+    assert data.shared_images == 6
+
+
+def test_rerun_with_other_data_does_not_replace_the_results(tmp_path):
+    from dtfast.evaluate import main
+
+    out = tmp_path / "e.json"
+    assert main(["backbone=random", f"out={out}", *_SMALL]) == 0
+    first = json.loads(out.read_text())
+    assert main(["backbone=random", f"out={out}", *_SMALL]) == 0  # the same settings: a rerun replaces it
+    assert main(["backbone=random", f"out={out}", *_SMALL, "data.seed=1"]) == 2
+    assert json.loads(out.read_text())["config"] == first["config"]
+    with pytest.raises(ConfigError, match="other settings.*data.seed: 0 -> 1.*overwrite=true"):
+        load_eval_config(None, ["backbone=random", f"out={out}", *_SMALL, "data.seed=1"])
+    assert main(["backbone=random", f"out={out}", *_SMALL, "data.seed=1", "overwrite=true"]) == 0
+    assert json.loads(out.read_text())["config"]["data"]["seed"] == 1
+
+
+def test_image_size_defaults_to_the_exported_training_resolution(tmp_path):
+    from safetensors.torch import save_file
+
+    model = load_backbone("resnet18", "random")
+    path = str(tmp_path / "b.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path,
+              metadata={"arch": "resnet18", "step": "5", "image_size": "48"})
+    assert load_eval_config(None, [f"backbone={path}"]).data.image_size == 48
+    with pytest.warns(UserWarning, match="trained at 48px.*evaluated at data.image_size=32px"):
+        assert load_eval_config(None, [f"backbone={path}", "data.image_size=32"]).data.image_size == 32
+    assert load_eval_config(None, ["backbone=random"]).data.image_size == 32
+
+
+def test_nan_weights_and_archs_without_a_stride_32_map_fail_before_the_data(tmp_path, capsys, monkeypatch):
+    from dtfast.eval import runner
+    from dtfast.evaluate import main
+
+    def no_data(cfg):
+        raise AssertionError("the data was decoded before the backbone was checked")
+
+    monkeypatch.setattr(runner, "load_probe_data", no_data)
+    state = load_backbone("resnet18", "random").state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    path = _save_backbone(state, tmp_path / "nan.safetensors", arch="resnet18")
+    assert main([f"backbone={path}", *_SMALL]) == 2
+    assert "NaN or inf" in capsys.readouterr().err
+    assert main(["backbone=random", "arch=vit_tiny_patch16_224", *_SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "no feature map at stride" in err and "Traceback" not in err

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["data.image_size=32", "data.num_images=64", "data.num_workers=0", "student.width=32",
@@ -136,6 +137,11 @@ def test_export_only_writes_a_checkpoints_backbone(tmp_path, capsys):
     assert step6.keys() == final.keys() == step3.keys()
     assert all(torch.equal(step6[k], final[k]) for k in final)
     assert not torch.equal(step3["conv1.weight"], final["conv1.weight"])
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(out, "backbone_step_3.safetensors"), framework="pt") as fh:
+        image_size = yaml.safe_load(files["config.yaml"])["data"]["image_size"]
+        assert fh.metadata()["image_size"] == str(image_size)  # dtfast.evaluate's default resolution
     # the run itself is left as it was
     assert {name: open(os.path.join(out, name), "rb").read() for name in files} == files
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == checkpoints

@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 from dtfast.train.config import ConfigError, _f, build_config, get_key, help_text, to_dict
 
-__all__ = ["ConfigError", "EvalConfig", "check_out", "default_out_name", "help_text", "load_eval_config", "out_path",
-           "resolve_arch", "to_dict", "validate"]
+__all__ = ["ConfigError", "EvalConfig", "backbone_metadata", "check_out", "default_out_name", "help_text",
+           "load_eval_config", "out_path", "resolve_arch", "resolve_image_size", "to_dict", "validate"]
 
 MAX_PROCEDURAL_CLASSES = 20  # dtfast.data.procedural's limit (checked there too)
 DEFAULT_ARCH = "resnet18"
+DEFAULT_IMAGE_SIZE = 32  # the embedded data's resolution
 
 
 @dataclass
 class EvalDataConfig:
     root: str = _f("", "labelled folder with root/train/<class>/<image> and root/val/<class>/<image>; "
                        "empty = the embedded procedural set's train and val splits")
-    image_size: int = _f(32, "images are resized (shorter side) and centre-cropped to this size; no augmentation")
+    image_size: int = _f(0, "images are resized (shorter side) and centre-cropped to this size, no augmentation; "
+                            "0 = the training resolution the backbone file records (dtfast.pretrain's export), "
+                            f"else {DEFAULT_IMAGE_SIZE}")
     num_train: int = _f(5000, "procedural set only: images in the train split")
     num_val: int = _f(2000, "procedural set only: images in the val split")
-    num_classes: int = _f(10, f"procedural set only: number of classes (1..{MAX_PROCEDURAL_CLASSES})")
+    num_classes: int = _f(10, f"procedural set only: number of classes (2..{MAX_PROCEDURAL_CLASSES})")
     seed: int = _f(0, "procedural set only: content seed of both splits")
     num_workers: int = _f(1, "data-loader workers for decoding / rendering (0 = in the main process)")
 
@@ -51,6 +55,8 @@ class EvalConfig:
                       "name into; empty = <backbone stem>.eval.json next to the backbone file (backbone_step_10"
                       ".safetensors -> backbone_step_10.eval.json), or random-<arch>-seed<seed>.eval.json / "
                       "timm-<arch>.eval.json in the current folder")
+    overwrite: bool = _f(False, "replace a results file that an evaluation with other data or probe settings "
+                                "wrote (a rerun with the same settings always replaces it)")
     device: str = _f("auto", "auto (cuda when available) | cpu | cuda")
     batch_size: int = _f(250, "feature-extraction batch size")
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
@@ -60,7 +66,21 @@ class EvalConfig:
 _CHOICES = {"device": ("auto", "cpu", "cuda"), "probe.features": ("last", "all")}
 
 
-def resolve_arch(cfg: EvalConfig) -> str:
+def backbone_metadata(cfg: EvalConfig) -> dict[str, str]:
+    """The safetensors metadata of ``cfg.backbone`` ({} for random/timm); ConfigError for a file that cannot be
+    evaluated (not safetensors, or a training checkpoint)."""
+    if cfg.backbone in ("random", "timm"):
+        return {}
+    from dtfast.eval.features import BackboneError, backbone_file_info
+
+    try:
+        metadata, _ = backbone_file_info(cfg.backbone)
+    except (BackboneError, FileNotFoundError) as exc:
+        raise ConfigError(f"config key 'backbone': {exc}") from exc
+    return metadata
+
+
+def resolve_arch(cfg: EvalConfig, metadata: dict[str, str] | None = None) -> str:
     """``cfg.arch``, or when empty the arch the backbone file records (dtfast.pretrain's export), else resnet18.
 
     Raises ConfigError when a set ``arch`` differs from the file's, and for a file that cannot be evaluated (not
@@ -68,17 +88,28 @@ def resolve_arch(cfg: EvalConfig) -> str:
     """
     if cfg.backbone in ("random", "timm"):
         return cfg.arch or DEFAULT_ARCH
-    from dtfast.eval.features import BackboneError, backbone_file_info, check_arch
+    from dtfast.eval.features import BackboneError, check_arch
 
-    try:
-        metadata, _ = backbone_file_info(cfg.backbone)
-    except (BackboneError, FileNotFoundError) as exc:
-        raise ConfigError(f"config key 'backbone': {exc}") from exc
+    metadata = backbone_metadata(cfg) if metadata is None else metadata
     try:
         check_arch(cfg.backbone, cfg.arch, metadata)
     except BackboneError as exc:
         raise ConfigError(f"config key 'arch': {exc}") from exc
     return cfg.arch or metadata.get("arch") or DEFAULT_ARCH
+
+
+def resolve_image_size(cfg: EvalConfig, metadata: dict[str, str]) -> int:
+    """``data.image_size``, or when 0 the training resolution the backbone file records, else 32; warns when a set
+    size differs from the recorded one (features at another resolution than the distillation's)."""
+    recorded = metadata.get("image_size", "")
+    trained = int(recorded) if recorded.isdigit() and int(recorded) > 0 else 0
+    if cfg.data.image_size == 0:
+        return trained or DEFAULT_IMAGE_SIZE
+    if trained and cfg.data.image_size != trained:
+        warnings.warn(f"dtfast.evaluate: {cfg.backbone} was trained at {trained}px (its metadata), evaluated at "
+                      f"data.image_size={cfg.data.image_size}px; leave data.image_size unset (0) to use {trained}",
+                      stacklevel=2)
+    return cfg.data.image_size
 
 
 def default_out_name(cfg: EvalConfig) -> str:
@@ -121,6 +152,30 @@ def check_out(cfg: EvalConfig) -> None:
         raise ConfigError(f"{where}: cannot write {path}, {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{where}: cannot write {path}, {parent} is not writable")
+    if os.path.isfile(path) and not cfg.overwrite:
+        changed = _changed_settings(path, cfg)
+        if changed:
+            raise ConfigError(f"{where}: {path} holds the results of an evaluation with other settings ("
+                              f"{'; '.join(changed)}); pass out=<another file> to keep both, or overwrite=true")
+
+
+def _changed_settings(path: str, cfg: EvalConfig) -> list[str]:
+    """The data/probe keys whose value in the results file at ``path`` differs from ``cfg``'s (or why it cannot
+    be compared); [] for a rerun with the same settings."""
+    import json
+
+    try:
+        with open(path) as fh:
+            recorded = json.load(fh)["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"not a dtfast.evaluate results file: {type(exc).__name__}"]
+    now = to_dict(cfg)
+    changed = []
+    for section in ("data", "probe"):
+        old, new = recorded.get(section) or {}, now[section]
+        changed += [f"{section}.{key}: {old.get(key)!r} -> {value!r}" for key, value in new.items()
+                    if key != "num_workers" and old.get(key) != value]
+    return changed
 
 
 def validate(cfg: EvalConfig) -> None:
@@ -128,12 +183,14 @@ def validate(cfg: EvalConfig) -> None:
     for key, choices in _CHOICES.items():
         if get_key(cfg, key) not in choices:
             raise ConfigError(f"config key '{key}' = {get_key(cfg, key)!r}; expected one of {', '.join(choices)}")
-    for key in ("data.image_size", "data.num_train", "data.num_val", "batch_size", "probe.max_iter"):
+    if cfg.data.image_size < 0:
+        raise ConfigError(f"config key 'data.image_size' must be >= 0 (0 = the backbone's), got {cfg.data.image_size}")
+    for key in ("data.num_train", "data.num_val", "batch_size", "probe.max_iter"):
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)}")
-    if not 1 <= cfg.data.num_classes <= MAX_PROCEDURAL_CLASSES:
-        raise ConfigError(f"config key 'data.num_classes' must be in 1..{MAX_PROCEDURAL_CLASSES}, "
-                          f"got {cfg.data.num_classes}")
+    if not 2 <= cfg.data.num_classes <= MAX_PROCEDURAL_CLASSES:
+        raise ConfigError(f"config key 'data.num_classes' must be in 2..{MAX_PROCEDURAL_CLASSES} (with one class "
+                          f"every prediction is right), got {cfg.data.num_classes}")
     for key in ("data.num_workers", "probe.knn_k"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {get_key(cfg, key)}")
@@ -157,7 +214,9 @@ def validate(cfg: EvalConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("config key 'device' = 'cuda', but no CUDA device is available; use device=cpu "
                               "or device=auto")
-    cfg.arch = resolve_arch(cfg)
+    metadata = backbone_metadata(cfg)
+    cfg.arch = resolve_arch(cfg, metadata)
+    cfg.data.image_size = resolve_image_size(cfg, metadata)
     if cfg.out:  # the default path is checked by evaluate() when it is to write it (not by library users)
         check_out(cfg)
 

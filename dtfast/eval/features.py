@@ -83,7 +83,12 @@ def load_backbone(arch: str, weights: str = "random", seed: int = 0) -> nn.Modul
                 raise BackboneError(f"backbone weights {weights!r} do not fit timm {arch!r} (num_classes=0): "
                                     f"{key} has shape {list(shape)} in the file, {list(expected[key].shape)} in "
                                     f"the model; {hint}")
-        missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+        state = load_file(weights)
+        broken = [key for key, value in state.items() if value.is_floating_point() and not value.isfinite().all()]
+        if broken:
+            raise BackboneError(f"backbone weights {weights!r}: {len(broken)} tensor(s) hold NaN or inf, e.g. "
+                                f"{broken[:5]}; the run that wrote them diverged")
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise BackboneError(f"backbone weights {weights!r} do not fit timm {arch!r} (num_classes=0): missing "
                                 f"{missing[:5]}, unexpected {unexpected[:5]}; {hint}")
@@ -115,13 +120,17 @@ def pooled_features(model: nn.Module, images: torch.Tensor, which: str = "last",
     config = timm.data.resolve_model_data_config(model)
     mean = torch.tensor(config["mean"], device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(config["std"], device=device).view(1, 3, 1, 1) * 255.0
+    was_training = model.training
     model = model.to(device).eval()
     indices = stage_indices(model, which)
     out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = (images[start:start + batch_size].to(device).float() - mean) / std
-        maps = model.forward_intermediates(x, indices=indices, intermediates_only=True)
-        out.append(torch.cat([m.float().mean(dim=(2, 3)) for m in maps], dim=1).cpu())
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            x = (images[start:start + batch_size].to(device).float() - mean) / std
+            maps = model.forward_intermediates(x, indices=indices, intermediates_only=True)
+            out.append(torch.cat([m.float().mean(dim=(2, 3)) for m in maps], dim=1).cpu())
+    finally:
+        model.train(was_training)  # a caller monitoring training gets its model back in the mode it gave
     return torch.cat(out)
 
 
@@ -138,12 +147,15 @@ def probe_datasets(root: str, image_size: int, num_train: int = 5000, num_val: i
     if missing:
         raise FileNotFoundError(f"evaluation data {root!r} needs {root}/train/<class>/ and {root}/val/<class>/; "
                                 f"missing: {missing}")
-    train = ImageFolder(root, image_size, split="train", train=False)
-    val = ImageFolder(root, image_size, split="val", train=False)
+    # strict: an undecodable file is an error naming it; training's skip-and-take-the-next would score a duplicate
+    # of another image, perhaps under another class's label
+    train = ImageFolder(root, image_size, split="train", train=False, strict=True)
+    val = ImageFolder(root, image_size, split="val", train=False, strict=True)
     if train.classes != val.classes:
         raise ValueError(f"{root}: train and val have different classes ({train.classes[:5]} vs {val.classes[:5]})")
-    if not train.classes:
-        raise ValueError(f"{root}/train has no class folders: a linear probe needs labels")
+    if len(train.classes) < 2:
+        raise ValueError(f"{root}/train has {len(train.classes)} class folder(s) ({train.classes}): a probe needs "
+                         "2 or more classes (with one, every prediction is right)")
     return train, val
 
 

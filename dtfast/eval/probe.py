@@ -18,14 +18,16 @@ __all__ = ["accuracy", "fit_logistic", "holdout_split_sizes", "knn_top1", "linea
 def standardise(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) -> list[torch.Tensor]:
     """Subtract the train mean and divide by the train std, per feature (statistics in float64, result float32).
 
-    The std is the unbiased one, except for a single train row (where that is NaN): 0 there, so the feature is 0.
-    Features with a std below ``eps`` are divided by ``eps``.
+    The std is the unbiased one. A feature whose train std is below ``eps`` (constant on train: a dead channel, or a
+    single train row) is 0 in every split: dividing by ``eps`` would blow up the other splits' deviations from the
+    train constant (1e4 and more) and swamp every other feature in a cosine similarity.
     """
     if train.shape[0] == 0:
         raise ValueError("standardise: no train rows to take the mean and std of")
     train64 = train.double()
     std = train64.std(0, keepdim=True, correction=1 if train.shape[0] > 1 else 0)
-    mean, std = train64.mean(0, keepdim=True), std.nan_to_num(nan=0.0).clamp_min(eps)
+    std = std.nan_to_num(nan=0.0)
+    mean, std = train64.mean(0, keepdim=True), torch.where(std < eps, torch.inf, std)
     return [((t.double() - mean) / std).float() for t in (train, *others)]
 
 
@@ -103,7 +105,11 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
 
 def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, k: int = 20,
              temperature: float = 0.07, chunk: int = 1024) -> float:
-    """Weighted k-NN (DINO's): cosine similarity of standardised features, vote weight exp(sim / T)."""
+    """Weighted k-NN (DINO's): cosine similarity of standardised features, vote weight exp(sim / T).
+
+    The weights are taken relative to each row's nearest neighbour, exp((sim - sim_max) / T): the same vote, and no
+    overflow to inf (which made every class tie) for small T.
+    """
     train_s, val_s = (F.normalize(t, dim=1) for t in standardise(train_x, val_x))
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     k = min(k, train_s.shape[0])
@@ -111,6 +117,6 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, 
     for start in range(0, val_s.shape[0], chunk):
         sims, idx = (val_s[start:start + chunk] @ train_s.T).topk(k, dim=1)
         votes = torch.zeros(idx.shape[0], num_classes, dtype=sims.dtype)
-        votes.scatter_add_(1, train_y[idx], (sims / temperature).exp())
+        votes.scatter_add_(1, train_y[idx], ((sims - sims[:, :1]) / temperature).exp())
         correct += int((votes.argmax(1) == val_y[start:start + chunk]).sum())
     return correct / val_s.shape[0]

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dtfast.eval.config import EvalConfig, check_out, out_path, to_dict, validate
-from dtfast.eval.features import load_backbone, load_images, pooled_features, probe_datasets
+from dtfast.data.folder import DecodeError
+from dtfast.eval.config import ConfigError, EvalConfig, check_out, out_path, to_dict, validate
+from dtfast.eval.features import (BackboneError, load_backbone, load_images, pooled_features, probe_datasets,
+                                  stage_indices)
 from dtfast.eval.probe import knn_top1, linear_probe, min_train_images
 
-__all__ = ["ProbeData", "ProbeDataError", "default_out", "evaluate", "evaluate_model", "load_probe_data",
-           "resolve_device"]
+__all__ = ["ProbeData", "ProbeDataError", "count_shared_images", "default_out", "evaluate", "evaluate_model",
+           "load_probe_data", "resolve_device"]
 
 
 class ProbeDataError(ValueError):
-    """Labelled data the probe cannot use (too few images); the message names the folder and the count."""
+    """Labelled data the probe cannot use (missing folders, too few images or classes, an undecodable file); the
+    message names the folder or file."""
 
 
 @dataclass
@@ -31,6 +37,7 @@ class ProbeData:
     val_images: torch.Tensor
     val_labels: torch.Tensor
     description: str
+    shared_images: int = 0  # val images byte-identical to a train image (count_shared_images)
 
     @property
     def num_classes(self) -> int:
@@ -49,7 +56,10 @@ def _split_name(root: str, split: str) -> str:
 
 def load_probe_data(cfg: EvalConfig) -> ProbeData:
     d = cfg.data
-    train, val = probe_datasets(d.root, d.image_size, d.num_train, d.num_val, d.num_classes, d.seed)
+    try:
+        train, val = probe_datasets(d.root, d.image_size, d.num_train, d.num_val, d.num_classes, d.seed)
+    except (ValueError, FileNotFoundError) as exc:  # missing split or class folders, no images, ...
+        raise ProbeDataError(str(exc)) from exc
     needed = min_train_images(cfg.probe.holdout)
     if len(train) < needed:  # checked before decoding anything
         images = "1 image" if len(train) == 1 else f"{len(train)} images"
@@ -58,10 +68,27 @@ def load_probe_data(cfg: EvalConfig) -> ProbeData:
                              "strength, and 2 or more are fitted)")
     if len(val) == 0:
         raise ProbeDataError(f"{_split_name(d.root, 'val')} has no images; the probe is scored on them")
-    train_images, train_labels = load_images(train, d.num_workers)
-    val_images, val_labels = load_images(val, d.num_workers)
+    try:
+        train_images, train_labels = load_images(train, d.num_workers)
+        val_images, val_labels = load_images(val, d.num_workers)
+    except DecodeError as exc:  # from a worker, the message holds its traceback: keep the line naming the file
+        found = re.search(r"data: cannot decode [\"'].*?(?= \(data\.strict|$)", str(exc), flags=re.MULTILINE)
+        raise ProbeDataError(f"{found.group(0) if found else exc}; dtfast.evaluate does not skip undecodable files "
+                             "(another image would be scored in its place): fix or remove it") from exc
     what = d.root or f"procedural(seed={d.seed}, classes={d.num_classes})"
-    return ProbeData(train_images, train_labels, val_images, val_labels, f"{what} at {d.image_size}px")
+    data = ProbeData(train_images, train_labels, val_images, val_labels, f"{what} at {d.image_size}px")
+    data.shared_images = count_shared_images(train_images, val_images)
+    if data.shared_images:
+        warnings.warn(f"dtfast.evaluate: {data.shared_images} val image(s) of {_split_name(d.root, 'val')} are "
+                      f"pixel-identical to train images (after the {d.image_size}px centre crop): the val score "
+                      "overstates generalisation", stacklevel=2)
+    return data
+
+
+def count_shared_images(train: torch.Tensor, val: torch.Tensor) -> int:
+    """How many val images (uint8, N x 3 x S x S) are byte-identical to some train image."""
+    seen = {hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in train}
+    return sum(hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() in seen for image in val)
 
 
 def evaluate_model(model: nn.Module, data: ProbeData, cfg: EvalConfig) -> dict:
@@ -72,7 +99,8 @@ def evaluate_model(model: nn.Module, data: ProbeData, cfg: EvalConfig) -> dict:
     val_x = pooled_features(model, data.val_images, cfg.probe.features, cfg.batch_size, device)
     extracted = time.perf_counter()
     if not (torch.isfinite(train_x).all() and torch.isfinite(val_x).all()):
-        raise FloatingPointError("backbone features are not finite; the weights are broken")
+        raise BackboneError("backbone features are not finite (the weights are finite): the model overflows on "
+                            "these images")
     p = cfg.probe
     result = linear_probe(train_x, data.train_labels, val_x, data.val_labels, p.weight_decays, p.holdout,
                           p.max_iter, p.seed)
@@ -82,6 +110,7 @@ def evaluate_model(model: nn.Module, data: ProbeData, cfg: EvalConfig) -> dict:
                                       p.knn_temperature)
     result.update({"feature_dim": int(train_x.shape[1]), "num_train": int(train_x.shape[0]),
                    "num_val": int(val_x.shape[0]), "num_classes": data.num_classes, "data": data.description,
+                   "val_images_in_train": data.shared_images,
                    "extract_s": extracted - start, "probe_s": time.perf_counter() - extracted})
     return result
 
@@ -101,6 +130,11 @@ def evaluate(cfg: EvalConfig, data: ProbeData | None = None, write: bool = True)
     if write:
         check_out(cfg)
     model = load_backbone(cfg.arch, cfg.backbone, cfg.seed)
+    try:
+        stage_indices(model, cfg.probe.features)  # before decoding the data
+    except ValueError as exc:
+        raise ConfigError(f"config key 'arch' = {cfg.arch!r}: {exc}; the probe pools the stride-32 map "
+                          "(and the stride 4-16 ones for probe.features=all)") from exc
     data = data or load_probe_data(cfg)
     result = {"backbone": cfg.backbone, "arch": cfg.arch, **evaluate_model(model, data, cfg), "config": to_dict(cfg)}
     knn = f", k-NN (k={cfg.probe.knn_k}) top-1 {100 * result['knn_top1']:.2f}%" if "knn_top1" in result else ""

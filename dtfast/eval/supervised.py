@@ -74,7 +74,9 @@ def train_supervised(arch: str, dataset: Dataset, num_classes: int, out: str, *,
             window_loss, window_correct, window_n = 0.0, 0, 0
     model.reset_classifier(0)
     path = os.path.join(out, "backbone.safetensors")
-    save_safetensors_atomic(model.state_dict(), path, metadata={"arch": arch, "step": str(step),
-                                                                "kind": "supervised"})
+    metadata = {"arch": arch, "step": str(step), "kind": "supervised"}
+    if getattr(dataset, "image_size", None):
+        metadata["image_size"] = str(int(dataset.image_size))
+    save_safetensors_atomic(model.state_dict(), path, metadata=metadata)
     atomic_write_text(os.path.join(out, "done.json"), json.dumps({"steps": step, "seed": seed}) + "\n")
     return path

@@ -395,7 +395,8 @@ class Trainer(RunLifecycle):
         state = self.engine.backbone_state_dict()  # collective under ZeRO-3: gathers the shards on every rank
         if self.dist.is_main:
             ckpt.save_safetensors_atomic(state, path,
-                                         metadata={"arch": self.cfg.student.arch, "step": str(self.step)})
+                                         metadata={"arch": self.cfg.student.arch, "step": str(self.step),
+                                                   "image_size": str(self.cfg.data.image_size)})
             self._print(f"backbone weights ({self.cfg.student.arch}, timm naming): {os.path.abspath(path)}")
             self._print(f"load with timm.create_model('{self.cfg.student.arch}', num_classes=0).load_state_dict("
                         f"safetensors.torch.load_file('{os.path.abspath(path)}'), strict=True); the trained part is "
