@@ -67,7 +67,8 @@ PyObject* with_cuda(PyObject*, PyObject*) {
 
 PyMethodDef kMethods[] = {
     {"cpu_isas", cpu_isas, METH_NOARGS, "CPU instruction sets of the kernels that this CPU can run, widest first."},
-    {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU instruction set the ops use now (DTFAST_CPU_ISA overrides)."},
+    {"cpu_isa", cpu_isa, METH_NOARGS,
+     "The CPU instruction set the ops use now (capped at ATEN_CPU_CAPABILITY; DTFAST_CPU_ISA overrides)."},
     {"release_cpu_grad_buffers", release_cpu_grad_buffers, METH_NOARGS,
      "Free the CPU gradient buffers kept for reuse by dreamteacher_loss_bwd (those not in use)."},
     {"with_cuda", with_cuda, METH_NOARGS, "Whether the extension was built with its CUDA kernels."},

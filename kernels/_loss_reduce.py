@@ -76,7 +76,7 @@ def _fwd_sample_kernel(meta_ptr, pix_ptr, part_ptr, samp_ptr, num_levels,
             ms += dsm * n_c / n_new
             n = n_new
         rstd = 1.0 / tl.sqrt(m2 / n + EPS)
-        mse_b = sss - 2.0 * rstd * co + rstd * rstd * m2
+        mse_b = tl.maximum(sss - 2.0 * rstd * co + rstd * rstd * m2, 0.0)  # cancels in fp32: never < 0
 
     plane = B * HW
     pix = pix_ptr + tl.load(row + 8) + b * HW

@@ -264,7 +264,7 @@ def _fwd_main_kernel(s_ptr, g_ptr, meta_ptr, pix_ptr, part_ptr, num_levels, grou
     if WHITEN == 0:
         # sum_c (s - (g - mu) r)^2 = S_ss - 2 r C_sg + r^2 M2_g
         rstd = 1.0 / tl.sqrt(m2_g / Cf + EPS)
-        sq_err = ss_s - 2.0 * rstd * co_sg + rstd * rstd * m2_g
+        sq_err = tl.maximum(ss_s - 2.0 * rstd * co_sg + rstd * rstd * m2_g, 0.0)  # cancels in fp32: never < 0
         tl.store(pix + 2 * plane, mean_g, mask=pmask)
         tl.store(pix + 3 * plane, rstd, mask=pmask)
         tl.store(part, tl.sum(tl.where(pmask, sq_err, 0.0), axis=0))

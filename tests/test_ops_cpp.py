@@ -304,3 +304,19 @@ def test_gradient_buffers_are_reused_only_when_free(monkeypatch):
     monkeypatch.setenv("DTFAST_CPU_GRAD_CACHE", "0")
     assert torch.equal(grad(), expected)
     native.release_cpu_grad_buffers()
+
+
+@pytest.mark.parametrize("aten,expected", [("default", "default"), ("avx2", "avx2")])
+def test_aten_cpu_capability_caps_the_automatic_choice(aten, expected):
+    # ATEN_CPU_CAPABILITY limited torch's kernels but not dtfast's: the CPU kernel still ran AVX-512
+    import subprocess
+    import sys
+
+    if expected not in native.cpu_isas():
+        pytest.skip(f"this CPU cannot run {expected}")
+    env = {k: v for k, v in os.environ.items() if k != "DTFAST_CPU_ISA"}
+    env["ATEN_CPU_CAPABILITY"] = aten
+    code = "import torch, dtfast._C as n; print(torch.backends.cpu.get_cpu_capability(), n.cpu_isa())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [aten.upper(), expected]

@@ -362,3 +362,16 @@ def test_generators_of_maps_are_accepted_and_whiten_checks_rank():
 
     with pytest.raises(ValueError, match=r"whiten expects a \(B, C, H, W\) tensor, got shape \(3, 4, 4\)"):
         whiten(torch.randn(3, 4, 4), "sample")
+
+
+@pytest.mark.parametrize("backend", cpu_fused_params())
+@pytest.mark.parametrize("whiten", ["channel", "sample"])
+def test_mse_is_never_negative_at_a_perfect_fit(backend, whiten):
+    # the fused mse expands sum (s - w)^2 into moments that cancel in fp32: Triton reported -1e-7 at a perfect
+    # fit (student = whitened teacher) where the C++/CUDA kernels clamp at 0
+    from dtfast.ops.reference import whiten as whiten_ref
+
+    _, teacher = make_levels("cpu", seed=5, shapes=[(4, 64, 9, 9), (4, 128, 5, 5)])
+    student = [whiten_ref(g.double(), whiten).float() for g in teacher]
+    mse = dreamteacher_loss(student, teacher, whiten=whiten, backend=backend, return_parts=True)["mse"]
+    assert (mse >= 0).all() and mse.max() < 1e-5, mse

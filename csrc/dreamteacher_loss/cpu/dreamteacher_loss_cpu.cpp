@@ -1,7 +1,9 @@
 // CPU implementation of dtfast::dreamteacher_loss_fwd / _bwd: torch glue around the per-instruction-set
-// kernels of kernel_impl.h. The widest instruction set the CPU supports is used; DTFAST_CPU_ISA=default|avx2|
-// avx512 forces one (tests run every variant this machine supports).
+// kernels of kernel_impl.h. The widest instruction set the CPU supports is used, capped at ATen's own choice (so
+// ATEN_CPU_CAPABILITY=default|avx2 limits dtfast as it limits torch); DTFAST_CPU_ISA=default|avx2|avx512 forces
+// one (tests run every variant this machine supports).
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -45,8 +47,14 @@ Isa select_isa() {
     }
     TORCH_CHECK(false, "DTFAST_CPU_ISA=", requested, ": expected one of default, avx2, avx512");
   }
+  // ATen's capability (ATEN_CPU_CAPABILITY, else the CPU's; fixed at start-up): 2 AVX512, 1 AVX2, 0 anything
+  // else; kIsas[i] needs 2 - i
+  static const int aten = [] {
+    const std::string name = at::get_cpu_capability();
+    return name.find("AVX512") != std::string::npos ? 2 : name.find("AVX2") != std::string::npos ? 1 : 0;
+  }();
   for (int i = 0; i < 3; ++i) {
-    if (kAvailable[i]) return kIsas[i];
+    if (kAvailable[i] && aten >= 2 - i) return kIsas[i];
   }
   return kIsas[2];
 }
