@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dtfast.pretrain: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from dtfast.distributed.checkpoint import ResumeRefused
+    from dtfast.distributed.checkpoint import CheckpointError, ResumeRefused
+    from dtfast.train.lifecycle import RunLocked
     from dtfast.train.trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             trainer.export_checkpoint()
         else:
             trainer.train()
-    except (FileNotFoundError, ResumeRefused) as exc:  # no checkpoint where one is named, or one of another run
+    # no checkpoint where one is named, one of another run, a damaged or unwritable one, another job in this out
+    except (FileNotFoundError, ResumeRefused, CheckpointError, RunLocked) as exc:
         print(f"dtfast.pretrain: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -38,14 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from dtfast.teacher_training.trainer import TeacherTrainer
+    from dtfast.train.lifecycle import RunLocked
 
     trainer = None
     try:
         trainer = TeacherTrainer(cfg)
         trainer.train()
-    except (ConfigError, FileNotFoundError) as exc:
-        # too few images for a batch, a refused resume (another model or size than the checkpoint's; the run's
-        # files are left as they were), train.resume=<missing folder>
+    except (ConfigError, FileNotFoundError, RunLocked) as exc:
+        # another job in this out folder, too few images for a batch, a refused resume (another model or size
+        # than the checkpoint's; the run's files are left as they were), train.resume=<missing folder>
         print(f"dtfast.train_teacher: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -7,22 +7,26 @@ folder). The commit protocol, the same for both engines:
    - engine=deepspeed: DeepSpeed's own ``save_checkpoint(tag=".tmp_step_<N>")`` (model states, and the ZeRO optimizer
      partition of each rank); engine=ddp: rank 0 writes ``model.safetensors`` and ``optimizer.pt``;
    - ``rank_<r>.pt``: that rank's RNG states (torch, CUDA, numpy, python), tensors and plain values only;
-   - rank 0 last: ``meta.json`` (step, config, world size, engine);
-2. barrier: all parts are on disk;
+2. barrier: all parts are on disk; rank 0 writes ``meta.json`` (step, config, world size, engine, and the size of
+   every file of the folder: a truncated copy is found before loading);
 3. rank 0 flushes every file of the folder to disk (fsync), renames it to ``step_<N>`` (atomic on one
    filesystem), then replaces ``latest`` atomically (write + fsync + rename), then prunes to the newest
-   ``keep_last`` folders.
+   ``keep_last`` folders. Saving a step that exists already (a damaged one being replaced) moves the old folder to
+   ``.tmp_replaced_step_<N>`` first; ``read_latest`` takes that one while ``step_<N>`` is missing.
+A rank whose write fails removes what it wrote and raises ``CheckpointError`` naming the folder and the free space.
 
 ``out`` must be one folder that every rank sees (on several nodes: a shared filesystem); the trainer checks that at
 start-up (``dtfast.train.distributed.check_shared_folder``).
 
-A crash at any moment leaves ``latest`` naming a complete folder; leftovers ``.tmp_*`` are removed by the next save.
+A crash at any moment leaves ``latest`` naming a complete folder (or its ``.tmp_replaced_`` copy); leftovers
+``.tmp_*`` are removed by the next save and at start-up (``remove_leftovers``).
 Loading reads safetensors, ``torch.load(weights_only=True)`` and, for DeepSpeed, DeepSpeed's loader with the safe
 checkpoint engine of ``dtfast.distributed.safe_load``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -85,6 +89,31 @@ def _commit(root: str, tmp: str, final: str, step: int, keep_last: int) -> None:
     ckpt._prune(root, keep_last)
 
 
+class CheckpointError(OSError):
+    """A checkpoint that cannot be written or read (disk full, damaged or truncated files); names the folder."""
+
+
+def _write_failed(tmp: str, exc: BaseException) -> CheckpointError:
+    """Remove a failed write's folder (it would fill the disk and block restarts) and say why, with the free space."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(tmp)).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    return CheckpointError(f"checkpoint {tmp}: writing failed ({type(exc).__name__}: {str(exc)[:300]}; {free}); the "
+                           "previous checkpoint is kept")
+
+
+def _manifest(folder: str) -> dict[str, int]:
+    """{relative path: size in bytes} of every file under ``folder``."""
+    files = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            files[os.path.relpath(path, folder)] = os.path.getsize(path)
+    return files
+
+
 def save(engine, out: str, step: int, meta: dict[str, Any], dist_info, keep_last: int) -> str:
     """Write ``<out>/checkpoints/step_<step>`` through ``engine`` (collective: every rank calls it)."""
     root = ckpt.checkpoint_dir(out)
@@ -94,26 +123,55 @@ def save(engine, out: str, step: int, meta: dict[str, Any], dist_info, keep_last
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a write of this step killed midway
     _barrier(dist_info.world_size)
-    os.makedirs(tmp, exist_ok=True)
-    if engine.name == "deepspeed":
-        engine.engine.save_checkpoint(root, tag=tag, client_state={"dtfast_step": step}, save_latest=False)
-    elif dist_info.is_main:
-        ckpt.save_safetensors_atomic(engine.model_state_dict(), os.path.join(tmp, "model.safetensors"))
-        torch.save(engine.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(rng_state(dist_info.device), os.path.join(tmp, f"rank_{dist_info.rank}.pt"))
-    if dist_info.is_main:
-        record = {"step": step, "engine": engine.name, "world_size": dist_info.world_size,
-                  "zero_stage": getattr(engine, "zero_stage", None), **meta}
-        with open(os.path.join(tmp, META), "w") as fh:
-            json.dump(record, fh, indent=2, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        if engine.name == "deepspeed":
+            engine.engine.save_checkpoint(root, tag=tag, client_state={"dtfast_step": step}, save_latest=False)
+        elif dist_info.is_main:
+            ckpt.save_safetensors_atomic(engine.model_state_dict(), os.path.join(tmp, "model.safetensors"))
+            torch.save(engine.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(rng_state(dist_info.device), os.path.join(tmp, f"rank_{dist_info.rank}.pt"))
+    except (OSError, RuntimeError) as exc:  # disk full: torch.save says "unexpected pos", naming nothing
+        raise _write_failed(tmp, exc) from exc
     _barrier(dist_info.world_size)
     if dist_info.is_main:
-        _fsync_tree(tmp)  # the parts are on disk before the folder can be named as complete (a power loss)
+        record = {"step": step, "engine": engine.name, "world_size": dist_info.world_size,
+                  "zero_stage": getattr(engine, "zero_stage", None), **meta, "files": _manifest(tmp)}
+        try:
+            with open(os.path.join(tmp, META), "w") as fh:
+                json.dump(record, fh, indent=2, default=str)
+                fh.flush()
+                os.fsync(fh.fileno())
+            _fsync_tree(tmp)  # the parts are on disk before the folder can be named as complete (a power loss)
+        except OSError as exc:
+            raise _write_failed(tmp, exc) from exc
         _commit(root, tmp, final, step, keep_last)
     _barrier(dist_info.world_size)
     return final
+
+
+def remove_leftovers(out: str) -> None:
+    """Delete ``.tmp_step_*`` folders of writes that were killed or failed (main rank, at start-up, before anything
+    is written: on a full disk they would block the restart). ``.tmp_replaced_*`` copies stay until a save."""
+    root = ckpt.checkpoint_dir(out)
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith(".tmp_step_"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def check_writable(out: str) -> None:
+    """Create ``<out>/checkpoints`` and write a file there (main rank, at start-up): a folder that cannot take the
+    checkpoints is found before the training, not at its first save."""
+    root = ckpt.checkpoint_dir(out)
+    probe = os.path.join(root, f".tmp_write_check_{os.getpid()}")
+    try:
+        os.makedirs(root, exist_ok=True)
+        with open(probe, "w") as fh:
+            fh.write("dtfast\n")
+        os.remove(probe)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint folder {root} cannot be written ({type(exc).__name__}: {exc})") from exc
 
 
 def _fsync_tree(folder: str) -> None:
@@ -132,8 +190,26 @@ def read_meta(path: str) -> dict[str, Any]:
     meta_path = os.path.join(path, META)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"checkpoint {path} is incomplete or not a dtfast checkpoint: {META} is missing")
-    with open(meta_path) as fh:
-        return json.load(fh)
+    try:
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {META} is damaged ({type(exc).__name__}: {exc})") from exc
+    return meta
+
+
+def verify(path: str) -> dict[str, Any]:
+    """``read_meta`` plus the files the meta lists, each present with its recorded size (checkpoints written before
+    the manifest have none to check); CheckpointError naming the first file that is missing or truncated."""
+    meta = read_meta(path)
+    for name, size in (meta.get("files") or {}).items():
+        file = os.path.join(path, name)
+        actual = os.path.getsize(file) if os.path.isfile(file) else None
+        if actual != size:
+            state = "missing" if actual is None else f"{actual} bytes, {size} were written"
+            raise CheckpointError(f"checkpoint {path}: {name} is damaged ({state})")
+    return meta
 
 
 def check_compatible(path: str, meta: dict[str, Any], current_config: dict[str, Any], keys: list[str],
@@ -171,6 +247,19 @@ class ResumeRefused(ValueError):
     """A checkpoint this run cannot continue (another model, engine, ZeRO stage or world size)."""
 
 
+@contextlib.contextmanager
+def _reading(path: str, name: str):
+    """Errors while reading ``name`` of the checkpoint ``path`` (truncated, damaged) become one CheckpointError
+    naming both; the library's own ("PytorchStreamReader failed", "incomplete metadata") name neither."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, zipfile, pickle and DeepSpeed raise many kinds
+        raise CheckpointError(f"checkpoint {path}: {name} cannot be read ({type(exc).__name__}: {str(exc)[:300]}); "
+                              "it is damaged: move the folder aside and resume from the one before it") from exc
+
+
 def load(engine, path: str, dist_info, weights_only: bool = False) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG from ``path`` (collective); returns the checkpoint's meta.
     ``weights_only``: the model alone (an export); below ZeRO-3 DeepSpeed then reads only the whole-model file, at
@@ -179,9 +268,10 @@ def load(engine, path: str, dist_info, weights_only: bool = False) -> dict[str, 
     if engine.name == "deepspeed":
         root, tag = os.path.split(os.path.abspath(path))
         module_only = weights_only and meta.get("zero_stage") != 3
-        loaded, _ = engine.engine.load_checkpoint(root, tag=tag, load_optimizer_states=not module_only,
-                                                  load_lr_scheduler_states=False, load_module_strict=True,
-                                                  load_module_only=module_only)
+        with _reading(path, "DeepSpeed's files"):
+            loaded, _ = engine.engine.load_checkpoint(root, tag=tag, load_optimizer_states=not module_only,
+                                                      load_lr_scheduler_states=False, load_module_strict=True,
+                                                      load_module_only=module_only)
         if loaded is None:
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {path}")
     else:
@@ -190,13 +280,18 @@ def load(engine, path: str, dist_info, weights_only: bool = False) -> dict[str, 
         for name in ("model.safetensors", "optimizer.pt"):
             if not os.path.isfile(os.path.join(path, name)):
                 raise FileNotFoundError(f"checkpoint {path} is incomplete: {name} is missing")
-        state = load_file(os.path.join(path, "model.safetensors"))
+        with _reading(path, "model.safetensors"):
+            state = load_file(os.path.join(path, "model.safetensors"))
         missing, unexpected = engine.module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"cannot resume from {path}: model keys differ (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]})")
-        engine.optimizer.load_state_dict(safe_torch_load(os.path.join(path, "optimizer.pt"), map_location="cpu"))
+        with _reading(path, "optimizer.pt"):
+            optimizer_state = safe_torch_load(os.path.join(path, "optimizer.pt"), map_location="cpu")
+        engine.optimizer.load_state_dict(optimizer_state)
     rank_file = os.path.join(path, f"rank_{dist_info.rank}.pt")
     if os.path.isfile(rank_file):
-        set_rng_state(safe_torch_load(rank_file, map_location="cpu"), dist_info.device)
+        with _reading(path, os.path.basename(rank_file)):
+            rng = safe_torch_load(rank_file, map_location="cpu")
+        set_rng_state(rng, dist_info.device)
     return meta

@@ -210,6 +210,7 @@ class TeacherTrainer(RunLifecycle):
         self._install_signal_handlers()
         if self.dist.is_main:
             os.makedirs(cfg.out, exist_ok=True)
+        self.lock_out_folder()
         self.maybe_resume()
         if self.dist.is_main:  # after the resume check: a refused resume leaves the run's config as it was
             import yaml
@@ -311,4 +312,5 @@ class TeacherTrainer(RunLifecycle):
 
     def close(self) -> None:
         self._restore_signal_handlers()
+        self.release_out_folder()
         shutdown(self.dist)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from typing import Any
 
 import torch
@@ -124,21 +125,35 @@ def _prune(root: str, keep_last: int) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def read_latest(out: str) -> str | None:
-    """The newest complete checkpoint folder under ``out``, or None."""
+def read_latest(out: str, check=None) -> str | None:
+    """The newest complete checkpoint folder under ``out``, or None.
+
+    The one ``latest`` names (a name ``step_<N>`` inside ``checkpoints/``; while ``step_<N>`` is being replaced by a
+    save of the same step, its copy ``.tmp_replaced_step_<N>``), else the highest-numbered complete one. ``check``
+    (path -> None, raising OSError/ValueError for a damaged folder) is applied to each candidate in that order: a
+    damaged checkpoint is skipped, with a warning that names it and why, for the one before it."""
     root = checkpoint_dir(out)
+    if not os.path.isdir(root):
+        return None
+    candidates = []
     pointer = os.path.join(root, LATEST)
     if os.path.isfile(pointer):
         with open(pointer) as fh:
             name = fh.read().strip()
-        path = os.path.join(root, name)
-        if os.path.isfile(os.path.join(path, "meta.json")):
-            return path
-    if os.path.isdir(root):  # pointer missing: fall back to the newest complete folder
-        for step in reversed(_steps(root)):
-            path = os.path.join(root, f"step_{step}")
-            if os.path.isfile(os.path.join(path, "meta.json")):
-                return path
+        if name.startswith("step_") and name[5:].isdigit():  # never a path outside checkpoints/
+            candidates += [os.path.join(root, name), os.path.join(root, ".tmp_replaced_" + name)]
+    candidates += [os.path.join(root, f"step_{step}") for step in reversed(_steps(root))]
+    for path in dict.fromkeys(candidates):
+        if not os.path.isfile(os.path.join(path, "meta.json")):
+            continue
+        if check is not None:
+            try:
+                check(path)
+            except (OSError, ValueError) as exc:
+                warnings.warn(f"checkpoint {path} is skipped: {exc}; resuming from the one before it, if any",
+                              stacklevel=2)
+                continue
+        return path
     return None
 
 

@@ -16,7 +16,42 @@ import signal
 from typing import Any
 
 from dtfast.train import checkpoint as ckpt
-from dtfast.train.distributed import barrier
+from dtfast.train.distributed import barrier, broadcast_object
+
+_LOCKS: dict[str, Any] = {}  # path -> open file holding its lock (this process)
+
+
+class RunLocked(RuntimeError):
+    """Another process is running in the same ``out`` folder."""
+
+
+def _lock(path: str) -> str | None:
+    """Take the lock file at ``path`` (kept until the process ends); None, or why it cannot be taken."""
+    import fcntl
+    import socket
+
+    path = os.path.abspath(path)
+    if path in _LOCKS:  # this process holds it already (a second trainer in one process: tests, the recipe)
+        return None
+    fh = open(path, "a+")  # noqa: SIM115 - held open for the life of the process
+    try:
+        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        return (f"{os.path.dirname(path)} is in use by a running job ({holder}, holding {path}): wait for it to "
+                "end or kill it (every worker process: torchrun starts each in its own session), or use another "
+                "out")
+    except AttributeError:  # no POSIX locks on this platform: nothing to check
+        fh.close()
+        return None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+    fh.flush()
+    _LOCKS[path] = fh
+    return None
 
 
 class RunLifecycle:
@@ -65,6 +100,24 @@ class RunLifecycle:
         self._old_handlers.clear()
 
     # ---------------------------------------------------------------- start
+    def lock_out_folder(self) -> None:
+        """Hold ``<out>/.lock`` for the life of this process (main rank; a POSIX record lock, freed when the process
+        ends, however it ends). A second run into the same folder stops with RunLocked naming the holder: two runs
+        would interleave their metrics and commit checkpoints over each other (``kill -9`` of torchrun's process
+        group leaves its workers running, in sessions of their own)."""
+        message = None
+        if self.dist.is_main:
+            message = _lock(os.path.join(self.cfg.out, ".lock"))
+        message = broadcast_object(message, self.dist)
+        if message:
+            raise RunLocked(message)
+
+    def release_out_folder(self) -> None:
+        """Give up ``<out>/.lock`` (at ``close``; the end of the process frees it anyway)."""
+        fh = _LOCKS.pop(os.path.abspath(os.path.join(self.cfg.out, ".lock")), None)
+        if fh is not None:
+            fh.close()
+
     def maybe_resume(self) -> None:
         """Continue from the checkpoint train.resume names (metrics cut back to its step), or, starting from step 0
         in a used folder (a crash before the first checkpoint, or train.resume=never), move the earlier run's

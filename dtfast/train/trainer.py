@@ -45,6 +45,10 @@ DATA_POSITION_KEYS = ["data.root", "data.num_images", "train.batch_size", "train
 # keys that must agree between a checkpoint and the run resuming from it
 RESUME_KEYS = ["teacher.arch", "teacher.pretrained", "teacher.strides", "student.arch", "student.width",
                "data.image_size", "train.optimizer"]
+# keys that change the objective or the schedule: a resume takes the new values, with a warning naming them
+CHANGED_OBJECTIVE_KEYS = ["teacher.timestep", "teacher.latent_mode", "loss.at_weight", "loss.whiten", "loss.at_mode",
+                          "train.max_steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.grad_clip",
+                          "train.weight_decay", "train.betas"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -75,6 +79,7 @@ class Trainer(RunLifecycle):
     def __init__(self, cfg: PretrainConfig, dist_info: DistInfo | None = None):
         self.cfg = cfg
         self._init_stop_state()
+        self._resumed_from: str | None = None  # the checkpoint folder this run continued from
         self._install_signal_handlers()  # before the (slow) set-up: a signal then still ends in a clean stop
         self.dist = dist_info or init_distributed(cfg.device, cfg.dist.backend, cfg.dist.timeout_minutes)
         self.device = self.dist.device
@@ -202,24 +207,42 @@ class Trainer(RunLifecycle):
         mode = self.cfg.train.resume
         if mode in ("never", ""):
             return None
-        # rank 0 decides, so that every rank loads the same checkpoint (or none)
-        path = broadcast_object(ckpt.read_latest(self.cfg.out) if mode == "auto" else mode, self.dist)
+        # rank 0 decides, so that every rank loads the same checkpoint (or none); damaged ones are skipped there
+        path = None
+        if self.dist.is_main:
+            path = ckpt.read_latest(self.cfg.out, check=dist_ckpt.verify) if mode == "auto" else mode
+        path = broadcast_object(path, self.dist)
         if path is None:
             return None
         if not os.path.isdir(path):
             raise FileNotFoundError(f"train.resume={mode}: no checkpoint folder at {path}")
-        meta = dist_ckpt.read_meta(path)
-        dist_ckpt.check_compatible(path, meta, to_dict(self.cfg), RESUME_KEYS, self.engine, self.dist.world_size,
+        meta = dist_ckpt.verify(path)
+        name = os.path.basename(os.path.normpath(path)).replace(".tmp_replaced_", "")
+        if name.startswith("step_") and name[5:].isdigit() and int(name[5:]) != int(meta["step"]):
+            raise dist_ckpt.CheckpointError(f"checkpoint {path}: its meta.json says step {meta['step']}, the folder "
+                                            f"name step {name[5:]}; was it edited or copied over another?")
+        current = to_dict(self.cfg)
+        dist_ckpt.check_compatible(path, meta, current, RESUME_KEYS, self.engine, self.dist.world_size,
                                    weights_only=weights_only)
         dist_ckpt.load(self.engine, path, self.dist, weights_only=weights_only)
         self.step = int(meta["step"])
-        changed = ckpt.compare_configs(meta.get("config", {}), to_dict(self.cfg), DATA_POSITION_KEYS)
+        self._resumed_from = path
+        if weights_only:  # an export: no training follows, so no data order or schedule to warn about
+            return path
+        # the optimizer state brings the checkpoint's weight decay and betas back: the config's values apply
+        self.engine.set_hyperparameters(self.cfg.train.weight_decay, self.cfg.train.betas)
+        changed = ckpt.compare_configs(meta.get("config", {}), current, DATA_POSITION_KEYS)
         if meta.get("world_size") not in (None, self.dist.world_size):
             changed.append(f"world size: checkpoint has {meta.get('world_size')}, this run has {self.dist.world_size}")
-        if changed:
+        if changed and self.dist.is_main:
             log.warning("resuming %s with a different data order or batch (%s): the run continues from step %d, but "
                         "the rest of this epoch is not the samples an uninterrupted run would have seen (some are "
                         "repeated or skipped)", path, "; ".join(changed), self.step)
+        changed = ckpt.compare_configs(meta.get("config", {}), current, CHANGED_OBJECTIVE_KEYS)
+        if changed and self.dist.is_main:
+            log.warning("resuming %s with a changed objective or schedule (%s): the run continues from step %d with "
+                        "this run's values (a longer train.max_steps, for one, moves the learning-rate schedule)",
+                        path, "; ".join(changed), self.step)
         return path
 
     # ------------------------------------------------------------------ loop
@@ -302,6 +325,17 @@ class Trainer(RunLifecycle):
         cfg = self.cfg
         if self.dist.is_main:
             os.makedirs(cfg.out, exist_ok=True)
+        self.lock_out_folder()  # one run per folder: two would interleave their metrics and overwrite checkpoints
+        failure = None
+        if self.dist.is_main:  # before anything is written: leftovers of a failed write (a full disk) and whether
+            dist_ckpt.remove_leftovers(cfg.out)  # the checkpoints can be written at all, not at the first save
+            try:
+                dist_ckpt.check_writable(cfg.out)
+            except dist_ckpt.CheckpointError as exc:
+                failure = str(exc)
+        failure = broadcast_object(failure, self.dist)
+        if failure:
+            raise dist_ckpt.CheckpointError(failure)
         check_shared_folder(cfg.out, self.dist)
         self.maybe_resume()
         if self.dist.is_main:  # after the resume check: a refused resume leaves the run's config as it was
@@ -330,8 +364,15 @@ class Trainer(RunLifecycle):
         if stopped:
             return None
         self._stop_signal = None  # a signal after the last step's check has nothing left to stop: the run is done
-        if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
-            self.save()
+        final = os.path.join(ckpt.checkpoint_dir(cfg.out), f"step_{self.step}")
+        saved = (cfg.train.save_every and self.step % cfg.train.save_every == 0) or (
+            self._resumed_from is not None and os.path.abspath(self._resumed_from) == os.path.abspath(final))
+        if not saved:  # not when resumed at the end: re-saving the checkpoint it was resumed from adds nothing
+            try:
+                self.save()
+            except Exception:
+                self.export()  # the trained weights are not lost with the checkpoint (full disk, ...)
+                raise
         return self.export()
 
     def _loop(self, state, metrics_path, global_batch, window_start, window_images) -> bool:
@@ -411,4 +452,5 @@ class Trainer(RunLifecycle):
 
     def close(self) -> None:
         self._close_pipeline()
+        self.release_out_folder()
         shutdown(self.dist)
