@@ -18,71 +18,163 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-README = """# {name}: the embedded default teacher of dtfast
+README = """# {name}: {title}
 
-A small pixel-space DDPM (diffusers `UNet2DModel`, the `tiny` layout of `dtfast.teachers.archs` at widths
-{widths}, {params:.2f}M parameters, fp16 weights, EMA) trained on the embedded procedural image set at
-{size}x{size} for {steps} steps of {batch} images. Use it at **{size}x{size}** (`data.image_size={size}`; any
-multiple of 32 works convolutionally, but it has only seen {size}x{size} images) and **t = 50** (the recipe's
-`teacher.timestep`; the DreamTeacher choice for small in-domain data).
+A small pixel-space DDPM (diffusers `UNet2DModel`, widths {widths}, {params:.2f}M parameters, fp16 weights, EMA)
+trained on {data} at {size}x{size} for {steps} steps of {batch} images. Use it at **{size}x{size}**
+(`data.image_size={size}`; any multiple of 32 works convolutionally, but it has only seen {size}x{size} images) and
+**t = 50** (the recipe's `teacher.timestep`; the DreamTeacher choice for small in-domain data).
 
     python -m dtfast.pretrain teacher.arch=embedded:{name} data.image_size={size} teacher.timestep=50
     python -m dtfast.pretrain teacher.pretrained={rel} data.image_size={size} teacher.timestep=50   # the same
-
-It is the default teacher of `python -m dtfast.pretrain` (`teacher.arch=embedded:{name}`, 32x32, t = 50), so the
-main job distils a trained model out of the box. What it is worth: `recipes/RESULTS.md` (the small-scale proof).
-
+{default}
 Produced by (from a clean checkout, on {machine}):
 
-    python recipes/small_scale.py          # step 1 of the recipe runs exactly:
     python -m dtfast.train_teacher {overrides}
-    python recipes/ship_teacher.py recipes/runs/procedural/teacher/teacher --name {name}
+    python recipes/ship_teacher.py <out>/teacher --name {name}
 
-Layout: `unet/` (config.json + diffusion_pytorch_model.safetensors), `scheduler/` (DDPMScheduler, linear betas
-1e-4..0.02, 1000 steps), `dtfast_teacher.json` (the full training config).
+(the `dtfast.train_teacher` keys are every training setting that differs from its defaults, from
+`dtfast_teacher.json`; `recipes/small_scale.py` runs this step for the embedded procedural set.)
+
+Layout: `unet/` (config.json + diffusion_pytorch_model.safetensors), `scheduler/` (DDPMScheduler: {schedule}),
+`dtfast_teacher.json` (the full training config).
 """
 
+DEFAULT_TEACHER = """
+It is the default teacher of `python -m dtfast.pretrain` (`teacher.arch=embedded:{name}`, 32x32, t = 50), so the
+main job distils a trained model out of the box. What it is worth: `recipes/RESULTS.md` (the small-scale proof).
+"""
 
-def main() -> None:
-    import torch
-    from diffusers import DDPMScheduler, UNet2DModel
+# operational keys: they do not change the teacher
+NOT_RECORDED = {"out", "device", "data.num_workers", "train.log_every", "train.save_every", "train.keep_last",
+                "train.resume", "train.max_minutes"}
 
-    from dtfast.teachers import build_teacher
 
+class ShipError(RuntimeError):
+    """A source folder that cannot be shipped, or a copy that fails its check; nothing was replaced."""
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def training_overrides(config: dict) -> list[str]:
+    """``key=value`` for every training setting of ``config`` that differs from ``dtfast.train_teacher``'s defaults."""
+    from dtfast.teacher_training.config import TeacherTrainConfig
+    from dtfast.train.config import to_dict
+
+    defaults = _flat(to_dict(TeacherTrainConfig()))
+    keys = []
+    for key, value in _flat(config).items():
+        if key in NOT_RECORDED or defaults.get(key) == value:
+            continue
+        text = f"[{','.join(str(v) for v in value)}]" if isinstance(value, list) else str(value)
+        keys.append(f"{key}={text}")
+    return keys
+
+
+def check_source(source: str) -> dict:
+    """The source's dtfast_teacher.json, after checking that it is a teacher dtfast.train_teacher wrote."""
+    info_file = os.path.join(source, "dtfast_teacher.json")
+    if not os.path.isfile(info_file):
+        if os.path.isfile(os.path.join(source, "teacher", "dtfast_teacher.json")):
+            raise ShipError(f"{source} is a dtfast.train_teacher run folder: ship its teacher, {source}/teacher")
+        raise ShipError(f"{source}: no dtfast_teacher.json; expected a teacher folder written by "
+                        "dtfast.train_teacher (<out>/teacher)")
+    with open(info_file) as fh:
+        info = json.load(fh)
+    if "config" not in info or "image_size" not in info:
+        raise ShipError(f"{info_file} records no training config: only teachers trained by dtfast.train_teacher "
+                        "are shipped (their README gives the command that made them)")
+    for part in ("unet", "scheduler"):
+        if not os.path.isdir(os.path.join(source, part)):
+            raise ShipError(f"{source}: {part}/ is missing")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a teacher folder written by dtfast.train_teacher (<out>/teacher)")
     p.add_argument("--name", default="teacher_tiny32")
     p.add_argument("--machine", default="a 2-core CPU")
-    a = p.parse_args()
-    with open(os.path.join(a.source, "dtfast_teacher.json")) as fh:
-        info = json.load(fh)
-    dest = os.path.join(ROOT, "dtfast", "assets", a.name)
-    shutil.rmtree(dest, ignore_errors=True)
-    unet = UNet2DModel.from_pretrained(os.path.join(a.source, "unet"))
-    unet.to(torch.float16).save_pretrained(os.path.join(dest, "unet"), safe_serialization=True)
-    DDPMScheduler.from_pretrained(os.path.join(a.source, "scheduler")).save_pretrained(os.path.join(dest, "scheduler"))
-    shutil.copy(os.path.join(a.source, "dtfast_teacher.json"), os.path.join(dest, "dtfast_teacher.json"))
-    cfg = info["config"]
-    keys = [f"model.block_out_channels=[{','.join(str(c) for c in cfg['model']['block_out_channels'])}]",
-            f"model.norm_num_groups={cfg['model']['norm_num_groups']}", f"data.image_size={cfg['data']['image_size']}",
-            f"data.num_images={cfg['data']['num_images']}", f"train.max_steps={cfg['train']['max_steps']}",
-            f"train.batch_size={cfg['train']['batch_size']}", "out=recipes/runs/procedural/teacher"]
-    size = int(info["image_size"])
-    with open(os.path.join(dest, "README.md"), "w") as fh:
-        fh.write(README.format(name=a.name, widths=tuple(unet.config.block_out_channels),
-                               params=sum(q.numel() for q in unet.parameters()) / 1e6, size=size,
-                               steps=info["steps"], batch=cfg["train"]["batch_size"], machine=a.machine,
-                               rel=f"dtfast/assets/{a.name}", overrides=" ".join(keys)))
-    images = torch.rand(4, 3, size, size) * 2 - 1
-    features = [build_teacher(pretrained=folder, timestep=50)(images, generator=torch.Generator().manual_seed(0))
-                for folder in (a.source, dest)]
-    for original, copy in zip(*features):
-        error = float((original - copy).abs().max() / original.abs().max())
-        if error > 2e-2:
-            raise RuntimeError(f"the fp16 copy's features differ from the original's by {error:.3g} (relative)")
+    p.add_argument("--assets", default=os.path.join(ROOT, "dtfast", "assets"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    try:
+        ship(a.source, a.name, a.machine, a.assets)
+    except ShipError as exc:
+        print(f"recipes/ship_teacher.py: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def ship(source: str, name: str, machine: str, assets: str) -> str:
+    """Build the fp16 copy next to ``assets/<name>``, check it, then put it in place (the old one is replaced only
+    by a copy that passed)."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from dtfast import _files
+    from dtfast.teachers import build_teacher
+
+    info = check_source(source)
+    dest = os.path.join(assets, name)
+    os.makedirs(assets, exist_ok=True)
+    tmp = _files.mkdtemp(dir=assets, prefix=".tmp_ship_")
+    try:
+        unet = UNet2DModel.from_pretrained(os.path.join(source, "unet"))
+        half = unet.to(torch.float16)
+        broken = [k for k, v in half.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+        if broken:
+            raise ShipError(f"{source}: {len(broken)} weight tensor(s) are not finite in fp16 (overflow), e.g. "
+                            f"{broken[:3]}")
+        half.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
+        scheduler = DDPMScheduler.from_pretrained(os.path.join(source, "scheduler"))
+        scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+        shutil.copy(os.path.join(source, "dtfast_teacher.json"), os.path.join(tmp, "dtfast_teacher.json"))
+        cfg = info["config"]
+        sc = scheduler.config
+        size = int(info["image_size"])
+        root = cfg.get("data", {}).get("root") or ""
+        with open(os.path.join(tmp, "README.md"), "w") as fh:
+            fh.write(README.format(
+                name=name, title="the embedded default teacher of dtfast" if name == "teacher_tiny32" else
+                "a teacher embedded in dtfast", widths=tuple(unet.config.block_out_channels),
+                params=sum(q.numel() for q in unet.parameters()) / 1e6, size=size,
+                data=f"the images of `{root}`" if root else "the embedded procedural image set",
+                steps=info.get("steps", cfg.get("train", {}).get("max_steps")),
+                batch=cfg.get("train", {}).get("batch_size"), machine=machine, rel=f"dtfast/assets/{name}",
+                default=DEFAULT_TEACHER.format(name=name) if name == "teacher_tiny32" else "",
+                overrides=" ".join(["out=<out>", *training_overrides(cfg)]),
+                schedule=f"{sc.beta_schedule} betas {sc.beta_start:g}..{sc.beta_end:g}, "
+                         f"{sc.num_train_timesteps} steps"))
+        _files.set_default_modes(tmp)
+        images = torch.rand(4, 3, size, size) * 2 - 1
+        features = [build_teacher(pretrained=folder, timestep=50)(images, generator=torch.Generator().manual_seed(0))
+                    for folder in (source, tmp)]
+        for level, (original, copy) in enumerate(zip(*features)):
+            error = float((original - copy).abs().max() / original.abs().max())
+            if not (copy.isfinite().all() and error <= 2e-2):  # NaN compares false: it fails here
+                raise ShipError(f"the fp16 copy's level-{level} features differ from the original's by {error:.3g} "
+                                "(relative) or are not finite; nothing was replaced")
+        old = dest + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(dest):
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dest) for f in fs)
-    print(f"shipped {a.source} -> {dest} ({total / 2**20:.1f} MiB); features match the original")
+    print(f"shipped {source} -> {dest} ({total / 2**20:.1f} MiB); features match the original")
+    return dest
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

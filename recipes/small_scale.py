@@ -66,6 +66,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class RecipeError(RuntimeError):
+    """A recipe step that cannot run as asked (its folder holds a run with other settings, a missing input)."""
+
+
+STEP_KEY = "recipe_step.json"
+
+
+def claim_step(folder: str, key: dict, key_file: str = "") -> None:
+    """Record what a step runs with in ``folder/recipe_step.json`` before it runs, or check that an earlier record
+    matches: a step whose output exists is skipped (an interrupted recipe continues), so a rerun with other
+    arguments must not find and reuse, or resume, a run made with the old ones. A folder from before these records
+    is adopted as it is. ``key_file``: where the record goes when not in ``folder`` (a folder replaced whole)."""
+    path = key_file or os.path.join(folder, STEP_KEY)
+    if os.path.isfile(path):
+        with open(path) as fh:
+            old = json.load(fh)
+        if old != key:
+            diffs = [f"{k}: {old.get(k)!r} -> {key.get(k)!r}" for k in sorted(set(old) | set(key))
+                     if old.get(k) != key.get(k)]
+            raise RecipeError(f"{folder} holds this step run with other settings ({'; '.join(diffs)[:600]}); rerun "
+                              "with the same arguments to continue it, or use another --out (or delete the folder)")
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    from dtfast.train.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(key, indent=1, sort_keys=True) + "\n")
+
+
+def file_identity(path: str) -> str:
+    """sha256 of a small file (a teacher's dtfast_teacher.json, a config): changes when the file is rewritten."""
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()[:16]
+
+
 def run(cmd: list[str], log: str) -> None:
     """Run a dtfast command with its output teed into ``log``; fail loudly with the log's tail."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -87,45 +123,70 @@ def data_keys(args: argparse.Namespace) -> list[str]:
 def train_teacher(args: argparse.Namespace) -> str:
     out = os.path.join(args.out, "teacher")
     folder = os.path.join(out, "teacher")
+    keys = [*TEACHER_MODEL, *data_keys(args), f"data.image_size={args.image_size}",
+            f"train.max_steps={args.teacher_steps}", f"train.batch_size={args.teacher_batch}"]
+    claim_step(out, {"step": "teacher", "keys": keys})
     if os.path.isfile(os.path.join(folder, "dtfast_teacher.json")):
         return folder
-    os.makedirs(out, exist_ok=True)
-    run([sys.executable, "-m", "dtfast.train_teacher", f"out={out}", *TEACHER_MODEL, *data_keys(args),
-         f"data.image_size={args.image_size}", f"data.num_workers={args.workers}",
-         f"train.max_steps={args.teacher_steps}", f"train.batch_size={args.teacher_batch}", "train.log_every=50",
-         "train.save_every=250"],
+    run([sys.executable, "-m", "dtfast.train_teacher", f"out={out}", *keys, f"data.num_workers={args.workers}",
+         "train.log_every=50", "train.save_every=250"],
         os.path.join(out, "log.txt"))
     return folder
 
 
-def random_teacher(args: argparse.Namespace, seed: int = 0) -> str:
-    """A teacher folder with the trained teacher's architecture and scheduler but random (init) weights."""
+def random_teacher(args: argparse.Namespace, teacher: str, seed: int = 0) -> str:
+    """A teacher folder with the trained teacher's architecture and scheduler but random (init) weights: the
+    recipe's own UNet, or with ``--teacher`` the given folder's UNet config and scheduler."""
     import torch
-    from diffusers import UNet2DModel
+    from diffusers import DDPMScheduler, UNet2DModel
 
     from dtfast.teacher_training.config import load_teacher_config
     from dtfast.teacher_training.trainer import build_scheduler, export_teacher, unet_config
 
     folder = os.path.join(args.out, "random_teacher")
+    if args.teacher:
+        from pathlib import Path
+
+        from dtfast.teachers.loading import detect_layout, scheduler_folder
+
+        layout, unet_folder = detect_layout(Path(teacher))
+        if layout != "pixel":
+            raise RecipeError(f"--teacher {teacher}: the random-teacher control is built for a pixel-space "
+                              "UNet2DModel teacher; this one is a latent (Stable Diffusion) layout")
+        unet_config_file = unet_folder / "config.json"
+        source = {"teacher": os.path.abspath(teacher), "unet_config": file_identity(str(unet_config_file))}
+    else:
+        source = {"teacher_model": TEACHER_MODEL}
+    claim_step(folder, {"step": "random teacher", "seed": seed, "image_size": args.image_size, **source},
+               key_file=folder + "." + STEP_KEY)  # export_teacher replaces the folder whole
     if not os.path.isfile(os.path.join(folder, "dtfast_teacher.json")):
-        cfg = load_teacher_config(None, [*TEACHER_MODEL, f"data.image_size={args.image_size}"])
         torch.manual_seed(seed)
-        export_teacher(UNet2DModel(**unet_config(cfg)), build_scheduler(cfg), folder,
-                       info={"random": True, "seed": seed, "image_size": args.image_size, "steps": 0})
+        if args.teacher:
+            unet = UNet2DModel.from_config(UNet2DModel.load_config(str(unet_folder)))
+            found = scheduler_folder(Path(teacher))
+            scheduler = DDPMScheduler.from_pretrained(str(found)) if found else DDPMScheduler()
+        else:
+            cfg = load_teacher_config(None, [*TEACHER_MODEL, f"data.image_size={args.image_size}"])
+            unet, scheduler = UNet2DModel(**unet_config(cfg)), build_scheduler(cfg)
+        export_teacher(unet, scheduler, folder,
+                       info={"random": True, "seed": seed, "image_size": args.image_size, "steps": 0, **source})
     return folder
 
 
 def distil(args: argparse.Namespace, teacher: str, name: str, seed: int) -> str:
     out = os.path.join(args.out, f"{name}_s{seed}")
     backbone = os.path.join(out, "backbone.safetensors")
+    keys = [f"teacher.pretrained={os.path.abspath(teacher)}", f"teacher.timestep={args.timestep}",
+            f"student.arch={args.student}", *data_keys(args), f"data.image_size={args.image_size}",
+            f"train.max_steps={args.distill_steps}", f"train.batch_size={args.distill_batch}", f"train.seed={seed}",
+            f"train.warmup_steps={max(1, args.distill_steps // 10)}"]
+    # the teacher's own record: a teacher trained again (other weights, same folder) is another distillation
+    claim_step(out, {"step": "distillation", "keys": keys,
+                     "teacher_info": file_identity(os.path.join(teacher, "dtfast_teacher.json"))})
     if os.path.isfile(backbone):
         return backbone
-    os.makedirs(out, exist_ok=True)
-    run([sys.executable, "-m", "dtfast.pretrain", f"out={out}", f"teacher.pretrained={os.path.abspath(teacher)}",
-         f"teacher.timestep={args.timestep}", f"student.arch={args.student}", *data_keys(args),
-         f"data.image_size={args.image_size}", f"data.num_workers={args.workers}",
-         f"train.max_steps={args.distill_steps}", f"train.batch_size={args.distill_batch}", f"train.seed={seed}",
-         "train.save_every=200", f"train.warmup_steps={max(1, args.distill_steps // 10)}", "train.log_every=50"],
+    run([sys.executable, "-m", "dtfast.pretrain", f"out={out}", *keys, f"data.num_workers={args.workers}",
+         "train.save_every=200", "train.log_every=50"],
         os.path.join(out, "log.txt"))
     return backbone
 
@@ -135,8 +196,13 @@ def supervised(args: argparse.Namespace, num_classes: int, seed: int) -> str:
     from dtfast.eval.supervised import train_supervised
 
     out = os.path.join(args.out, f"supervised_s{seed}")
+    claim_step(out, {"step": "supervised", "student": args.student, "data": data_keys(args),
+                     "image_size": args.image_size, "steps": args.supervised_steps, "batch": args.supervised_batch,
+                     "lr": args.supervised_lr, "seed": seed})
     if os.path.isfile(os.path.join(out, "done.json")):
         return os.path.join(out, "backbone.safetensors")
+    # the seed is also the procedural set's content seed here: seeds 1, 2 train on other images than seed 0's
+    # (the recipe's published rows were made so); a labelled --data folder is the same for every seed
     dataset = build_dataset(args.data or None, args.image_size, split="train", num_images=args.num_images,
                             seed=seed)
     return train_supervised(args.student, dataset, num_classes, out, steps=args.supervised_steps,
@@ -147,6 +213,27 @@ def supervised(args: argparse.Namespace, num_classes: int, seed: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from dtfast.eval.runner import ProbeDataError
+
+    try:
+        return _main(args, argv)
+    except (RecipeError, ProbeDataError, FileNotFoundError, ValueError) as exc:  # the message names what is wrong
+        print(f"recipes/small_scale.py: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    if args.teacher:  # checked before any work (it is read only at the distillation step)
+        from pathlib import Path
+
+        from dtfast.teachers.loading import detect_layout
+
+        if not os.path.isdir(args.teacher):
+            raise RecipeError(f"--teacher {args.teacher}: no such folder (a teacher folder: dtfast.train_teacher "
+                              "writes <out>/teacher)")
+        detect_layout(Path(args.teacher))
+    if args.data and not os.path.isdir(args.data):
+        raise RecipeError(f"--data {args.data}: no such folder (expected ROOT/train/<class>/ and ROOT/val/<class>/)")
     os.makedirs(args.out, exist_ok=True)
     from dtfast.eval.config import load_eval_config
     from dtfast.eval.features import load_backbone
@@ -166,12 +253,17 @@ def main(argv: list[str] | None = None) -> int:
                                        f"data.num_val={args.num_val}", f"data.num_workers={args.workers}",
                                        f"probe.features={args.features}"])
     data = timed("load probe data", load_probe_data, eval_cfg)
-    teacher = args.teacher or timed("teacher training", train_teacher, args)
-    earlier = 0.0  # a teacher trained by an earlier (interrupted) run of this recipe: count its logged time
-    if not args.teacher and timings["teacher training"] < 60:
-        earlier = logged_seconds(os.path.join(args.out, "teacher", "metrics.jsonl"))
-        timings["teacher training"] += earlier
-    control = random_teacher(args)
+    earlier = 0.0  # the teacher's training time, when an earlier run of this recipe trained it (read from its log)
+    if args.teacher:
+        teacher = args.teacher
+    else:
+        folder = os.path.join(args.out, "teacher", "teacher")
+        trained_before = os.path.isfile(os.path.join(folder, "dtfast_teacher.json"))
+        teacher = timed("teacher training", train_teacher, args)
+        if trained_before:
+            earlier = logged_seconds(os.path.join(args.out, "teacher", "metrics.jsonl"))
+            timings["teacher training (earlier run)"] = earlier
+    control = random_teacher(args, teacher)
     command = " ".join(["recipes/small_scale.py", *(argv if argv is not None else sys.argv[1:])])
     results: dict[str, dict[str, dict]] = {row: {} for row in ROWS}
 
@@ -179,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         """Probe one backbone; the result is cached next to it so that a restarted recipe does not redo it."""
         folder = os.path.dirname(path) if path != "random" else os.path.join(args.out, f"random_init_s{seed}")
         cache = os.path.join(folder, f"probe_{args.features}.json")
-        key = {"data": data.description, "num_train": args.num_train, "num_val": args.num_val, "row": row}
+        key = {"data": data.description, "num_train": args.num_train, "num_val": args.num_val, "row": row,
+               "student": args.student, "backbone": backbone_identity(path)}
         if os.path.isfile(cache):
             with open(cache) as fh:
                 cached = json.load(fh)
@@ -216,13 +309,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def backbone_identity(path: str) -> str:
+    """What a probe result was computed on: the backbone file's size, modification time and recorded step (a
+    backbone trained again in the same place is another one); "random" for the random init."""
+    if path == "random":
+        return "random"
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as fh:
+        step = (fh.metadata() or {}).get("step", "?")
+    stat = os.stat(path)
+    return f"{stat.st_size}:{stat.st_mtime_ns}:step {step}"
+
+
 def logged_seconds(metrics: str) -> float:
-    """The training time a dtfast metrics.jsonl logged (its last ``elapsed_s``; 0 if there is none)."""
+    """The training time a dtfast metrics.jsonl logged, summed over its sessions: ``elapsed_s`` restarts at 0 when a
+    run is resumed, so each drop closes a session (0 if there is nothing logged)."""
     if not os.path.isfile(metrics):
         return 0.0
+    total, last = 0.0, 0.0
     with open(metrics) as fh:
-        lines = [line for line in fh if line.strip()]
-    return float(json.loads(lines[-1]).get("elapsed_s", 0.0)) if lines else 0.0
+        for line in fh:
+            if not line.strip():
+                continue
+            elapsed = float(json.loads(line).get("elapsed_s", 0.0))
+            if elapsed < last:
+                total += last
+            last = elapsed
+    return total + last
 
 
 def machine() -> str:

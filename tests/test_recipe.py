@@ -50,3 +50,89 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     assert all(set(seeds) == {"0", "1"} for seeds in record["per_seed"].values())
     assert (tmp_path / "results.png").is_file() and (tmp_path / "results.md").is_file()
     assert (tmp_path / "teacher" / "teacher" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_quick_recipe_reruns_continue_and_other_arguments_are_refused(tmp_path):
+    """One seed of the quick recipe for real (about a minute); a rerun with the same arguments reuses every step,
+    one with other arguments is refused instead of labelling the old numbers with the new arguments."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(ROOT, "recipes", "small_scale.py"), "--preset", "quick", "--seeds", "0",
+           "--out", str(tmp_path)]
+
+    def recipe(*extra):
+        return subprocess.run([*cmd, *extra], env=env, cwd=ROOT, timeout=900, capture_output=True, text=True)
+
+    first = recipe()
+    assert first.returncode == 0, first.stderr[-3000:]
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert all(set(seeds) == {"0"} for seeds in record["per_seed"].values())
+    again = recipe()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "results.json").read_text())["per_seed"] == record["per_seed"]
+    other = recipe("--timestep", "150")
+    assert other.returncode == 2 and "other settings" in other.stderr and "teacher.timestep=50" in other.stderr
+    assert "Traceback" not in other.stderr
+    missing = recipe("--teacher", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "no such folder" in missing.stderr
+
+
+def test_step_records_and_logged_time(tmp_path):
+    from recipes.small_scale import RecipeError, claim_step, logged_seconds
+
+    claim_step(str(tmp_path / "a"), {"keys": ["x=1"]})
+    claim_step(str(tmp_path / "a"), {"keys": ["x=1"]})  # the same: continue
+    with pytest.raises(RecipeError, match="other settings.*keys"):
+        claim_step(str(tmp_path / "a"), {"keys": ["x=2"]})
+    metrics = tmp_path / "metrics.jsonl"  # two sessions: elapsed_s restarts at a resume
+    metrics.write_text("".join(json.dumps({"step": s, "elapsed_s": e}) + "\n"
+                               for s, e in [(1, 10.0), (2, 20.0), (3, 5.0), (4, 12.0)]))
+    assert logged_seconds(str(metrics)) == 32.0
+
+
+def test_control_of_a_given_teacher_has_its_architecture_and_scheduler(tmp_path):
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from dtfast.teachers.build import export_teacher
+    from recipes.small_scale import parse_args, random_teacher
+
+    unet = UNet2DModel(sample_size=32, block_out_channels=(16, 24, 24, 32, 32, 32), norm_num_groups=8,
+                       layers_per_block=1, down_block_types=("DownBlock2D",) * 6, up_block_types=("UpBlock2D",) * 6)
+    given = str(tmp_path / "given")
+    export_teacher(unet, DDPMScheduler(beta_schedule="squaredcos_cap_v2"), given, info={"image_size": 32})
+    args = parse_args(["--preset", "quick", "--teacher", given, "--out", str(tmp_path / "out")])
+    control = random_teacher(args, given)
+    config = json.loads(open(os.path.join(control, "unet", "config.json")).read())
+    assert config["block_out_channels"] == [16, 24, 24, 32, 32, 32] and config["norm_num_groups"] == 8
+    scheduler = json.loads(open(os.path.join(control, "scheduler", "scheduler_config.json")).read())
+    assert scheduler["beta_schedule"] == "squaredcos_cap_v2"
+    weights = UNet2DModel.from_pretrained(os.path.join(control, "unet")).state_dict()
+    assert not torch.equal(weights["conv_in.weight"], unet.state_dict()["conv_in.weight"])  # random, not a copy
+
+
+def test_ship_teacher_checks_before_it_replaces_and_records_the_real_command(tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from recipes.ship_teacher import main as ship
+
+    source = tmp_path / "run" / "teacher"
+    shutil.copytree(os.path.join(ROOT, "dtfast", "assets", "teacher_tiny32"), source)
+    assets = tmp_path / "assets"
+    assert ship([str(source), "--assets", str(assets)]) == 0
+    readme = (assets / "teacher_tiny32" / "README.md").read_text()
+    assert "model.block_out_channels=[16,32,32,64,64,64]" in readme and "train.max_steps=3000" in readme
+    assert "linear betas 0.0001..0.02, 1000 steps" in readme and "default teacher" in readme
+    assert "embedded procedural image set" in readme
+    shipped = sorted(os.listdir(assets / "teacher_tiny32"))
+    # a teacher whose fp16 copy overflows is refused, and the shipped one stays as it was
+    weights = source / "unet" / "diffusion_pytorch_model.safetensors"
+    state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    state["conv_in.weight"][0, 0, 0, 0] = 1e6
+    save_file(state, str(weights))
+    assert ship([str(source), "--assets", str(assets)]) == 2
+    assert "not finite in fp16" in capsys.readouterr().err
+    assert sorted(os.listdir(assets / "teacher_tiny32")) == shipped and not list(assets.glob(".tmp_*"))
+    assert ship([str(source.parent), "--assets", str(assets)]) == 2  # the run folder, not its teacher
+    assert "is a dtfast.train_teacher run folder: ship its teacher" in capsys.readouterr().err

@@ -46,7 +46,9 @@ def embedded_teachers() -> list[str]:
     """Names of the teachers shipped inside the package (``dtfast/assets/<name>``)."""
     if not ASSETS.is_dir():
         return []
-    return sorted(p.name for p in ASSETS.iterdir() if (p / TEACHER_INFO).is_file())
+    # not the temporary folders of a ship or export in progress (.tmp_*, *.old)
+    return sorted(p.name for p in ASSETS.iterdir()
+                  if (p / TEACHER_INFO).is_file() and not p.name.startswith(".") and not p.name.endswith(".old"))
 
 
 def resolve_pretrained(pretrained: str | os.PathLike) -> Path:
