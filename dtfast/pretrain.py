@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     from dtfast.train.lifecycle import RunLocked
     from dtfast.train.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except (ValueError, OSError) as exc:  # set-up: a teacher folder, student arch or data that cannot be used
+        print(f"dtfast.pretrain: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     try:
         if cfg.train.export_only:
             trainer.export_checkpoint()

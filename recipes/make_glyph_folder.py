@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import colorsys
 import os
+import shutil
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -78,17 +80,28 @@ def write(out: str, size: int = 32, num_train: int = 4000, num_val: int = 2000, 
             render(label, rng, size).save(os.path.join(out, split, CLASSES[label], f"{index:06d}.png"))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--train", type=int, default=4000)
     p.add_argument("--val", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
+    p.add_argument("--overwrite", action="store_true", help="empty OUT/train and OUT/val first (else a folder that "
+                                                            "holds images is refused: old and new would mix)")
+    a = p.parse_args(argv)
+    splits = [os.path.join(a.out, split) for split in ("train", "val")]
+    if any(os.path.isdir(s) and os.listdir(s) for s in splits):
+        if not a.overwrite:
+            print(f"make_glyph_folder.py: {a.out} already holds train/ or val/ images; pass --overwrite to replace "
+                  "them, or another folder", file=sys.stderr)
+            return 2
+        for split in splits:
+            shutil.rmtree(split, ignore_errors=True)
     write(a.out, a.size, a.train, a.val, a.seed)
     print(f"wrote {a.train} train and {a.val} val images of {len(CLASSES)} classes to {os.path.abspath(a.out)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

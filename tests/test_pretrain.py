@@ -220,3 +220,17 @@ def test_resume_never_moves_the_earlier_run_aside(tmp_path):
     assert (out / "checkpoints.1" / "step_3").is_dir() and (out / "metrics.1.jsonl").is_file()
     assert [m["step"] for m in _metrics(str(out))] == [1]
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_1"]
+
+
+def test_set_up_errors_are_one_line_and_a_teacher_run_folder_is_named(tmp_path, capsys):
+    import shutil
+
+    from dtfast.pretrain import main
+
+    run = tmp_path / "teacher_run"  # what dtfast.train_teacher writes: <out>/teacher is the teacher
+    shutil.copytree(os.path.join(ROOT, "dtfast", "assets", "teacher_tiny32"), run / "teacher")
+    (run / "metrics.jsonl").write_text("")
+    assert main([f"out={tmp_path / 'out'}", f"teacher.pretrained={run}", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "is a dtfast.train_teacher run folder" in err and f"teacher.pretrained={run / 'teacher'}" in err
+    assert "Traceback" not in err

@@ -136,3 +136,17 @@ def test_ship_teacher_checks_before_it_replaces_and_records_the_real_command(tmp
     assert sorted(os.listdir(assets / "teacher_tiny32")) == shipped and not list(assets.glob(".tmp_*"))
     assert ship([str(source.parent), "--assets", str(assets)]) == 2  # the run folder, not its teacher
     assert "is a dtfast.train_teacher run folder: ship its teacher" in capsys.readouterr().err
+
+
+def test_glyph_folder_refuses_to_mix_with_older_images(tmp_path, capsys):
+    from recipes.make_glyph_folder import main as glyphs
+
+    out = str(tmp_path / "g")
+    assert glyphs([out, "--train", "20", "--val", "10"]) == 0
+    assert glyphs([out, "--train", "10", "--val", "10", "--size", "48"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert glyphs([out, "--train", "10", "--val", "10", "--size", "48", "--overwrite"]) == 0
+    from PIL import Image
+
+    files = [p for p in (tmp_path / "g" / "train").rglob("*.png")]
+    assert len(files) == 10 and {Image.open(p).size for p in files} == {(48, 48)}

@@ -199,3 +199,36 @@ def test_ddp_prefix_and_wrapped_state_dicts():
     plain, _ = convert_state_dict(state, num_head_channels=16)
     wrapped, _ = convert_state_dict({"state_dict": {f"module.{k}": v for k, v in state.items()}}, num_head_channels=16)
     assert plain == wrapped
+
+
+def _reshaped(state, key, shape):
+    return {**state, key: torch.zeros(shape, dtype=state[key].dtype)}
+
+
+@pytest.mark.parametrize("key,shape", [("time_embed.2.weight", (128, 64)), ("output_blocks.4.0.in_layers.2.weight",
+                                                                            (32, 96, 3, 3)),
+                                       ("input_blocks.10.1.qkv.weight", (190, 64, 1)),
+                                       ("input_blocks.10.1.proj_out.weight", (32, 64, 1))])
+def test_tensors_of_the_wrong_shape_are_named_by_their_checkpoint_key(key, shape):
+    # they ended in a traceback naming the diffusers key, or no key at all (the qkv/proj_out reshapes)
+    state = _state()
+    assert key in state and tuple(state[key].shape) != shape
+    with pytest.raises(ConversionError, match=f"checkpoint tensor '{key}' has shape {tuple(shape)}".replace(
+            "(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        convert_state_dict(_reshaped(state, key, shape), num_head_channels=16)
+
+
+def test_a_wrapper_with_model_and_ema_gives_the_ema_weights():
+    model, ema = _state(seed=0), _state(seed=1)
+    _, from_ema = convert_state_dict(ema, num_head_channels=16)
+    _, converted = convert_state_dict({"model": model, "ema": ema}, num_head_channels=16)
+    assert all(torch.equal(converted[k], from_ema[k]) for k in from_ema)
+
+
+def test_cli_refuses_bad_steps_and_sizes(tmp_path, capsys):
+    path = tmp_path / "adm.pt"
+    torch.save(_state(), path)
+    assert convert_main([str(path), str(tmp_path / "a"), "--num-head-channels", "16", "--diffusion-steps", "0"]) == 2
+    assert "diffusion_steps must be > 0" in capsys.readouterr().err
+    assert convert_main([str(path), str(tmp_path / "b"), "--num-head-channels", "16", "--image-size", "30"]) == 2
+    assert "positive multiple of 32" in capsys.readouterr().err

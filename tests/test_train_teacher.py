@@ -227,3 +227,18 @@ def test_too_few_images_for_a_batch_names_train_batch_size(tmp_path, capsys):
     assert "'train.batch_size' = 4" in err and str(root) in err and "3 images" in err, err
     with pytest.raises(ConfigError, match=r"'train\.batch_size' = 4: data\.num_images=3 has 3 images"):
         _train(tmp_path / "run2", "data.num_images=3")
+
+
+def test_resume_with_changed_settings_warns_applies_them_and_records_them(tmp_path, caplog):
+    import logging
+
+    _train(tmp_path, "train.max_steps=2", "train.save_every=1")
+    with caplog.at_level(logging.WARNING, logger="dtfast.train_teacher"):
+        resumed = _train(tmp_path, "train.max_steps=3", "train.save_every=1", "data.seed=3", "train.ema_decay=0.5",
+                         "train.weight_decay=0.25", "train.betas=[0.8,0.99]")
+    assert "changed settings" in caplog.text and "data.seed" in caplog.text and "train.ema_decay" in caplog.text
+    groups = resumed.optimizer.param_groups
+    assert groups[0]["weight_decay"] == 0.25 and all(tuple(g["betas"]) == (0.8, 0.99) for g in groups)
+    info = json.loads((tmp_path / "teacher" / "dtfast_teacher.json").read_text())
+    (entry,) = info["resume_history"]
+    assert entry["step"] == 2 and any("data.seed" in c for c in entry["changed"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import random
 import signal
@@ -28,14 +29,21 @@ import torch
 from torch import nn
 
 from dtfast.teacher_training.config import ConfigError, TeacherTrainConfig, to_dict
+from dtfast.distributed.engine import set_group_hyperparameters
 from dtfast.teachers.build import export_teacher
 from dtfast.train import checkpoint as ckpt
 from dtfast.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
 from dtfast.train.optim import build_optimizer, lr_at, set_lr
 from dtfast.train.lifecycle import RunLifecycle
 
+log = logging.getLogger("dtfast.train_teacher")
+
 # keys that must agree between a checkpoint and the run resuming from it
 RESUME_KEYS = ["model", "diffusion", "data.image_size"]
+# keys a resume takes from this run, with a warning naming them; recorded in the teacher's dtfast_teacher.json
+CHANGED_KEYS = ["data.root", "data.num_images", "data.seed", "train.seed", "train.batch_size", "train.ema_decay",
+                "train.max_steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay",
+                "train.betas", "train.grad_clip"]
 EXPORT_DIR = "teacher"
 
 
@@ -125,6 +133,7 @@ class TeacherTrainer(RunLifecycle):
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         self.step = 0
+        self.resume_history: list[dict[str, Any]] = []  # the resumes that changed CHANGED_KEYS: step, what
         self.unet = UNet2DModel(**unet_config(cfg)).to(self.device)
         self.scheduler = build_scheduler(cfg)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
@@ -156,7 +165,8 @@ class TeacherTrainer(RunLifecycle):
             train_state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                            "ema_updates": self.ema.num_updates, "torch_rng": torch.get_rng_state()}
             path = ckpt.save_checkpoint(self.cfg.out, self.step, self._model_state(), train_state,
-                                        {"config": to_dict(self.cfg), "kind": "teacher"},
+                                        {"config": to_dict(self.cfg), "kind": "teacher",
+                                         "resume_history": self.resume_history},
                                         keep_last=self.cfg.train.keep_last)
             self._print(f"checkpoint: {path}")
         barrier(self.dist)
@@ -183,9 +193,18 @@ class TeacherTrainer(RunLifecycle):
             part = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
             module.load_state_dict(part, strict=True)
         self.optimizer.load_state_dict(train_state["optimizer"])
+        # the optimizer state brought the checkpoint's weight decay and betas back: this run's values apply
+        set_group_hyperparameters(self.optimizer.param_groups, self.cfg.train.weight_decay, self.cfg.train.betas)
         self.ema.num_updates = int(train_state["ema_updates"])
         torch.set_rng_state(train_state["torch_rng"])
         self.step = int(train_state["step"])
+        self.resume_history = list(meta.get("resume_history") or [])
+        changed = ckpt.compare_configs(meta.get("config", {}), to_dict(self.cfg), CHANGED_KEYS)
+        if changed:
+            self.resume_history.append({"step": self.step, "changed": changed})
+            if self.dist.is_main:
+                log.warning("resuming %s with changed settings (%s): the run continues from step %d with this run's "
+                            "values; the exported teacher records the change", path, "; ".join(changed), self.step)
         return path
 
     # ------------------------------------------------------------------ loop
@@ -303,7 +322,8 @@ class TeacherTrainer(RunLifecycle):
         if self.dist.is_main:
             export_teacher(self.ema.model, self.scheduler, folder, info={
                 "arch": self.cfg.model.arch, "image_size": self.cfg.data.image_size, "steps": self.step,
-                "data": self.cfg.data.root or "embedded procedural set", "config": to_dict(self.cfg)})
+                "data": self.cfg.data.root or "embedded procedural set", "config": to_dict(self.cfg),
+                **({"resume_history": self.resume_history} if self.resume_history else {})})
             self._print(f"teacher (EMA weights, diffusers layout): {os.path.abspath(folder)}")
             self._print(f"use it with: python -m dtfast.pretrain teacher.pretrained={os.path.abspath(folder)} "
                         f"data.image_size={self.cfg.data.image_size}")

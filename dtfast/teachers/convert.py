@@ -19,6 +19,7 @@ the converted UNet2DModel gives the same output for every supported variant.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -49,9 +50,21 @@ class AdmLayout:
     scale_shift: bool  # use_scale_shift_norm
 
 
+WRAPPER_KEYS = ("ema", "state_dict", "model")  # the EMA weights first: those are the ones a diffusion model samples
+
+
+def wrapped_weights(state: dict) -> str:
+    """Which entry of a training wrapper holds the weights (``ema`` before ``state_dict`` and ``model``), or "" for
+    a bare state dict (the released files)."""
+    if "input_blocks.0.0.weight" in state:
+        return ""
+    return next((key for key in WRAPPER_KEYS if isinstance(state.get(key), dict)), "")
+
+
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for key in ("state_dict", "model", "ema"):  # training wrappers; the released files are the bare state dict
-        if key in state and isinstance(state[key], dict) and "input_blocks.0.0.weight" not in state:
+    for _ in range(2):  # e.g. {"state_dict": {"ema": {...}}}
+        key = wrapped_weights(state)
+        if key:
             state = state[key]
     if all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -163,6 +176,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], num_head_channels: int = 
     config = diffusers_config(layout, num_head_channels, image_size)
     used: set[str] = set()
     out: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}  # diffusers key -> the checkpoint's key it came from
 
     def take(key: str) -> torch.Tensor:
         used.add(key)
@@ -171,6 +185,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], num_head_channels: int = 
     def copy(new: str, old: str) -> None:
         for suffix in ("weight", "bias"):
             out[f"{new}.{suffix}"] = take(f"{old}.{suffix}")
+            source[f"{new}.{suffix}"] = f"{old}.{suffix}"
 
     def resnet(new: str, old: str) -> None:
         copy(f"{new}.norm1", f"{old}.in_layers.0")
@@ -186,6 +201,14 @@ def convert_state_dict(state: dict[str, torch.Tensor], num_head_channels: int = 
         weight, bias = take(f"{old}.qkv.weight"), take(f"{old}.qkv.bias")  # (3C, C, 1), (3C,)
         channels = weight.shape[1]
         heads = channels // num_head_channels
+        proj = _get(state, f"{old}.proj_out.weight")
+        for key, tensor, shape in ((f"{old}.qkv.weight", weight, (3 * channels, channels, 1)),
+                                   (f"{old}.qkv.bias", bias, (3 * channels,)),
+                                   (f"{old}.proj_out.weight", proj, (channels, channels, 1))):
+            if tensor.numel() != math.prod(shape) or channels % num_head_channels:
+                raise ConversionError(f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)}; an attention "
+                                      f"block of {channels} channels with {num_head_channels}-channel heads needs "
+                                      f"{shape}")
         if attention_order == "legacy":  # output channels ordered (head, q|k|v, ch)
             weight = weight.reshape(heads, 3, num_head_channels, channels).transpose(0, 1)
             bias = bias.reshape(heads, 3, num_head_channels).transpose(0, 1)
@@ -231,6 +254,15 @@ def convert_state_dict(state: dict[str, torch.Tensor], num_head_channels: int = 
     if left:
         raise ConversionError(f"{len(left)} checkpoint tensors have no place in the converted model, e.g. {left[:6]}: "
                               "not an architecture this converter maps")
+    from diffusers import UNet2DModel
+
+    with torch.device("meta"):  # the shapes the architecture read from the checkpoint needs
+        expected = UNet2DModel(**config).state_dict()
+    for key, tensor in out.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ConversionError(f"checkpoint tensor {source.get(key, key)!r} has shape {tuple(tensor.shape)}; the "
+                                  f"UNet its other tensors describe needs {tuple(expected[key].shape)} there "
+                                  f"(diffusers {key!r})")
     return config, out
 
 
@@ -279,8 +311,14 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     if noise_schedule not in NOISE_SCHEDULES:
         raise ConversionError(f"noise_schedule must be one of {sorted(NOISE_SCHEDULES)}, got {noise_schedule!r}")
+    if int(diffusion_steps) <= 0:
+        raise ConversionError(f"diffusion_steps must be > 0, got {diffusion_steps}")
     state = load_checkpoint(checkpoint)
     config, converted = convert_state_dict(state, num_head_channels, attention_order, image_size)
+    factor = 2 ** (len(config["block_out_channels"]) - 1)
+    if int(image_size) <= 0 or int(image_size) % factor:
+        raise ConversionError(f"image_size={image_size}: this UNet downsamples {factor}x, so the size must be a "
+                              f"positive multiple of {factor}")
     with torch.device("meta"):  # no random initialisation of weights that are replaced right away
         unet = UNet2DModel(**config)
     missing, unexpected = unet.load_state_dict(converted, strict=False, assign=True)
@@ -297,6 +335,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
         scheduler = DDPMScheduler.from_config(scheduler.config, beta_start=scale * 1e-4, beta_end=scale * 0.02)
     source = Path(checkpoint)
     info = {"source": "guided-diffusion checkpoint", "file": source.name, "bytes": source.stat().st_size,
+            "weights": wrapped_weights(state) or "the state dict",
             "sha256": _sha256(source), "num_head_channels": num_head_channels, "attention_order": attention_order,
             "noise_schedule": noise_schedule, "diffusion_steps": int(diffusion_steps), "image_size": int(image_size),
             "converted_by": "python -m dtfast.convert_adm"}

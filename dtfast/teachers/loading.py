@@ -119,6 +119,9 @@ def detect_layout(folder: Path) -> tuple[str, Path]:
             return "pixel", candidate
         if unet_class is not None and unet_class not in LATENT_UNETS:
             raise ValueError(f"{candidate}/config.json: {unet_class} is not a supported teacher UNet (UNet2DModel)")
+    if (folder / "teacher" / TEACHER_INFO).is_file():
+        raise ValueError(f"{folder} is a dtfast.train_teacher run folder; its teacher is {folder / 'teacher'}: pass "
+                         f"teacher.pretrained={folder / 'teacher'}")
     entries = sorted(p.name for p in folder.iterdir())[:20]
     raise ValueError(
         f"{folder}: no diffusers teacher found. Expected a UNet2DModel (config.json + diffusion_pytorch_model"
