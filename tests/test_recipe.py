@@ -96,6 +96,7 @@ def test_control_of_a_given_teacher_has_its_architecture_and_scheduler(tmp_path)
     from dtfast.teachers.build import export_teacher
     from recipes.small_scale import parse_args, random_teacher
 
+    torch.manual_seed(123)  # not the control's init seed (0): its weights must differ from these
     unet = UNet2DModel(sample_size=32, block_out_channels=(16, 24, 24, 32, 32, 32), norm_num_groups=8,
                        layers_per_block=1, down_block_types=("DownBlock2D",) * 6, up_block_types=("UpBlock2D",) * 6)
     given = str(tmp_path / "given")
