@@ -59,3 +59,17 @@ def mkdtemp(dir: str, prefix: str) -> str:  # noqa: A002 - tempfile's name
         os.rmdir(path)
         raise
     return path
+
+
+def replace_folder(tmp: str, dest: str) -> None:
+    """Put the complete folder ``tmp`` at ``dest``, replacing an older ``dest``: the old one is moved to
+    ``dest.old`` first and deleted after, so an interruption leaves the old folder or the new one (or ``dest.old``
+    to recover), never half of one."""
+    import shutil
+
+    old = dest + ".old"
+    shutil.rmtree(old, ignore_errors=True)  # left by a replacement that stopped between the two renames
+    if os.path.exists(dest):
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)

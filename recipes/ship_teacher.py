@@ -162,12 +162,7 @@ def ship(source: str, name: str, machine: str, assets: str) -> str:
             if not (copy.isfinite().all() and error <= 2e-2):  # NaN compares false: it fails here
                 raise ShipError(f"the fp16 copy's level-{level} features differ from the original's by {error:.3g} "
                                 "(relative) or are not finite; nothing was replaced")
-        old = dest + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(dest):
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        _files.replace_folder(tmp, dest)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

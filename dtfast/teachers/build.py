@@ -175,12 +175,7 @@ def export_teacher(unet: nn.Module, scheduler, folder: str | os.PathLike, info: 
         teacher = build_teacher(pretrained=tmp, timestep=0, strides=strides)
         size = int(info["image_size"])
         teacher.feature_shapes(size, size)  # raises if the folder is not a usable teacher at this size
-        old = folder + ".old"
-        shutil.rmtree(old, ignore_errors=True)  # left by an export that stopped between the two renames
-        if os.path.exists(folder):
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        _files.replace_folder(tmp, folder)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
