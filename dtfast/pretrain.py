@@ -11,7 +11,9 @@ With no arguments it runs the embedded demo (procedural images, small teacher, R
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
@@ -42,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg)
     except (ValueError, OSError) as exc:  # set-up: a teacher folder, student arch or data that cannot be used
-        print(f"dtfast.pretrain: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if os.environ.get("DTFAST_TRACEBACK") == "1":
+            raise
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        print(f"dtfast.pretrain: {type(exc).__name__}: {exc} (raised at {where.filename}:{where.lineno}; "
+              "DTFAST_TRACEBACK=1 shows the whole traceback)", file=sys.stderr)
         return 2
     try:
         if cfg.train.export_only:

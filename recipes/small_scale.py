@@ -76,8 +76,9 @@ STEP_KEY = "recipe_step.json"
 def claim_step(folder: str, key: dict, key_file: str = "") -> None:
     """Record what a step runs with in ``folder/recipe_step.json`` before it runs, or check that an earlier record
     matches: a step whose output exists is skipped (an interrupted recipe continues), so a rerun with other
-    arguments must not find and reuse, or resume, a run made with the old ones. A folder from before these records
-    is adopted as it is. ``key_file``: where the record goes when not in ``folder`` (a folder replaced whole)."""
+    arguments must not find and reuse, or resume, a run made with the old ones. A non-empty folder without a record
+    (an older recipe's) is refused too: what made it is unknown. ``key_file``: where the record goes when not in
+    ``folder`` (a folder replaced whole)."""
     path = key_file or os.path.join(folder, STEP_KEY)
     if os.path.isfile(path):
         with open(path) as fh:
@@ -88,6 +89,9 @@ def claim_step(folder: str, key: dict, key_file: str = "") -> None:
             raise RecipeError(f"{folder} holds this step run with other settings ({'; '.join(diffs)[:600]}); rerun "
                               "with the same arguments to continue it, or use another --out (or delete the folder)")
         return
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise RecipeError(f"{folder} holds a run without a record of its settings (made by an older version of "
+                          "this recipe?): use another --out, or delete the folder to run the step again")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     from dtfast.train.checkpoint import atomic_write_text
 
@@ -100,6 +104,22 @@ def file_identity(path: str) -> str:
 
     with open(path, "rb") as fh:
         return hashlib.sha256(fh.read()).hexdigest()[:16]
+
+
+def teacher_identity(teacher: str) -> str:
+    """What distinguishes one teacher folder's weights from another's: its dtfast_teacher.json (dtfast's exports),
+    else the UNet's config and the size and time of its weight files (any diffusers folder)."""
+    info = os.path.join(teacher, "dtfast_teacher.json")
+    if os.path.isfile(info):
+        return file_identity(info)
+    from pathlib import Path
+
+    from dtfast.teachers.loading import detect_layout
+
+    _, model = detect_layout(Path(teacher))
+    weights = sorted(str(p.relative_to(teacher)) + f":{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                     for p in Path(teacher).rglob("*") if p.suffix in (".safetensors", ".bin"))
+    return file_identity(str(model / "config.json")) + "|" + ",".join(weights)
 
 
 def run(cmd: list[str], log: str) -> None:
@@ -182,7 +202,7 @@ def distil(args: argparse.Namespace, teacher: str, name: str, seed: int) -> str:
             f"train.warmup_steps={max(1, args.distill_steps // 10)}"]
     # the teacher's own record: a teacher trained again (other weights, same folder) is another distillation
     claim_step(out, {"step": "distillation", "keys": keys,
-                     "teacher_info": file_identity(os.path.join(teacher, "dtfast_teacher.json"))})
+                     "teacher": teacher_identity(teacher)})
     if os.path.isfile(backbone):
         return backbone
     run([sys.executable, "-m", "dtfast.pretrain", f"out={out}", *keys, f"data.num_workers={args.workers}",

@@ -183,7 +183,7 @@ def test_an_unwritable_checkpoint_folder_is_found_before_training(tmp_path, caps
 
 
 def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
-    from dtfast.train.lifecycle import _LOCKS, _lock
+    from dtfast.train.lifecycle import _lock, _unlock
 
     out = tmp_path / "run"
     out.mkdir()
@@ -197,7 +197,81 @@ def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
         assert "in use by a running job" in proc.stderr and f"pid {os.getpid()}" in proc.stderr
         assert not (out / "metrics.jsonl").exists()
     finally:
-        _LOCKS.pop(os.path.abspath(lock)).close()
+        _unlock(lock)
     trainer = _run(str(out), 1)  # free again; and a second trainer of one process may take it after the first
     assert trainer.step == 1
     shutil.rmtree(out / "checkpoints")
+
+
+def test_a_filesystem_without_locks_warns_and_runs(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from dtfast.train.lifecycle import _LOCKS, _lock
+
+    def no_locks(*a, **k):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with pytest.warns(UserWarning, match="no POSIX locks"):
+        assert _lock(str(tmp_path / ".lock")) is None
+    assert not _LOCKS
+
+
+def test_two_trainers_of_one_process_share_the_lock(tmp_path):
+    from dtfast.train.lifecycle import _LOCKS, _lock
+
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    first, second = _trainer(out, 1), _trainer(out, 1)
+    try:
+        first.lock_out_folder()
+        second.lock_out_folder()
+        first.close()  # the second still holds it: another process is kept out
+        assert os.path.abspath(os.path.join(out, ".lock")) in _LOCKS
+    finally:
+        second.close()
+    assert not _LOCKS and _lock(os.path.join(out, ".lock")) is None
+    from dtfast.train.lifecycle import _unlock
+
+    _unlock(os.path.join(out, ".lock"))
+
+
+def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    _run(out, 4)
+    for step in (2, 4):
+        model = os.path.join(out, "checkpoints", f"step_{step}", "model.safetensors")
+        with open(model, "r+b") as fh:
+            fh.truncate(os.path.getsize(model) - 10)
+    with pytest.warns(UserWarning, match="is skipped"):
+        assert _main(out, 6) == 2
+    err = capsys.readouterr().err
+    assert "every checkpoint" in err and "is damaged" in err and "train.resume=never" in err
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step_2", "step_4"]
+
+
+@pytest.mark.multiproc
+def test_a_write_failing_on_one_rank_stops_every_rank_together(tmp_path):
+    # rank 1's failed write used to leave rank 0 on the success path, waiting in a collective rank 1 never joined
+    script = tmp_path / "fail_rank1.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "real = torch.save\n"
+        "def save(obj, path, *a, **k):\n"
+        "    if os.environ.get('RANK') == '1' and str(path).endswith('rank_1.pt') and 'step_3' in str(path):\n"
+        "        raise OSError(28, 'No space left on device')\n"
+        "    return real(obj, path, *a, **k)\n"
+        "torch.save = save\n"
+        "from dtfast.pretrain import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), f"out={out}", "train.max_steps=3", *SMALL],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert text.count(".tmp_step_3: writing failed") >= 2, text[-4000:]  # both ranks say why, neither hangs
+    assert os.path.isfile(out / "backbone.safetensors")  # exported all the same
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_2"]

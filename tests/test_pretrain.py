@@ -233,4 +233,10 @@ def test_set_up_errors_are_one_line_and_a_teacher_run_folder_is_named(tmp_path, 
     assert main([f"out={tmp_path / 'out'}", f"teacher.pretrained={run}", *SMALL]) == 2
     err = capsys.readouterr().err
     assert "is a dtfast.train_teacher run folder" in err and f"teacher.pretrained={run / 'teacher'}" in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "raised at" in err and "loading.py" in err
+    os.environ["DTFAST_TRACEBACK"] = "1"  # a bug that looks like a user error can still be traced
+    try:
+        with pytest.raises(ValueError, match="train_teacher run folder"):
+            main([f"out={tmp_path / 'out'}", f"teacher.pretrained={run}", *SMALL])
+    finally:
+        del os.environ["DTFAST_TRACEBACK"]

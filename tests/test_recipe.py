@@ -151,3 +151,23 @@ def test_glyph_folder_refuses_to_mix_with_older_images(tmp_path, capsys):
 
     files = [p for p in (tmp_path / "g" / "train").rglob("*.png")]
     assert len(files) == 10 and {Image.open(p).size for p in files} == {(48, 48)}
+
+
+def test_older_folders_are_refused_and_plain_diffusers_teachers_are_identified(tmp_path):
+    import shutil
+
+    from recipes.small_scale import RecipeError, claim_step, teacher_identity
+
+    old = tmp_path / "old_run"
+    old.mkdir()
+    (old / "backbone.safetensors").write_bytes(b"x")  # an older recipe's output, no record of its settings
+    with pytest.raises(RecipeError, match="without a record of its settings"):
+        claim_step(str(old), {"keys": []})
+    plain = tmp_path / "plain"  # a diffusers folder that dtfast did not write: no dtfast_teacher.json
+    shutil.copytree(os.path.join(ROOT, "dtfast", "assets", "teacher_tiny32", "unet"), plain / "unet")
+    first = teacher_identity(str(plain))
+    assert first == teacher_identity(str(plain))
+    weights = plain / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"")
+    os.utime(weights, ns=(1, 1))
+    assert teacher_identity(str(plain)) != first  # other weights (here: another time) are another teacher

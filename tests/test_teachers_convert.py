@@ -232,3 +232,10 @@ def test_cli_refuses_bad_steps_and_sizes(tmp_path, capsys):
     assert "diffusion_steps must be > 0" in capsys.readouterr().err
     assert convert_main([str(path), str(tmp_path / "b"), "--num-head-channels", "16", "--image-size", "30"]) == 2
     assert "positive multiple of 32" in capsys.readouterr().err
+
+
+def test_an_ema_entry_without_weights_is_not_taken_for_them():
+    model = _state(seed=0)
+    _, plain = convert_state_dict(model, num_head_channels=16)
+    _, converted = convert_state_dict({"model": model, "ema": {"decay": torch.tensor(0.999)}}, num_head_channels=16)
+    assert all(torch.equal(converted[k], plain[k]) for k in plain)

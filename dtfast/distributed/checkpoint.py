@@ -93,15 +93,26 @@ class CheckpointError(OSError):
     """A checkpoint that cannot be written or read (disk full, damaged or truncated files); names the folder."""
 
 
-def _write_failed(tmp: str, exc: BaseException) -> CheckpointError:
-    """Remove a failed write's folder (it would fill the disk and block restarts) and say why, with the free space."""
-    shutil.rmtree(tmp, ignore_errors=True)
+def _write_failed(tmp: str, exc: BaseException) -> str:
+    """Why a write failed, with the free space there (the message of the CheckpointError every rank raises)."""
     try:
         free = f"{shutil.disk_usage(os.path.dirname(tmp)).free / 2**30:.2f} GiB free there"
     except OSError:
         free = "free space unknown"
-    return CheckpointError(f"checkpoint {tmp}: writing failed ({type(exc).__name__}: {str(exc)[:300]}; {free}); the "
-                           "previous checkpoint is kept")
+    return (f"checkpoint {tmp}: writing failed ({type(exc).__name__}: {str(exc)[:300]}; {free}); the previous "
+            "checkpoint is kept")
+
+
+def _first_error(error: str | None, world_size: int) -> str | None:
+    """Any rank's error, on every rank (collective: also the barrier of the step it ends), so that all ranks raise
+    together instead of some waiting in a collective the others never reach."""
+    import torch.distributed as dist
+
+    if world_size > 1 and dist.is_initialized():
+        errors: list[str | None] = [None] * world_size
+        dist.all_gather_object(errors, error)
+        return next((e for e in errors if e), None)
+    return error
 
 
 def _manifest(folder: str) -> dict[str, int]:
@@ -123,6 +134,7 @@ def save(engine, out: str, step: int, meta: dict[str, Any], dist_info, keep_last
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a write of this step killed midway
     _barrier(dist_info.world_size)
+    error = None
     try:
         os.makedirs(tmp, exist_ok=True)
         if engine.name == "deepspeed":
@@ -132,21 +144,28 @@ def save(engine, out: str, step: int, meta: dict[str, Any], dist_info, keep_last
             torch.save(engine.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(rng_state(dist_info.device), os.path.join(tmp, f"rank_{dist_info.rank}.pt"))
     except (OSError, RuntimeError) as exc:  # disk full: torch.save says "unexpected pos", naming nothing
-        raise _write_failed(tmp, exc) from exc
-    _barrier(dist_info.world_size)
-    if dist_info.is_main:
-        record = {"step": step, "engine": engine.name, "world_size": dist_info.world_size,
-                  "zero_stage": getattr(engine, "zero_stage", None), **meta, "files": _manifest(tmp)}
+        error = _write_failed(tmp, exc)
+    error = _first_error(error, dist_info.world_size)  # every part is written (or some rank failed)
+    if error is None and dist_info.is_main:
         try:
+            # the parts are on disk before the folder can be named complete (a power loss), and their sizes are
+            # read after that (on a shared filesystem, other nodes' writes are visible once flushed)
+            _fsync_tree(tmp)
+            record = {"step": step, "engine": engine.name, "world_size": dist_info.world_size,
+                      "zero_stage": getattr(engine, "zero_stage", None), **meta, "files": _manifest(tmp)}
             with open(os.path.join(tmp, META), "w") as fh:
                 json.dump(record, fh, indent=2, default=str)
                 fh.flush()
                 os.fsync(fh.fileno())
-            _fsync_tree(tmp)  # the parts are on disk before the folder can be named as complete (a power loss)
+            ckpt._fsync_dir(tmp)
+            _commit(root, tmp, final, step, keep_last)
         except OSError as exc:
-            raise _write_failed(tmp, exc) from exc
-        _commit(root, tmp, final, step, keep_last)
-    _barrier(dist_info.world_size)
+            error = _write_failed(tmp, exc)
+    if error is not None and dist_info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial folder would fill the disk and block restarts
+    error = _first_error(error, dist_info.world_size)
+    if error is not None:
+        raise CheckpointError(error)
     return final
 
 

@@ -53,12 +53,18 @@ class AdmLayout:
 WRAPPER_KEYS = ("ema", "state_dict", "model")  # the EMA weights first: those are the ones a diffusion model samples
 
 
+def _holds_unet(state: dict) -> bool:
+    return any(isinstance(k, str) and k.endswith("input_blocks.0.0.weight") for k in state)  # "module." too
+
+
 def wrapped_weights(state: dict) -> str:
-    """Which entry of a training wrapper holds the weights (``ema`` before ``state_dict`` and ``model``), or "" for
-    a bare state dict (the released files)."""
-    if "input_blocks.0.0.weight" in state:
+    """Which entry of a training wrapper holds the weights, or "" for a bare state dict (the released files): the
+    first of ``ema``, ``state_dict``, ``model`` that holds the UNet's tensors (an ``ema`` entry with only EMA
+    bookkeeping does not), else the first that is a dict (a wrapper inside a wrapper)."""
+    if _holds_unet(state):
         return ""
-    return next((key for key in WRAPPER_KEYS if isinstance(state.get(key), dict)), "")
+    dicts = [key for key in WRAPPER_KEYS if isinstance(state.get(key), dict)]
+    return next((key for key in dicts if _holds_unet(state[key])), dicts[0] if dicts else "")
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

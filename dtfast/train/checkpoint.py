@@ -125,13 +125,14 @@ def _prune(root: str, keep_last: int) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def read_latest(out: str, check=None) -> str | None:
+def read_latest(out: str, check=None, skipped: list[str] | None = None) -> str | None:
     """The newest complete checkpoint folder under ``out``, or None.
 
     The one ``latest`` names (a name ``step_<N>`` inside ``checkpoints/``; while ``step_<N>`` is being replaced by a
     save of the same step, its copy ``.tmp_replaced_step_<N>``), else the highest-numbered complete one. ``check``
     (path -> None, raising OSError/ValueError for a damaged folder) is applied to each candidate in that order: a
-    damaged checkpoint is skipped, with a warning that names it and why, for the one before it."""
+    damaged checkpoint is skipped, with a warning that names it and why, for the one before it (and listed in
+    ``skipped``: when every one is damaged the caller must not take "None" for "no checkpoint")."""
     root = checkpoint_dir(out)
     if not os.path.isdir(root):
         return None
@@ -152,6 +153,8 @@ def read_latest(out: str, check=None) -> str | None:
             except (OSError, ValueError) as exc:
                 warnings.warn(f"checkpoint {path} is skipped: {exc}; resuming from the one before it, if any",
                               stacklevel=2)
+                if skipped is not None:
+                    skipped.append(str(exc))
                 continue
         return path
     return None

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 from typing import Any
 
 from dtfast.train import checkpoint as ckpt
 from dtfast.train.distributed import barrier, broadcast_object
 
-_LOCKS: dict[str, Any] = {}  # path -> open file holding its lock (this process)
+_LOCKS: dict[str, list] = {}  # path -> [open file holding its lock, trainers of this process using it]
 
 
 class RunLocked(RuntimeError):
@@ -26,32 +27,52 @@ class RunLocked(RuntimeError):
 
 
 def _lock(path: str) -> str | None:
-    """Take the lock file at ``path`` (kept until the process ends); None, or why it cannot be taken."""
+    """Take the lock file at ``path`` (kept until released or the process ends); None, or why it cannot be taken.
+
+    Only "held by another process" refuses the run. A filesystem without POSIX locks (some Lustre and NFSv3 mounts)
+    or a lock file this user cannot open is a warning: the run goes on, unguarded."""
+    import errno
     import fcntl
     import socket
 
     path = os.path.abspath(path)
     if path in _LOCKS:  # this process holds it already (a second trainer in one process: tests, the recipe)
+        _LOCKS[path][1] += 1
         return None
-    fh = open(path, "a+")  # noqa: SIM115 - held open for the life of the process
+    try:
+        fh = open(path, "a+")  # noqa: SIM115 - held open while the run lasts
+    except OSError as exc:
+        warnings.warn(f"cannot open the run lock {path} ({exc}); a second job into this folder is not kept out",
+                      stacklevel=3)
+        return None
     try:
         fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):  # ENOLCK, EOPNOTSUPP, ENOSYS: no locks on this mount
+            fh.close()
+            warnings.warn(f"cannot lock {path} ({exc}: this filesystem has no POSIX locks?); a second job into this "
+                          "folder is not kept out", stacklevel=3)
+            return None
         fh.seek(0)
         holder = fh.read().strip() or "another process"
         fh.close()
         return (f"{os.path.dirname(path)} is in use by a running job ({holder}, holding {path}): wait for it to "
                 "end or kill it (every worker process: torchrun starts each in its own session), or use another "
                 "out")
-    except AttributeError:  # no POSIX locks on this platform: nothing to check
-        fh.close()
-        return None
     fh.seek(0)
     fh.truncate()
     fh.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
     fh.flush()
-    _LOCKS[path] = fh
+    _LOCKS[path] = [fh, 1]
     return None
+
+
+def _unlock(path: str) -> None:
+    entry = _LOCKS.get(os.path.abspath(path))
+    if entry is not None:
+        entry[1] -= 1
+        if entry[1] <= 0:
+            _LOCKS.pop(os.path.abspath(path))[0].close()
 
 
 class RunLifecycle:
@@ -106,17 +127,18 @@ class RunLifecycle:
         would interleave their metrics and commit checkpoints over each other (``kill -9`` of torchrun's process
         group leaves its workers running, in sessions of their own)."""
         message = None
-        if self.dist.is_main:
+        if self.dist.is_main and not getattr(self, "_holds_lock", False):
             message = _lock(os.path.join(self.cfg.out, ".lock"))
+            self._holds_lock = message is None
         message = broadcast_object(message, self.dist)
         if message:
             raise RunLocked(message)
 
     def release_out_folder(self) -> None:
         """Give up ``<out>/.lock`` (at ``close``; the end of the process frees it anyway)."""
-        fh = _LOCKS.pop(os.path.abspath(os.path.join(self.cfg.out, ".lock")), None)
-        if fh is not None:
-            fh.close()
+        if getattr(self, "_holds_lock", False):
+            self._holds_lock = False
+            _unlock(os.path.join(self.cfg.out, ".lock"))
 
     def maybe_resume(self) -> None:
         """Continue from the checkpoint train.resume names (metrics cut back to its step), or, starting from step 0

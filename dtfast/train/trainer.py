@@ -208,10 +208,19 @@ class Trainer(RunLifecycle):
         if mode in ("never", ""):
             return None
         # rank 0 decides, so that every rank loads the same checkpoint (or none); damaged ones are skipped there
-        path = None
+        path, error = None, None
         if self.dist.is_main:
-            path = ckpt.read_latest(self.cfg.out, check=dist_ckpt.verify) if mode == "auto" else mode
-        path = broadcast_object(path, self.dist)
+            path = mode
+            if mode == "auto":
+                skipped: list[str] = []
+                path = ckpt.read_latest(self.cfg.out, check=dist_ckpt.verify, skipped=skipped)
+                if path is None and skipped:  # not "no checkpoint": a fresh start would replace them all
+                    error = (f"every checkpoint in {ckpt.checkpoint_dir(self.cfg.out)} is damaged ("
+                             f"{'; '.join(skipped)[:800]}): nothing to resume from. Restore a copy, or start over "
+                             "with train.resume=never (which moves them aside)")
+        path, error = broadcast_object((path, error), self.dist)
+        if error:
+            raise dist_ckpt.CheckpointError(error)
         if path is None:
             return None
         if not os.path.isdir(path):
