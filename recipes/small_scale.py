@@ -308,14 +308,18 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         print(f"[recipe] {row:<28} seed {seed}: linear {100 * r['linear_top1']:.2f}%  "
               f"k-NN {100 * r.get('knn_top1', float('nan')):.2f}%", flush=True)
 
+    def label(step: str, output: str) -> str:
+        """The timing key of a step: steps whose output an earlier run made are counted apart (they took ~0 s)."""
+        return f"{step} (made by an earlier run)" if os.path.isfile(os.path.join(args.out, output)) else step
+
     for seed in args.seeds:  # one seed at a time: the table is rewritten after each, so partial runs report
         evaluate("random init", seed, "random")
-        evaluate("distilled, trained teacher", seed,
-                 timed("distillation", distil, args, teacher, "distill_trained", seed))
-        evaluate("distilled, random teacher", seed,
-                 timed("distillation", distil, args, control, "distill_random", seed))
-        evaluate("supervised (upper bound)", seed,
-                 timed("supervised", supervised, args, data.num_classes, seed))
+        for row, name, source in (("distilled, trained teacher", "distill_trained", teacher),
+                                  ("distilled, random teacher", "distill_random", control)):
+            step = label("distillation", os.path.join(f"{name}_s{seed}", "backbone.safetensors"))
+            evaluate(row, seed, timed(step, distil, args, source, name, seed))
+        step = label("supervised", os.path.join(f"supervised_s{seed}", "done.json"))
+        evaluate("supervised (upper bound)", seed, timed(step, supervised, args, data.num_classes, seed))
         timings["total"] = time.perf_counter() - start + earlier
         record = {"command": command, "machine": machine(), "args": vars(args), "teacher": teacher,
                   "data": data.description, "summary": summarise(results), "per_seed": results,

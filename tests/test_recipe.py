@@ -68,7 +68,9 @@ def test_quick_recipe_reruns_continue_and_other_arguments_are_refused(tmp_path):
     assert all(set(seeds) == {"0"} for seeds in record["per_seed"].values())
     again = recipe()
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((tmp_path / "results.json").read_text())["per_seed"] == record["per_seed"]
+    rerun = json.loads((tmp_path / "results.json").read_text())
+    assert rerun["per_seed"] == record["per_seed"]
+    assert "distillation (made by an earlier run)" in rerun["timings_s"] and "distillation" not in rerun["timings_s"]
     other = recipe("--timestep", "150")
     assert other.returncode == 2 and "other settings" in other.stderr and "teacher.timestep=50" in other.stderr
     assert "Traceback" not in other.stderr
