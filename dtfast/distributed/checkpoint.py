@@ -19,7 +19,7 @@ A rank whose write fails removes what it wrote and raises ``CheckpointError`` na
 start-up (``dtfast.train.distributed.check_shared_folder``).
 
 A crash at any moment leaves ``latest`` naming a complete folder (or its ``.tmp_replaced_`` copy); leftovers
-``.tmp_*`` are removed by the next save and at start-up (``remove_leftovers``).
+``.tmp_*`` are removed by the next save and at start-up (``prepare_folder``).
 Loading reads safetensors, ``torch.load(weights_only=True)`` and, for DeepSpeed, DeepSpeed's loader with the safe
 checkpoint engine of ``dtfast.distributed.safe_load``.
 """
@@ -169,20 +169,16 @@ def save(engine, out: str, step: int, meta: dict[str, Any], dist_info, keep_last
     return final
 
 
-def remove_leftovers(out: str) -> None:
-    """Delete ``.tmp_step_*`` folders of writes that were killed or failed (main rank, at start-up, before anything
-    is written: on a full disk they would block the restart). ``.tmp_replaced_*`` copies stay until a save."""
+def prepare_folder(out: str) -> None:
+    """At start-up, before anything is written (main rank): delete the ``.tmp_step_*`` folders of writes that were
+    killed or failed (on a full disk they would block the restart; ``.tmp_replaced_*`` copies stay until a save),
+    then create ``<out>/checkpoints`` and write a file there, so that a folder that cannot take the checkpoints is
+    found before the training, not at its first save."""
     root = ckpt.checkpoint_dir(out)
     if os.path.isdir(root):
         for name in os.listdir(root):
             if name.startswith(".tmp_step_"):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def check_writable(out: str) -> None:
-    """Create ``<out>/checkpoints`` and write a file there (main rank, at start-up): a folder that cannot take the
-    checkpoints is found before the training, not at its first save."""
-    root = ckpt.checkpoint_dir(out)
     probe = os.path.join(root, f".tmp_write_check_{os.getpid()}")
     try:
         os.makedirs(root, exist_ok=True)
@@ -219,9 +215,14 @@ def read_meta(path: str) -> dict[str, Any]:
 
 
 def verify(path: str) -> dict[str, Any]:
-    """``read_meta`` plus the files the meta lists, each present with its recorded size (checkpoints written before
-    the manifest have none to check); CheckpointError naming the first file that is missing or truncated."""
+    """``read_meta`` plus the step of a ``step_<N>`` folder and the files the meta lists, each present with its
+    recorded size (checkpoints written before the manifest have none to check); CheckpointError naming the first
+    that disagrees."""
     meta = read_meta(path)
+    folder = os.path.basename(os.path.normpath(path)).replace(".tmp_replaced_", "")
+    if folder.startswith("step_") and folder[5:].isdigit() and int(folder[5:]) != int(meta["step"]):
+        raise CheckpointError(f"checkpoint {path}: its meta.json says step {meta['step']}, the folder name step "
+                              f"{folder[5:]}; was it edited or copied over another?")
     for name, size in (meta.get("files") or {}).items():
         file = os.path.join(path, name)
         actual = os.path.getsize(file) if os.path.isfile(file) else None

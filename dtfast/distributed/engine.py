@@ -28,15 +28,6 @@ from torch import nn
 log = logging.getLogger("dtfast.distributed")
 
 
-
-def set_group_hyperparameters(groups: list[dict], weight_decay: float, betas) -> None:
-    """The config's weight decay and betas on ``dtfast.train.optim.param_groups``' groups (decay group first, then
-    the no-decay one): a resumed optimizer state brings the checkpoint's values back with it."""
-    for index, group in enumerate(groups):
-        group["weight_decay"] = float(weight_decay) if index == 0 else 0.0
-        if "betas" in group:
-            group["betas"] = tuple(float(b) for b in betas)
-
 class DDPEngine:
     """Plain torch DDP (or a single process): the reference the DeepSpeed engine is tested against."""
 
@@ -65,9 +56,6 @@ class DDPEngine:
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-
-    def set_hyperparameters(self, weight_decay: float, betas) -> None:
-        set_group_hyperparameters(self.optimizer.param_groups, weight_decay, betas)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -143,9 +131,6 @@ class DeepSpeedEngine:
         # dtfast owns the schedule: the groups DeepSpeed's wrapper exposes are the client optimizer's groups
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-
-    def set_hyperparameters(self, weight_decay: float, betas) -> None:
-        set_group_hyperparameters(self.engine.optimizer.param_groups, weight_decay, betas)
 
     def zero_grad(self) -> None:
         # DeepSpeed clears the gradients itself after each optimizer step; this only checks we are at a boundary

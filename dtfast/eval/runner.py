@@ -76,8 +76,8 @@ def load_probe_data(cfg: EvalConfig) -> ProbeData:
         raise ProbeDataError(f"{found.group(0) if found else exc}; dtfast.evaluate does not skip undecodable files "
                              "(another image would be scored in its place): fix or remove it") from exc
     what = d.root or f"procedural(seed={d.seed}, classes={d.num_classes})"
-    data = ProbeData(train_images, train_labels, val_images, val_labels, f"{what} at {d.image_size}px")
-    data.shared_images = count_shared_images(train_images, val_images)
+    data = ProbeData(train_images, train_labels, val_images, val_labels, f"{what} at {d.image_size}px",
+                     shared_images=count_shared_images(train_images, val_images))
     if data.shared_images:
         warnings.warn(f"dtfast.evaluate: {data.shared_images} val image(s) of {_split_name(d.root, 'val')} are "
                       f"pixel-identical to train images (after the {d.image_size}px centre crop): the val score "

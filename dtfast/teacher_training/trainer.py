@@ -29,11 +29,10 @@ import torch
 from torch import nn
 
 from dtfast.teacher_training.config import ConfigError, TeacherTrainConfig, to_dict
-from dtfast.distributed.engine import set_group_hyperparameters
 from dtfast.teachers.build import export_teacher
 from dtfast.train import checkpoint as ckpt
 from dtfast.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier, init_distributed, shutdown
-from dtfast.train.optim import build_optimizer, lr_at, set_lr
+from dtfast.train.optim import build_optimizer, lr_at, set_hyperparameters, set_lr
 from dtfast.train.lifecycle import RunLifecycle
 
 log = logging.getLogger("dtfast.train_teacher")
@@ -194,7 +193,7 @@ class TeacherTrainer(RunLifecycle):
             module.load_state_dict(part, strict=True)
         self.optimizer.load_state_dict(train_state["optimizer"])
         # the optimizer state brought the checkpoint's weight decay and betas back: this run's values apply
-        set_group_hyperparameters(self.optimizer.param_groups, self.cfg.train.weight_decay, self.cfg.train.betas)
+        set_hyperparameters(self.optimizer, self.cfg.train.weight_decay, self.cfg.train.betas)
         self.ema.num_updates = int(train_state["ema_updates"])
         torch.set_rng_state(train_state["torch_rng"])
         self.step = int(train_state["step"])

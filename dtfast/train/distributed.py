@@ -92,6 +92,20 @@ def broadcast_object(obj, info: DistInfo, src: int = 0):
     return box[0]
 
 
+def main_rank_check(check, info: DistInfo, error_type: type[Exception]) -> None:
+    """Run ``check()`` on the main rank only; when it raises ``error_type``, every rank raises it, with its message
+    (the other ranks would otherwise wait in the next collective for a rank that has left)."""
+    message = None
+    if info.is_main:
+        try:
+            check()
+        except error_type as exc:
+            message = str(exc)
+    message = broadcast_object(message, info)
+    if message:
+        raise error_type(message)
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank if ``flag`` is true on any rank (used for preemption signals)."""
     if not (info.enabled and dist.is_initialized()):

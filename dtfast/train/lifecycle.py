@@ -17,7 +17,7 @@ import warnings
 from typing import Any
 
 from dtfast.train import checkpoint as ckpt
-from dtfast.train.distributed import barrier, broadcast_object
+from dtfast.train.distributed import barrier, main_rank_check
 
 _LOCKS: dict[str, list] = {}  # path -> [open file holding its lock, trainers of this process using it]
 
@@ -26,8 +26,9 @@ class RunLocked(RuntimeError):
     """Another process is running in the same ``out`` folder."""
 
 
-def _lock(path: str) -> str | None:
-    """Take the lock file at ``path`` (kept until released or the process ends); None, or why it cannot be taken.
+def _lock(path: str) -> None:
+    """Take the lock file at ``path`` (kept until released or the process ends); RunLocked when another process
+    holds it.
 
     Only "held by another process" refuses the run. A filesystem without POSIX locks (some Lustre and NFSv3 mounts)
     or a lock file this user cannot open is a warning: the run goes on, unguarded."""
@@ -38,13 +39,13 @@ def _lock(path: str) -> str | None:
     path = os.path.abspath(path)
     if path in _LOCKS:  # this process holds it already (a second trainer in one process: tests, the recipe)
         _LOCKS[path][1] += 1
-        return None
+        return
     try:
         fh = open(path, "a+")  # noqa: SIM115 - held open while the run lasts
     except OSError as exc:
         warnings.warn(f"cannot open the run lock {path} ({exc}); a second job into this folder is not kept out",
                       stacklevel=3)
-        return None
+        return
     try:
         fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -52,19 +53,18 @@ def _lock(path: str) -> str | None:
             fh.close()
             warnings.warn(f"cannot lock {path} ({exc}: this filesystem has no POSIX locks?); a second job into this "
                           "folder is not kept out", stacklevel=3)
-            return None
+            return
         fh.seek(0)
         holder = fh.read().strip() or "another process"
         fh.close()
-        return (f"{os.path.dirname(path)} is in use by a running job ({holder}, holding {path}): wait for it to "
-                "end or kill it (every worker process: torchrun starts each in its own session), or use another "
-                "out")
+        raise RunLocked(f"{os.path.dirname(path)} is in use by a running job ({holder}, holding {path}): wait for "
+                        "it to end or kill it (every worker process: torchrun starts each in its own session), or use "
+                        "another out")
     fh.seek(0)
     fh.truncate()
     fh.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
     fh.flush()
     _LOCKS[path] = [fh, 1]
-    return None
 
 
 def _unlock(path: str) -> None:
@@ -87,6 +87,7 @@ class RunLifecycle:
         self._signals_while_stopping = 0
         self._in_loop = False
         self._old_handlers: dict[int, Any] = {}
+        self._holds_lock = False  # <out>/.lock taken (held by the main rank)
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         if not self._in_loop:
@@ -122,21 +123,17 @@ class RunLifecycle:
 
     # ---------------------------------------------------------------- start
     def lock_out_folder(self) -> None:
-        """Hold ``<out>/.lock`` for the life of this process (main rank; a POSIX record lock, freed when the process
-        ends, however it ends). A second run into the same folder stops with RunLocked naming the holder: two runs
+        """Hold ``<out>/.lock`` until ``close`` (main rank; a POSIX record lock, also freed when the process ends,
+        however it ends). A second run into the same folder stops with RunLocked naming the holder: two runs
         would interleave their metrics and commit checkpoints over each other (``kill -9`` of torchrun's process
         group leaves its workers running, in sessions of their own)."""
-        message = None
-        if self.dist.is_main and not getattr(self, "_holds_lock", False):
-            message = _lock(os.path.join(self.cfg.out, ".lock"))
-            self._holds_lock = message is None
-        message = broadcast_object(message, self.dist)
-        if message:
-            raise RunLocked(message)
+        if not self._holds_lock:
+            main_rank_check(lambda: _lock(os.path.join(self.cfg.out, ".lock")), self.dist, RunLocked)
+            self._holds_lock = True  # every rank: all take part in the check, the main rank holds the file
 
     def release_out_folder(self) -> None:
         """Give up ``<out>/.lock`` (at ``close``; the end of the process frees it anyway)."""
-        if getattr(self, "_holds_lock", False):
+        if self._holds_lock:
             self._holds_lock = False
             _unlock(os.path.join(self.cfg.out, ".lock"))
 

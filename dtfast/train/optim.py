@@ -140,3 +140,13 @@ def lr_at(step: int, *, peak: float, min_lr: float, warmup_steps: int, max_steps
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, weight_decay: float, betas) -> None:
+    """The config's weight decay and betas on ``param_groups``' groups (decay group first, then the no-decay one):
+    a resumed optimizer state brings the checkpoint's values back with it. DeepSpeed's wrapper exposes the same
+    groups."""
+    for index, group in enumerate(optimizer.param_groups):
+        group["weight_decay"] = float(weight_decay) if index == 0 else 0.0
+        if "betas" in group:
+            group["betas"] = tuple(float(b) for b in betas)

@@ -32,9 +32,10 @@ from dtfast.train.distributed import (
     broadcast_object,
     check_shared_folder,
     init_distributed,
+    main_rank_check,
     shutdown,
 )
-from dtfast.train.optim import build_optimizer, lr_at
+from dtfast.train.optim import build_optimizer, lr_at, set_hyperparameters
 from dtfast.train.lifecycle import RunLifecycle
 from dtfast.train.timing import NullTimer
 
@@ -226,10 +227,6 @@ class Trainer(RunLifecycle):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"train.resume={mode}: no checkpoint folder at {path}")
         meta = dist_ckpt.verify(path)
-        name = os.path.basename(os.path.normpath(path)).replace(".tmp_replaced_", "")
-        if name.startswith("step_") and name[5:].isdigit() and int(name[5:]) != int(meta["step"]):
-            raise dist_ckpt.CheckpointError(f"checkpoint {path}: its meta.json says step {meta['step']}, the folder "
-                                            f"name step {name[5:]}; was it edited or copied over another?")
         current = to_dict(self.cfg)
         dist_ckpt.check_compatible(path, meta, current, RESUME_KEYS, self.engine, self.dist.world_size,
                                    weights_only=weights_only)
@@ -239,7 +236,7 @@ class Trainer(RunLifecycle):
         if weights_only:  # an export: no training follows, so no data order or schedule to warn about
             return path
         # the optimizer state brings the checkpoint's weight decay and betas back: the config's values apply
-        self.engine.set_hyperparameters(self.cfg.train.weight_decay, self.cfg.train.betas)
+        set_hyperparameters(self.engine.optimizer, self.cfg.train.weight_decay, self.cfg.train.betas)
         changed = ckpt.compare_configs(meta.get("config", {}), current, DATA_POSITION_KEYS)
         if meta.get("world_size") not in (None, self.dist.world_size):
             changed.append(f"world size: checkpoint has {meta.get('world_size')}, this run has {self.dist.world_size}")
@@ -335,16 +332,7 @@ class Trainer(RunLifecycle):
         if self.dist.is_main:
             os.makedirs(cfg.out, exist_ok=True)
         self.lock_out_folder()  # one run per folder: two would interleave their metrics and overwrite checkpoints
-        failure = None
-        if self.dist.is_main:  # before anything is written: leftovers of a failed write (a full disk) and whether
-            dist_ckpt.remove_leftovers(cfg.out)  # the checkpoints can be written at all, not at the first save
-            try:
-                dist_ckpt.check_writable(cfg.out)
-            except dist_ckpt.CheckpointError as exc:
-                failure = str(exc)
-        failure = broadcast_object(failure, self.dist)
-        if failure:
-            raise dist_ckpt.CheckpointError(failure)
+        main_rank_check(lambda: dist_ckpt.prepare_folder(cfg.out), self.dist, dist_ckpt.CheckpointError)
         check_shared_folder(cfg.out, self.dist)
         self.maybe_resume()
         if self.dist.is_main:  # after the resume check: a refused resume leaves the run's config as it was
