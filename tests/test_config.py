@@ -33,6 +33,10 @@ def test_yaml_then_overrides(tmp_path):
     (["train.min_lr=1", "train.lr=0.1"], ["train.min_lr", "above", "train.lr"]),
     (["train.betas=[0.9,1.5]"], ["train.betas", "[0, 1)"]),
     (["nodot"], ["key.sub=value"]),
+    (["train.epochs=3"], ["train.max_steps", "train.epochs", "both", "train.epochs=0"]),
+    (["train.warmup_epochs=1"], ["train.warmup_steps", "train.warmup_epochs", "both"]),
+    (["train.max_steps=0"], ["no length", "train.max_steps", "train.epochs"]),
+    (["train.epochs=-1", "train.max_steps=0"], ["train.epochs", ">= 0"]),
 ])
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(ConfigError) as err:
@@ -91,3 +95,40 @@ def test_batch_size_below_two_is_refused_naming_the_key():
     # the regressor's pooling BatchNorm (1x1 map) cannot train on one image: name the key before building anything
     with pytest.raises(ConfigError, match="'train.batch_size' must be >= 2"):
         load_config(None, ["train.batch_size=1"])
+
+
+def test_a_warmup_longer_than_the_run_warns_naming_both_keys():
+    with pytest.warns(UserWarning, match="'train.warmup_steps' = 10 is longer than the run .'train.max_steps' = 4"):
+        load_config(None, ["train.max_steps=4"])
+    with pytest.warns(UserWarning, match="train.warmup_epochs"):
+        load_config(None, ["train.max_steps=0", "train.epochs=2", "train.warmup_steps=0", "train.warmup_epochs=3"])
+
+
+@pytest.mark.parametrize("preset, images, world, steps, warmup", [
+    ("imagenet_r50_adm256", 1281167, 8, 125114, 18767),    # 200 (30) epochs at global batch 8 x 256
+    ("imagenet_r50_adm256", 1281167, 4, 250228, 37534),    # the same epochs on 4 GPUs: twice the steps
+    ("imagenet_convnextb_adm256", 1281167, 8, 125114, 18767),  # 8 x 128 x 2 accumulation
+    ("lsun_r50_adm256", 3033042, 8, 1184782, 236956),      # LSUN bedroom, 100 (20) epochs at 8 x 32
+    ("lsun_r50_adm256", 70000, 8, 27344, 5469),            # FFHQ
+])
+def test_presets_count_the_recipes_epochs_in_steps_of_their_global_batch(preset, images, world, steps, warmup):
+    import os
+
+    from dtfast.train.config import schedule_steps
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs", f"{preset}.yaml"))
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * world
+    assert schedule_steps(cfg, images, global_batch) == (steps, warmup)
+    assert cfg.train.optimizer != "lamb" or cfg.train.grad_clip == 1.0  # apex's and timm's LAMB default
+
+
+def test_steps_override_epochs_only_when_epochs_are_off():
+    from dtfast.train.config import schedule_steps
+
+    cfg = load_config(None, ["train.max_steps=7", "train.warmup_steps=2"])
+    assert schedule_steps(cfg, 1000, 10) == (7, 2)
+    cfg = load_config(None, ["train.max_steps=0", "train.epochs=0.5", "train.warmup_steps=0",
+                             "train.warmup_epochs=0.01"])
+    assert schedule_steps(cfg, 1000, 10) == (50, 1)
+    assert schedule_steps(cfg, 3, 10) == (1, 1)  # at least one step

@@ -69,7 +69,7 @@ def _engines_worker(out: str) -> None:
         for _ in range(STEPS):
             parts = trainer.optimizer_step(trainer._micro_batches(state))
             losses.append(float(all_reduce_mean(parts["loss"].detach().reshape(1), trainer.dist)))
-            norms.append(parts.get("grad_norm"))
+            norms.append(float(parts["grad_norm"]) if parts.get("grad_norm") is not None else None)
         backbone = trainer.engine.backbone_state_dict()  # gathered from the ZeRO-3 shards on every rank
         if trainer.dist.is_main:
             torch.save(backbone, os.path.join(out, f"{name}_backbone.pt"))

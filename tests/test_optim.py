@@ -58,6 +58,30 @@ def test_lamb_matches_timm_per_parameter_lamb(channels_last, foreach):
     assert moved > 0.1  # the comparison is not between two models that did not move
 
 
+def test_lamb_with_the_presets_clipping_matches_timm_lamb_with_its_default_clipping():
+    """The LAMB presets' train.grad_clip=1.0 (clip_grad_norm_, the engine's) + dtfast's Lamb is timm's Lamb with its
+    default max_grad_norm=1.0. The random gradients have a global norm of about 10, so every step clips."""
+    ours_model, timm_model = _model(False), _model(False)
+    kwargs = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-6)
+    ours = Lamb(param_groups(ours_model, 0.05), **kwargs)
+    theirs = timm_lamb.Lamb(param_groups(timm_model, 0.05), max_grad_norm=1.0, foreach=False, **kwargs)
+
+    class Clipped:  # what the engine does before the optimizer step
+        def step(self):
+            norm = torch.nn.utils.clip_grad_norm_(ours_model.parameters(), 1.0)
+            assert norm > 2.0
+            ours.step()
+
+    _run(ours_model, Clipped(), 6, seed=3)
+    _run(timm_model, theirs, 6, seed=3)
+    for (name, a), b in zip(ours_model.named_parameters(), timm_model.parameters()):
+        # clip_grad_norm_ divides by norm + 1e-6, timm by the norm: a relative 1e-7 in each step's gradient
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-8), name
+    unclipped = _model(False)
+    _run(unclipped, Lamb(param_groups(unclipped, 0.05), **kwargs), 6, seed=3)
+    assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(unclipped.parameters(), timm_model.parameters()))
+
+
 def test_lamb_resumes_from_timm_state():
     first, second = _model(False), _model(False)
     theirs = _timm(param_groups(first, 0.05), lr=1e-2, betas=(0.9, 0.999), eps=1e-6)

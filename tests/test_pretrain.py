@@ -96,6 +96,70 @@ def test_resume_gives_the_same_curve(tmp_path):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6), (ra, rb)
 
 
+def test_logged_values_are_the_mean_over_the_steps_micro_batches(tmp_path):
+    from dtfast.train.config import load_config
+    from dtfast.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, [f"out={tmp_path / 'run'}", "train.max_steps=2", "train.grad_accum=3",
+                             "loss.backend=torch", *SMALL])
+    trainer = Trainer(cfg)
+    try:
+        micro = []
+        original = trainer.forward_backward
+
+        def record(batch, timer=None):
+            parts = original(batch, timer)
+            micro.append({key: parts[key].detach().clone() for key in ("loss", "mse", "at")})
+            return parts
+
+        trainer.forward_backward = record
+        state = {"loader": iter(trainer._build_loader(0)), "data_wait": 0.0}
+        parts = trainer.optimizer_step(trainer._micro_batches(state))
+    finally:
+        trainer.close()
+    assert len(micro) == 3 and len({float(m["loss"]) for m in micro}) == 3
+    for key in ("loss", "mse", "at"):
+        expected = sum(m[key] for m in micro) / 3
+        assert torch.allclose(parts[key], expected, rtol=1e-6), key
+        assert parts[key].shape == micro[0][key].shape  # per level for mse and at
+
+
+def test_a_bf16_teacher_gets_the_fp32_image_and_noises_it_before_rounding(tmp_path):
+    from dtfast.train.config import load_config
+    from dtfast.train.trainer import Trainer
+
+    cfg = load_config(None, [f"out={tmp_path / 'run'}", "train.max_steps=1", "teacher.dtype=bf16",
+                             "loss.backend=torch", *SMALL, "train.warmup_steps=1"])
+    trainer = Trainer(cfg)
+    try:
+        seen = []
+        encode = trainer.teacher._encode_fn
+
+        def spy(images, noise):
+            seen.append(images.dtype)
+            return encode(images, noise)
+
+        trainer.teacher._encode_fn = spy
+        state = {"loader": iter(trainer._build_loader(0)), "data_wait": 0.0}
+        parts = trainer.optimizer_step(trainer._micro_batches(state))
+    finally:
+        trainer.close()
+    assert seen == [torch.float32] and trainer.teacher.dtype == torch.bfloat16
+    assert torch.isfinite(parts["loss"])
+
+
+def test_epochs_set_the_runs_length_from_the_data_and_global_batch(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    # 64 images, global batch 4: 0.25 epochs = 4 steps, 0.125 warm-up epochs = 2 steps
+    _run(out, 0, ["train.epochs=0.25", "train.warmup_steps=0", "train.warmup_epochs=0.125"])
+    records = _metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    lrs = [r["lr"] for r in records]
+    assert lrs[:2] == pytest.approx([1.5e-3, 3e-3]) and lrs[2] == pytest.approx(3e-3)  # peak at the warm-up's end
+    assert "steps 0->4 (0.25 epochs, 0.125 warm-up epochs of 64 images at global batch 4)" in capsys.readouterr().out
+
+
 def test_resume_refuses_a_different_config(tmp_path):
     out = str(tmp_path / "run")
     _run(out, 3)

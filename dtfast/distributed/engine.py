@@ -47,7 +47,7 @@ class DDPEngine:
         self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self.model = torch.compile(model) if cfg.train.compile else model
         self._micro = 0
-        self.last_grad_norm: float | None = None
+        self.last_grad_norm: torch.Tensor | float | None = None  # of the last step's gradients, when clipped
         # False skips the gradient all-reduce altogether (dtfast.bench times steps without it to measure what the
         # communication adds to a step); training never sets it
         self.sync_gradients = True
@@ -77,7 +77,8 @@ class DDPEngine:
             raise RuntimeError(f"engine.step() after {self._micro} micro-batches; train.grad_accum is "
                                f"{self.grad_accum}")
         if self.grad_clip > 0:
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip))
+            # a tensor: float() here would make the host wait for the GPU every step (the log converts it)
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip).detach()
         self.optimizer.step()
 
     def train(self, mode: bool = True) -> None:
@@ -124,7 +125,7 @@ class DeepSpeedEngine:
         install_safe_checkpoint_engine(self.engine)
         self.zero_stage = int(self.engine.zero_optimization_stage())
         self.grad_clip = float(cfg.train.grad_clip)
-        self.last_grad_norm: float | None = None
+        self.last_grad_norm: torch.Tensor | float | None = None  # of the last step's gradients, when clipped
 
     # ---------------------------------------------------------------- step
     def set_lr(self, lr: float) -> None:
@@ -164,7 +165,7 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             norm = own_norm
-        self.last_grad_norm = float(norm) if norm is not None else None
+        self.last_grad_norm = norm.detach() if isinstance(norm, torch.Tensor) else norm
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)

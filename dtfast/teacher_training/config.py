@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dtfast.train.config import ConfigError, _f, build_config, get_key, help_text, to_dict, validate_schedule
+from dtfast.train.config import (ConfigError, _f, build_config, get_key, help_text, to_dict, validate_schedule,
+                                 warn_long_warmup)
 
 __all__ = ["ConfigError", "TeacherTrainConfig", "help_text", "load_teacher_config", "to_dict"]
 
@@ -89,6 +90,7 @@ def validate(cfg: TeacherTrainConfig) -> None:
         raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), got {cfg.train.ema_decay}")
     validate_schedule(cfg, ["train.min_lr", "train.weight_decay", "train.grad_clip", "train.max_minutes",
                             "train.warmup_steps", "train.save_every", "data.num_workers"])
+    warn_long_warmup("train.warmup_steps", cfg.train.warmup_steps, "train.max_steps", cfg.train.max_steps)
     # the model keys (arch, widths, groups, head width) and data.image_size against the arch's downsampling
     from dtfast.teacher_training.trainer import unet_config
 

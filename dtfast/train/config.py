@@ -12,6 +12,7 @@ import difflib
 import math
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,10 +83,15 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = _f(16, "images per process and step (global batch = batch_size * world size * grad_accum)")
-    max_steps: int = _f(100, "optimizer steps to run in total")
-    lr: float = _f(2e-3, "peak learning rate")
+    max_steps: int = _f(100, "optimizer steps to run in total; 0 = set by train.epochs")
+    epochs: float = _f(0.0, "passes over the training data (the recipe's unit): > 0 sets the run's length at start-up "
+                            "to round(epochs * images / global batch) steps, so it holds on any number of processes; "
+                            "train.max_steps must be 0 then")
+    lr: float = _f(2e-3, "peak learning rate (absolute: not scaled with the global batch)")
     min_lr: float = _f(0.0, "learning rate at the end of the cosine schedule")
     warmup_steps: int = _f(10, "linear warm-up steps before the cosine decay")
+    warmup_epochs: float = _f(0.0, "the warm-up in passes over the data (> 0 sets it in steps at start-up, as "
+                                   "train.epochs does; train.warmup_steps must be 0 then)")
     weight_decay: float = _f(0.05, "decoupled weight decay (not applied to norms and biases)")
     betas: list = _f([0.9, 0.95], "optimizer betas")
     optimizer: str = _f("adamw", "adamw | lamb")
@@ -315,7 +321,7 @@ def validate(cfg: PretrainConfig) -> None:
         value = get_key(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key '{key}' = {value!r}; expected one of {', '.join(choices)}")
-    positive = ["data.image_size", "train.batch_size", "train.max_steps", "train.grad_accum", "train.log_every"]
+    positive = ["data.image_size", "train.batch_size", "train.grad_accum", "train.log_every"]
     for key in positive:
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)}")
@@ -332,8 +338,45 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError("config keys 'teacher.cuda_graph' = true and 'teacher.compile_mode' = reduce-overhead both "
                           "capture CUDA graphs: set one of them")
     _validate_dist(cfg)
-    validate_schedule(cfg, ["train.min_lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
-                            "train.save_every", "loss.at_weight", "data.num_workers", "teacher.timestep"])
+    validate_schedule(cfg, ["train.min_lr", "train.max_steps", "train.warmup_steps", "train.epochs",
+                            "train.warmup_epochs", "train.weight_decay", "train.grad_clip", "train.save_every",
+                            "loss.at_weight", "data.num_workers", "teacher.timestep"])
+    _validate_length(cfg)
+
+
+def _validate_length(cfg: PretrainConfig) -> None:
+    """The run's length and warm-up: each in steps or in epochs, not both; the warm-up no longer than the run."""
+    t = cfg.train
+    for steps_key, epochs_key in (("max_steps", "epochs"), ("warmup_steps", "warmup_epochs")):
+        if getattr(t, steps_key) > 0 and getattr(t, epochs_key) > 0:
+            raise ConfigError(f"config keys 'train.{steps_key}' = {getattr(t, steps_key)} and 'train.{epochs_key}' = "
+                              f"{getattr(t, epochs_key)} both set it: set one, the other to 0 (e.g. "
+                              f"train.{epochs_key}=0 train.{steps_key}=N to count in steps)")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise ConfigError("the run has no length: set config key 'train.max_steps' (optimizer steps) or "
+                          "'train.epochs' (passes over the data) > 0")
+    warn_long_warmup("train.warmup_steps", t.warmup_steps, "train.max_steps", t.max_steps)
+    warn_long_warmup("train.warmup_epochs", t.warmup_epochs, "train.epochs", t.epochs)
+
+
+def warn_long_warmup(warmup_key: str, warmup: float, length_key: str, length: float) -> None:
+    """A warm-up longer than the run is allowed (smoke runs of a few steps), with a warning that says what it does."""
+    if 0 < length < warmup:
+        warnings.warn(f"config key '{warmup_key}' = {warmup} is longer than the run ('{length_key}' = {length}): the "
+                      f"learning rate stops at {length / warmup:.0%} of train.lr, before its peak", stacklevel=3)
+
+
+def schedule_steps(cfg: PretrainConfig, num_images: int, global_batch: int) -> tuple[int, int]:
+    """(max_steps, warmup_steps) of the run: the configured steps, or epochs x images / global batch (rounded, at
+    least one step) where the config counts in epochs."""
+    t = cfg.train
+
+    def steps(epochs: float) -> int:
+        return max(1, round(epochs * num_images / global_batch))
+
+    max_steps = t.max_steps if t.max_steps > 0 else steps(t.epochs)
+    warmup = t.warmup_steps if t.warmup_epochs <= 0 else min(max_steps, steps(t.warmup_epochs))
+    return max_steps, warmup
 
 
 def validate_schedule(cfg: Any, non_negative: list[str]) -> None:

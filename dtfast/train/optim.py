@@ -44,8 +44,10 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
 
 class Lamb(torch.optim.Optimizer):
     """LAMB (You et al., 2019) in the NVLAMB form that apex, DeepSpeed and timm implement: Adam moments with bias
-    correction, decoupled-from-clipping (no gradient clipping here: the engine clips), weight decay added to the
-    update, and the layer-wise trust ratio ||w|| / ||update|| (1 where either norm is 0) on groups with weight decay.
+    correction, weight decay added to the update, and the layer-wise trust ratio ||w|| / ||update|| (1 where either
+    norm is 0) on groups with weight decay. No gradient clipping here: the engine clips (``train.grad_clip``). apex's
+    and timm's LAMB clip the global gradient norm to 1.0 by default (DeepSpeed's FusedLamb does not), so the LAMB
+    presets set ``train.grad_clip: 1.0``; with it, the update is timm's ``Lamb(max_grad_norm=1.0)`` (tested).
 
     ``foreach`` (default: on when every parameter is on a CUDA device): each step is a fixed number of
     ``torch._foreach_*`` calls per parameter group, plus one small per-tensor multiply for the trust ratios, with no

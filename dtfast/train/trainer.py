@@ -23,7 +23,7 @@ import torch
 from dtfast.distributed import checkpoint as dist_ckpt
 from dtfast.distributed.engine import build_engine
 from dtfast.train import checkpoint as ckpt
-from dtfast.train.config import PretrainConfig, to_dict
+from dtfast.train.config import PretrainConfig, schedule_steps, to_dict
 from dtfast.train.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -48,9 +48,12 @@ RESUME_KEYS = ["teacher.arch", "teacher.pretrained", "teacher.strides", "student
                "data.image_size", "train.optimizer"]
 # keys that change the objective or the schedule: a resume takes the new values, with a warning naming them
 CHANGED_OBJECTIVE_KEYS = ["teacher.timestep", "teacher.latent_mode", "loss.at_weight", "loss.whiten", "loss.at_mode",
-                          "train.max_steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.grad_clip",
+                          "train.max_steps", "train.epochs", "train.lr", "train.min_lr", "train.warmup_steps",
+                          "train.warmup_epochs", "train.grad_clip",
                           "train.weight_decay", "train.betas"]
 
+# the loss's parts that the metrics log (all-reduced over ranks, averaged over a step's micro-batches)
+LOGGED_PARTS = ("loss", "mse", "at")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -173,6 +176,8 @@ class Trainer(RunLifecycle):
         self.dataset = build_dataset(cfg.data.root or None, size, num_images=cfg.data.num_images,
                                      seed=cfg.train.seed, strict=cfg.data.strict,
                                      random_resized_crop=cfg.data.random_resized_crop)
+        # the run's length and warm-up in steps (train.epochs / warmup_epochs count passes over these data)
+        self.max_steps, self.warmup_steps = schedule_steps(cfg, len(self.dataset), self.global_batch)
         # the concrete decoder now: a backend that cannot read these data fails at set-up, not at the first step
         self.data_backend = resolve_backend(cfg.data.backend, self.dataset)
         self.pipeline = None  # the InputPipeline of train(), closed when it ends (signals and errors included)
@@ -197,7 +202,8 @@ class Trainer(RunLifecycle):
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
         """Checkpoint ``step_<N>`` (collective: every rank writes its part; see dtfast.distributed.checkpoint)."""
-        path = dist_ckpt.save(self.engine, self.cfg.out, self.step, {"config": to_dict(self.cfg)}, self.dist,
+        path = dist_ckpt.save(self.engine, self.cfg.out, self.step,
+                              {"config": to_dict(self.cfg), "schedule": self._schedule()}, self.dist,
                               keep_last=self.cfg.train.keep_last)
         self._print(f"checkpoint: {path}")
         return path
@@ -245,11 +251,16 @@ class Trainer(RunLifecycle):
                         "the rest of this epoch is not the samples an uninterrupted run would have seen (some are "
                         "repeated or skipped)", path, "; ".join(changed), self.step)
         changed = ckpt.compare_configs(meta.get("config", {}), current, CHANGED_OBJECTIVE_KEYS)
+        if meta.get("schedule", self._schedule()) != self._schedule():  # epochs at another world size or dataset
+            changed.append(f"schedule in steps: checkpoint has {meta['schedule']}, this run has {self._schedule()}")
         if changed and self.dist.is_main:
             log.warning("resuming %s with a changed objective or schedule (%s): the run continues from step %d with "
                         "this run's values (a longer train.max_steps, for one, moves the learning-rate schedule)",
                         path, "; ".join(changed), self.step)
         return path
+
+    def _schedule(self) -> dict[str, int]:
+        return {"max_steps": self.max_steps, "warmup_steps": self.warmup_steps}
 
     # ------------------------------------------------------------------ loop
     def _print(self, msg: str) -> None:
@@ -284,7 +295,8 @@ class Trainer(RunLifecycle):
             _rank_seed(cfg.train.seed, self.dist.rank, self.step * cfg.train.grad_accum + self._micro_index))
         self._micro_index += 1
         with timer.section("teacher"), torch.no_grad():
-            teacher_feats = self.teacher(teacher_images.to(self._teacher_dtype()), generator=generator)
+            # the teacher noises the fp32 image and only then casts to its own dtype (no bf16 rounding of x0)
+            teacher_feats = self.teacher(teacher_images, generator=generator)
         with timer.section("student"):  # the engine applies the precision (autocast or bf16 weights)
             student_feats = self.engine.forward(student_images)
         with timer.section("loss"):
@@ -299,13 +311,20 @@ class Trainer(RunLifecycle):
         """One optimizer step over ``grad_accum`` micro-batches (an iterable of batches)."""
         timer = timer or NullTimer()
         cfg = self.cfg
-        lr = lr_at(self.step, peak=cfg.train.lr, min_lr=cfg.train.min_lr, warmup_steps=cfg.train.warmup_steps,
-                   max_steps=cfg.train.max_steps)
+        lr = lr_at(self.step, peak=cfg.train.lr, min_lr=cfg.train.min_lr, warmup_steps=self.warmup_steps,
+                   max_steps=self.max_steps)
         self.engine.set_lr(lr)
         self.engine.zero_grad()
         self._micro_index = 0
+        sums, count = None, 0
         for batch in batches:
             parts = self.forward_backward(batch, timer)
+            # the logged values cover the step's whole batch: the mean over its micro-batches (as the gradient is)
+            logged = {key: parts[key].detach() for key in LOGGED_PARTS}
+            sums = logged if sums is None else {key: sums[key] + logged[key] for key in LOGGED_PARTS}
+            count += 1
+        if count > 1:
+            parts = {**parts, **{key: value / count for key, value in sums.items()}}
         with timer.section("optimizer"):  # gradient reduction (ZeRO/DDP), clipping, optimizer step
             self.engine.step()
         self.step += 1
@@ -343,7 +362,7 @@ class Trainer(RunLifecycle):
         self._print(f"teacher {cfg.teacher.pretrained or cfg.teacher.arch} (t={cfg.teacher.timestep}), student "
                     f"{cfg.student.arch}, {len(self.dataset)} images, global batch {global_batch}, "
                     f"{self.dist.world_size} process(es) on {self.device.type}, "
-                    f"steps {self.step}->{cfg.train.max_steps}")
+                    f"steps {self.step}->{self.max_steps}{self._epochs_note()}")
         metrics_path = os.path.join(cfg.out, "metrics.jsonl")
         # exact resume: the pipeline starts with the micro-batch the next step of an uninterrupted run would take
         self.pipeline = self.build_pipeline(self.step * cfg.train.grad_accum)
@@ -372,13 +391,23 @@ class Trainer(RunLifecycle):
                 raise
         return self.export()
 
+    def _epochs_note(self) -> str:
+        """' (200 epochs, 30 warm-up epochs of 1281167 images at global batch 2048)' where the config counts in
+        epochs, else ''."""
+        t = self.cfg.train
+        parts = ([f"{t.epochs:g} epochs"] if t.epochs > 0 else []) + (
+            [f"{t.warmup_epochs:g} warm-up epochs"] if t.warmup_epochs > 0 else [])
+        if not parts:
+            return ""
+        return f" ({', '.join(parts)} of {len(self.dataset)} images at global batch {self.global_batch})"
+
     def _loop(self, state, metrics_path, global_batch, window_start, window_images) -> bool:
-        """Optimizer steps to train.max_steps; True when a signal stopped them (after a checkpoint)."""
+        """Optimizer steps to the run's length; True when a signal stopped them (after a checkpoint)."""
         cfg = self.cfg
-        while self.step < cfg.train.max_steps:
+        while self.step < self.max_steps:
             parts = self.optimizer_step(self._micro_batches(state))
             window_images += global_batch
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+            if self.step % cfg.train.log_every == 0 or self.step == self.max_steps:
                 self._log(parts, parts["lr"], metrics_path, window_start, window_images, state["data_wait"])
                 window_start, window_images, state["data_wait"] = time.perf_counter(), 0, 0.0
             stop = any_rank(self._stop_signal is not None, self.dist)
@@ -404,14 +433,14 @@ class Trainer(RunLifecycle):
                   "mse_per_level": [float(v) for v in parts["mse"].detach().float().tolist()],
                   "at_per_level": [float(v) for v in parts["at"].detach().float().tolist()]}
         if "grad_norm" in parts:
-            record["grad_norm"] = parts["grad_norm"]
+            record["grad_norm"] = float(parts["grad_norm"])  # all-reduced gradients: the same on every rank
         if self.pipeline is not None and self.pipeline.skipped_files:
             record["data_skipped_files"] = len(self.pipeline.skipped_files)  # this rank, all epochs so far
-        record["eta_s"] = (self.cfg.train.max_steps - self.step) * self.global_batch / max(record["img_per_s"], 1e-9)
+        record["eta_s"] = (self.max_steps - self.step) * self.global_batch / max(record["img_per_s"], 1e-9)
         if self.dist.is_main:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            print(f"[dtfast] step {self.step:>6}/{self.cfg.train.max_steps}  loss {loss:.4f}  mse {mse:.4f}  "
+            print(f"[dtfast] step {self.step:>6}/{self.max_steps}  loss {loss:.4f}  mse {mse:.4f}  "
                   f"at {at:.4f}  lr {lr:.2e}  {record['img_per_s']:.1f} img/s  "
                   f"data {100 * record['data_wait_frac']:.0f}%  eta {format_duration(record['eta_s'])}", flush=True)
 
