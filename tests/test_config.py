@@ -37,6 +37,8 @@ def test_yaml_then_overrides(tmp_path):
     (["train.warmup_epochs=1"], ["train.warmup_steps", "train.warmup_epochs", "both"]),
     (["train.max_steps=0"], ["no length", "train.max_steps", "train.epochs"]),
     (["train.epochs=-1", "train.max_steps=0"], ["train.epochs", ">= 0"]),
+    (["data.num_threads=-1"], ["data.num_threads", ">= 0"]),
+    (["data.hw_decoder_load=1.5"], ["data.hw_decoder_load", "[0, 1]"]),
 ])
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(ConfigError) as err:

@@ -4,29 +4,35 @@ One ``DaliLoader`` is one epoch from a start step, like ``EpochLoader``; batches
 (B, 3, S, S), int64 labels (B,))`` on the pipeline's device (the GPU for "mixed", else the CPU).
 
 - Order and sharding: the epoch's order is the one ``DistributedSampler`` gives the torch backend (seed +
-  epoch). Every rank lists all ranks' remaining shards (equal lengths) for ``fn.readers.file``, whose
-  ``shard_id``/``num_shards`` (= rank/world size) then pick this rank's, in order, with no reader shuffling.
-  Shards hold whole batches only (the tail is dropped, ``LastBatchPolicy.DROP``), so every rank takes the
-  same number of steps, and a restart at step N reads exactly the samples step N would have read.
+  epoch). Each rank computes its own shard only and gives ``fn.readers.file`` the remaining part of it, in
+  order, with no reader shuffling. Shards hold whole batches only (the tail is dropped,
+  ``LastBatchPolicy.DROP``), so every rank takes the same number of steps, and a restart at step N reads exactly
+  the samples step N would have read. Labels travel through DALI as positions in the shard and are looked up
+  in the data set's int64 labels afterwards (DALI's reader keeps int32).
 - Crops/flips (plain recipe): per-sample positions and flips come in through ``fn.external_source`` from the
   same per-sample generator as the torch backend, so both backends crop the same window of the same file.
   Random-resized crops use DALI's fused ``decoders.image_random_crop``, driven by DALI's own generator seeded
   per (seed, epoch, step at which the pipeline starts, rank): every rank crops its own windows, and the order is
   the same after a restart, but not the windows (nor the torch backend's).
-- Bad files: the start-up scan is the folder scan (extensions, empty files). A file DALI cannot decode stops
-  the pipeline; the loader then finds the undecodable file(s) of the failing batches with PIL, replaces each
-  by the next decodable file (as the torch backend does), warns with a count and rebuilds the pipeline at the
-  same step. ``strict=True`` raises ``DecodeError`` naming the file instead. Any number of such repairs per
-  epoch; only repeated failures at one step give up. A file PIL decodes but DALI cannot (a GIF named .JPEG)
-  is found by decoding the window's files one by one in DALI and read as a lossless PNG of PIL's decoding
-  (the torch backend's pixels), with a warning.
+- Bad files: DALI 2.4's CPU decoder often crashes the process (a segfault, not an exception) when a file fails
+  to decode in a batch of 32 or more, so files are screened before DALI reads them, once per data set object:
+  a JPEG must start with SOI and hold the EOI marker near its end, a PNG must hold its IEND chunk (reads of
+  a few bytes per file, in threads). Any other file (a truncated download, an HTML page, a GIF or WebP named
+  .jpg) is decoded by PIL: if PIL decodes it, DALI reads a lossless PNG of PIL's decoding (the torch backend's
+  pixels); if not, it is replaced by the next decodable file, as the torch backend does, with a warning per
+  epoch, or with ``strict=True`` a ``DecodeError`` names the file and PIL's reason. A file that passes the
+  screen and still fails in DALI (corrupt entropy data) stops the pipeline with an exception at small
+  batches; the loader then finds it with PIL in the failing batches and repairs it in the same ways, and
+  rebuilds the pipeline at the same step.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import os
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -38,12 +44,16 @@ from .transforms import sample_rng
 __all__ = ["DaliLoader", "dali_available"]
 
 
+@functools.lru_cache(maxsize=None)
 def dali_available() -> bool:
-    """True when ``nvidia.dali`` (e.g. the ``nvidia-dali-cuda130`` wheel) is importable."""
+    """True when ``nvidia.dali`` (e.g. the ``nvidia-dali-cuda130`` wheel) imports, with its ``fn`` operators and
+    PyTorch plugin (an install that is found but fails to import counts as missing: ``auto`` then takes torch)."""
     try:
-        return importlib.util.find_spec("nvidia.dali") is not None
-    except (ImportError, ValueError):
+        import nvidia.dali.fn  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - ImportError, or whatever a broken install raises on import
         return False
+    return True
 
 
 def _png_copy(dataset, path: str) -> str:
@@ -63,16 +73,38 @@ def _png_copy(dataset, path: str) -> str:
     return target
 
 
-def _decodable(path: str) -> bool:
-    """Whether PIL decodes ``path`` completely (the arbiter when DALI fails)."""
+def _undecodable(path: str) -> str | None:
+    """None when PIL decodes ``path`` completely (the arbiter), else PIL's reason ("OSError: image file is
+    truncated ...")."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             to_rgb(image)
-        return True
-    except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return None
+    except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBomb...
+        return f"{type(error).__name__}: {error}"
+
+
+_TAIL = 4096  # bytes at the end of a file searched for JPEG's EOI / PNG's IEND (data after them is allowed)
+
+
+def _intact(path: str) -> bool:
+    """Whether DALI may read ``path`` as it is: a JPEG from SOI to an EOI marker in its last bytes, or a PNG with
+    its IEND chunk there. Reads a few bytes; False for anything else (PIL then decides, see ``_screen``)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - _TAIL))
+            tail = fh.read(_TAIL)
+    except OSError:
         return False
+    if head[:3] == b"\xff\xd8\xff":
+        return b"\xff\xd9" in tail
+    if head == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" in tail
+    return False
 
 
 class DaliLoader:
@@ -108,13 +140,15 @@ class DaliLoader:
         self.first_step = int(start_step)
         self.epoch, self._offset = divmod(self.first_step, self.steps_per_epoch)
         usable = self.steps_per_epoch * self.batch_size
-        self._shards = [shard_indices(len(dataset), r, world_size, self.seed, self.epoch, shuffle)[:usable]
-                        for r in range(world_size)]
-        # index -> decodable replacement, and index -> PNG copy of a file only PIL decodes; shared by the epochs of
-        # this data set object
+        self._shard = shard_indices(len(dataset), self.rank, world_size, self.seed, self.epoch, shuffle)[:usable]
+        # index -> decodable replacement, index -> PNG copy of a file only PIL decodes, and the screened indices;
+        # shared by the epochs of this data set object
         self._replacements: dict[int, int] = dataset.__dict__.setdefault("_dali_replacements", {})
         self._transcoded: dict[int, str] = dataset.__dict__.setdefault("_dali_transcoded", {})
+        self._screened: set[int] = dataset.__dict__.setdefault("_dali_screened", set())
+        self._label_table: torch.Tensor | None = None  # int64 labels of the built pipeline's files, by position
         self.skipped_files: list[str] = []
+        self._screen(self._shard[self._offset * self.batch_size:])
 
     def __len__(self) -> int:
         return self.steps_per_epoch - self._offset
@@ -151,31 +185,28 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         data, size, batch = self.dataset, self.dataset.image_size, self.batch_size
-        start = step * batch
-        files, labels = [], []
-        for shard in self._shards:  # all ranks' remaining shards, equal lengths: shard_id picks ours
-            for index in shard[start:]:
-                resolved = self._resolve(index)
-                files.append(self._source(resolved))
-                labels.append(data.labels[resolved])
-        mine = [self._resolve(i) for i in self._shards[self.rank][start:]]
+        mine = [self._resolve(i) for i in self._shard[step * batch:]]
+        files = [self._source(i) for i in mine]
+        # DALI's reader keeps labels as int32: it carries positions, looked up in the int64 labels afterwards
+        gpu = self.device.type == "cuda"
+        self._label_table = torch.tensor([data.labels[i] for i in mine], dtype=torch.int64,
+                                         device=self.device if gpu else "cpu")
 
         def draws(info):
             first = (info.iteration * batch) % len(mine)  # DALI may prefetch past the end: wrap harmlessly
             columns = [self._draws(mine[(first + j) % len(mine)]) for j in range(batch)]
             return [np.array([c[k] for c in columns]) for k in range(3)]
 
-        gpu = self.device.type == "cuda"
         device_id = self._device_id()
         # DALI's own generator drives the random-resized windows: seeded per (seed, epoch, step, RANK), so that the
-        # ranks crop different windows and a restart at a step draws the same ones again
+        # ranks crop different windows; the same start step draws the same ones, but a restart's pipeline starts at
+        # another step than the interrupted run's, so its windows differ (the order does not)
         pipe_seed = int(np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.epoch, step, self.rank])
                         .generate_state(1)[0]) & 0x7FFFFFFF
         pipe = Pipeline(batch_size=batch, num_threads=self.num_threads, device_id=device_id, seed=pipe_seed,
                         prefetch_queue_depth=self.prefetch)
         with pipe:
-            encoded, label = fn.readers.file(files=files, labels=labels, shard_id=self.rank,
-                                             num_shards=self.world_size, random_shuffle=False, stick_to_shard=True,
+            encoded, label = fn.readers.file(files=files, labels=list(range(len(files))), random_shuffle=False,
                                              pad_last_batch=False, name="Reader")
             pos_x, pos_y, flip = fn.external_source(source=draws, num_outputs=3, batch=True, batch_info=True,
                                                     dtype=[types.FLOAT, types.FLOAT, types.INT32])
@@ -201,40 +232,95 @@ class DaliLoader:
         return iterator, mine
 
     # ------------------------------------------------------------------ bad files
-    def _repair(self, step: int, mine: list[int], error: Exception) -> None:
-        """``mine``: this rank's whole (resolved) shard of the epoch; ``step``: the failing step in the epoch."""
-        """Find undecodable files in the batches DALI may have been working on; replace or raise."""
-        start = step * self.batch_size
-        window = mine[start: start + (self.prefetch + 1) * self.batch_size]
-        bad = [i for i in dict.fromkeys(window) if not _decodable(self.dataset.files[i])]
-        if not bad:
-            # PIL decodes them all, so DALI cannot decode some file PIL can (a GIF named .JPEG, an unusual JPEG):
-            # give DALI a lossless PNG of PIL's decoding instead: the same pixels the torch backend sees
-            failing = self._dali_undecodable([i for i in dict.fromkeys(window) if i not in self._transcoded])
-            if not failing:
-                raise RuntimeError(f"DALI pipeline failed at step {step} of epoch {self.epoch}, and every one of the "
-                                   f"{len(window)} upcoming files decodes alone: {error}") from error
-            for index in failing:
-                self._transcoded[index] = _png_copy(self.dataset, self.dataset.files[index])
-            warnings.warn(f"data: DALI cannot decode {[self.dataset.files[i] for i in failing][:3]} "
-                          f"({len(failing)} file(s)), which PIL decodes; it reads lossless PNG copies of them",
-                          stacklevel=3)
-            return
-        for index in bad:
+    def _screen(self, indices: list[int]) -> None:
+        """Make every entry of ``indices`` safe for DALI before it reads them (see the module docstring): files
+        not yet screened are checked with ``_intact`` (a few bytes each, in threads); the others go to
+        ``_fix``. Counts and warns about this epoch's replaced files, as the torch backend does."""
+        todo = [i for i in dict.fromkeys(indices) if i not in self._screened]
+        if todo:
+            files = self.dataset.files
+            # chunks of files per thread: threads overlap the reads of a slow (network) disk; one future per file
+            # cost more than the check itself (17 us per cached file on the 2-vCPU VM)
+            chunks = [todo[i: i + 256] for i in range(0, len(todo), 256)]
+            with ThreadPoolExecutor(max_workers=8, thread_name_prefix="dtfast_dali_screen") as pool:
+                intact = [ok for part in pool.map(lambda chunk: [_intact(files[i]) for i in chunk], chunks)
+                          for ok in part]
+            self._fix([i for i, ok in zip(todo, intact) if not ok])
+            self._screened.update(todo)
+        replaced = [self.dataset.files[i] for i in indices if i in self._replacements]
+        if replaced:
+            self.skipped_files.extend(replaced)
+            warnings.warn(f"data: replaced {len(replaced)} undecodable file(s) {replaced[:3]} with the next decodable "
+                          f"ones ({len(self.skipped_files)} this epoch on this rank)", stacklevel=3)
+
+    def _fix(self, indices: list[int], dali_error: Exception | None = None) -> list[int]:
+        """Decide each entry of ``indices`` with PIL: a file PIL decodes is read from a lossless PNG of PIL's
+        decoding; one it cannot is replaced by the next decodable file (``strict``: ``DecodeError`` naming the file
+        and PIL's reason). Returns the replaced (undecodable) ones."""
+        bad, copied = [], []
+        for index in indices:
             path = self.dataset.files[index]
+            reason = _undecodable(path)
+            if reason is None:
+                if index not in self._transcoded:
+                    self._transcoded[index] = _png_copy(self.dataset, path)
+                    copied.append(path)
+                continue
             if self.dataset.strict:
-                raise DecodeError(f"data: cannot decode {path!r} (DALI: {str(error).splitlines()[0][:200]}) "
-                                  "(data.strict=true; set it false to skip such files)") from error
+                raise DecodeError(f"data: cannot decode {path!r}: {reason[:300]} (data.strict=true; set it false to "
+                                  "skip such files)") from dali_error
+            bad.append(index)
+        for index in bad:
             for step_ahead in range(1, 17):
                 candidate = (index + step_ahead) % len(self.dataset.files)
-                if candidate not in bad and _decodable(self.dataset.files[candidate]):
+                if candidate not in bad and self._usable(candidate):
                     self._replacements[index] = candidate
                     break
             else:
-                raise DecodeError(f"data: 16 undecodable files in a row after {path!r}") from error
-            self.skipped_files.append(path)
-        warnings.warn(f"data: replaced {len(bad)} undecodable file(s) {[self.dataset.files[i] for i in bad][:3]} "
-                      f"with the next decodable ones ({len(self.skipped_files)} this epoch on this rank)",
+                raise DecodeError(f"data: 16 undecodable files in a row after {self.dataset.files[index]!r}") \
+                    from dali_error
+        if copied:
+            warnings.warn(f"data: {len(copied)} file(s) {copied[:3]} are not plain complete JPEG/PNG files, which "
+                          "PIL decodes; DALI reads lossless PNG copies of them", stacklevel=4)
+        return bad
+
+    def _usable(self, index: int) -> bool:
+        """Whether entry ``index`` can stand in for an undecodable file: screened and not replaced itself, or
+        intact, or decoded by PIL (then read from its PNG copy)."""
+        if index in self._screened:
+            return index not in self._replacements
+        path = self.dataset.files[index]
+        if not _intact(path):
+            if _undecodable(path) is not None:
+                return False
+            self._transcoded[index] = _png_copy(self.dataset, path)
+        self._screened.add(index)
+        return True
+
+    def _repair(self, step: int, mine: list[int], error: Exception) -> None:
+        """DALI failed at ``step`` of the epoch although the files passed the screen; ``mine``: this rank's whole
+        (resolved) shard of the epoch. Finds the files PIL cannot decode in the batches DALI may have been working
+        on and replaces them, or else the files DALI alone cannot decode and gives it PNG copies."""
+        start = step * self.batch_size
+        window = list(dict.fromkeys(mine[start: start + (self.prefetch + 1) * self.batch_size]))
+        bad = [i for i in window if _undecodable(self.dataset.files[i]) is not None]
+        if bad:
+            self._fix(bad, error)
+            self.skipped_files.extend(self.dataset.files[i] for i in bad)
+            warnings.warn(f"data: replaced {len(bad)} undecodable file(s) {[self.dataset.files[i] for i in bad][:3]} "
+                          f"with the next decodable ones ({len(self.skipped_files)} this epoch on this rank)",
+                          stacklevel=3)
+            return
+        # PIL decodes them all, so DALI cannot decode some file PIL can (an unusual JPEG): give DALI a lossless PNG
+        # of PIL's decoding instead: the same pixels the torch backend sees
+        failing = self._dali_undecodable([i for i in window if i not in self._transcoded])
+        if not failing:
+            raise RuntimeError(f"DALI pipeline failed at step {step} of epoch {self.epoch}, and every one of the "
+                               f"{len(window)} upcoming files decodes alone: {error}") from error
+        for index in failing:
+            self._transcoded[index] = _png_copy(self.dataset, self.dataset.files[index])
+        warnings.warn(f"data: DALI cannot decode {[self.dataset.files[i] for i in failing][:3]} "
+                      f"({len(failing)} file(s)), which PIL decodes; it reads lossless PNG copies of them",
                       stacklevel=3)
 
     def _dali_undecodable(self, indices: list[int]) -> list[int]:
@@ -280,7 +366,7 @@ class DaliLoader:
                 if attempts > 8:
                     raise
                 iterator = None
-                self._repair(step, [self._resolve(i) for i in self._shards[self.rank]], error)
+                self._repair(step, [self._resolve(i) for i in self._shard], error)
                 continue
             step, attempts = step + 1, 0
-            yield out["images"], out["labels"].view(-1).to(torch.int64)
+            yield out["images"], self._label_table[out["labels"].view(-1).to(torch.int64)]

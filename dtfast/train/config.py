@@ -340,7 +340,10 @@ def validate(cfg: PretrainConfig) -> None:
     _validate_dist(cfg)
     validate_schedule(cfg, ["train.min_lr", "train.max_steps", "train.warmup_steps", "train.epochs",
                             "train.warmup_epochs", "train.weight_decay", "train.grad_clip", "train.save_every",
-                            "loss.at_weight", "data.num_workers", "teacher.timestep"])
+                            "loss.at_weight", "data.num_workers", "data.num_threads", "teacher.timestep"])
+    if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
+        raise ConfigError(f"config key 'data.hw_decoder_load' must be in [0, 1] (the share of JPEG decoding given to "
+                          f"the GPU's hardware decoder), got {cfg.data.hw_decoder_load}")
     _validate_length(cfg)
 
 
