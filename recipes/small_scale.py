@@ -145,7 +145,9 @@ def train_teacher(args: argparse.Namespace) -> str:
     folder = os.path.join(out, "teacher")
     keys = [*TEACHER_MODEL, *data_keys(args), f"data.image_size={args.image_size}",
             f"train.max_steps={args.teacher_steps}", f"train.batch_size={args.teacher_batch}"]
-    if args.teacher_steps < 50:  # train_teacher's default warm-up (50 steps) is longer than this run
+    from dtfast.teacher_training.config import TeacherTrainConfig
+
+    if args.teacher_steps < TeacherTrainConfig().train.warmup_steps:  # the default warm-up is longer than this run
         keys.append(f"train.warmup_steps={args.teacher_steps}")
     claim_step(out, {"step": "teacher", "keys": keys})
     if os.path.isfile(os.path.join(folder, "dtfast_teacher.json")):

@@ -99,19 +99,28 @@ def test_batch_size_below_two_is_refused_naming_the_key():
         load_config(None, ["train.batch_size=1"])
 
 
-def test_a_warmup_longer_than_the_run_warns_naming_both_keys():
+def test_a_warmup_longer_than_the_run_warns_naming_both_keys_in_either_unit():
+    from dtfast.train.config import schedule_steps
+
+    cfg = load_config(None, ["train.max_steps=4"])
     with pytest.warns(UserWarning, match="'train.warmup_steps' = 10 is longer than the run .'train.max_steps' = 4"):
-        load_config(None, ["train.max_steps=4"])
-    with pytest.warns(UserWarning, match="train.warmup_epochs"):
-        load_config(None, ["train.max_steps=0", "train.epochs=2", "train.warmup_steps=0", "train.warmup_epochs=3"])
+        assert schedule_steps(cfg, 1000, 1) == (4, 10)
+    # mixed units: 0.05 epochs of 1000 images at batch 16 = 3 steps, a warm-up of 40 steps
+    cfg = load_config(None, ["train.max_steps=0", "train.epochs=0.05", "train.warmup_steps=40"])
+    with pytest.warns(UserWarning, match=r"'train.warmup_steps' = 40 is longer .*'train.epochs' = 0.05 \(3 steps\)"):
+        assert schedule_steps(cfg, 1000, 1) == (3, 40)
+    cfg = load_config(None, ["train.max_steps=0", "train.epochs=2", "train.warmup_steps=0", "train.warmup_epochs=3"])
+    with pytest.warns(UserWarning, match=r"'train.warmup_epochs' = 3 \(186 steps\) .*'train.epochs' = 2 \(124 steps\)"):
+        assert schedule_steps(cfg, 1000, 1) == (124, 186)
 
 
 @pytest.mark.parametrize("preset, images, world, steps, warmup", [
-    ("imagenet_r50_adm256", 1281167, 8, 125114, 18767),    # 200 (30) epochs at global batch 8 x 256
-    ("imagenet_r50_adm256", 1281167, 4, 250228, 37534),    # the same epochs on 4 GPUs: twice the steps
-    ("imagenet_convnextb_adm256", 1281167, 8, 125114, 18767),  # 8 x 128 x 2 accumulation
-    ("lsun_r50_adm256", 3033042, 8, 1184782, 236956),      # LSUN bedroom, 100 (20) epochs at 8 x 32
-    ("lsun_r50_adm256", 70000, 8, 27344, 5469),            # FFHQ
+    # 200 (30) epochs; each rank reads 1281167 // 8 = 160145 images in 625 whole batches of 256 per epoch
+    ("imagenet_r50_adm256", 1281167, 8, 125000, 18750),
+    ("imagenet_r50_adm256", 1281167, 4, 250200, 37530),    # 4 GPUs: 320291 // 256 = 1251 batches per epoch
+    ("imagenet_convnextb_adm256", 1281167, 8, 125100, 18765),  # 1251 micro-batches of 128, 2 per step
+    ("lsun_r50_adm256", 3033042, 8, 1184700, 236940),      # LSUN bedroom, 100 (20) epochs of 11847 batches of 32
+    ("lsun_r50_adm256", 70000, 8, 27300, 5460),            # FFHQ: 273 batches per epoch
 ])
 def test_presets_count_the_recipes_epochs_in_steps_of_their_global_batch(preset, images, world, steps, warmup):
     import os
@@ -120,8 +129,7 @@ def test_presets_count_the_recipes_epochs_in_steps_of_their_global_batch(preset,
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(os.path.join(root, "configs", f"{preset}.yaml"))
-    global_batch = cfg.train.batch_size * cfg.train.grad_accum * world
-    assert schedule_steps(cfg, images, global_batch) == (steps, warmup)
+    assert schedule_steps(cfg, images, world) == (steps, warmup)
     assert cfg.train.optimizer != "lamb" or cfg.train.grad_clip == 1.0  # apex's and timm's LAMB default
 
 
@@ -131,6 +139,8 @@ def test_steps_override_epochs_only_when_epochs_are_off():
     cfg = load_config(None, ["train.max_steps=7", "train.warmup_steps=2"])
     assert schedule_steps(cfg, 1000, 10) == (7, 2)
     cfg = load_config(None, ["train.max_steps=0", "train.epochs=0.5", "train.warmup_steps=0",
-                             "train.warmup_epochs=0.01"])
-    assert schedule_steps(cfg, 1000, 10) == (50, 1)
-    assert schedule_steps(cfg, 3, 10) == (1, 1)  # at least one step
+                             "train.warmup_epochs=0.01", "train.batch_size=10"])
+    assert schedule_steps(cfg, 1000, 1) == (50, 1)  # 100 batches per epoch
+    assert schedule_steps(cfg, 1009, 1) == (50, 1)  # the partial batch is dropped
+    assert schedule_steps(cfg, 1050, 1) == (53, 1)  # 52.5 rounds up
+    assert schedule_steps(cfg, 30, 1) == (2, 1)  # at least one step

@@ -118,6 +118,53 @@ def test_dali_skips_or_fails_on_undecodable_files(tmp_path):
     assert "Critical error" not in str(error.value)  # PIL's reason, not DALI's first line
 
 
+def test_dali_screen_reads_only_plain_complete_jpeg_and_png_files(tmp_path):
+    from dtfast.data.dali import _intact
+
+    smooth_folder(tmp_path, classes=("a",), per_class=1)
+    jpeg = (tmp_path / "a" / "00.jpg").read_bytes()
+    png = tmp_path / "p.png"
+    Image.new("RGB", (9, 7), (1, 2, 3)).save(png)
+    cases = {
+        "jpeg": (jpeg, True), "jpeg padded with zeros": (jpeg + b"\0" * 40, True),
+        "png": (png.read_bytes(), True), "png with a trailer": (png.read_bytes() + b"x" * 100, False),
+        # a camera JPEG cut after its EXIF thumbnail: an EOI marker near the end, but not at it
+        "truncated after an early EOI": (jpeg[:600] + b"\xff\xd9" + jpeg[600:900], False),
+        "jpeg with data appended (a motion photo)": (jpeg + os.urandom(10000), False),
+        "garbage with SOI": (b"\xff\xd8junk" * 50, False), "html": (b"<html>404</html>", False), "empty": (b"", False),
+    }
+    for name, (data, expected) in cases.items():
+        path = tmp_path / "case.bin"
+        path.write_bytes(data)
+        assert _intact(str(path)) is expected, name
+
+
+@needs_dali
+def test_dali_decides_screened_out_files_with_pil(tmp_path):
+    smooth_folder(tmp_path, per_class=4)
+    files = sorted(str(p) for p in tmp_path.rglob("*.jpg"))
+    appended = files[1]  # a complete JPEG with data after EOI: read as it is, no PNG copy, not replaced
+    with open(appended, "ab") as fh:
+        fh.write(os.urandom(8000))
+    garbage, fake = files[2], files[3]
+    # garbage that fails the screen, followed by a file that passes it (SOI ... EOI) but does not decode: the
+    # stand-in for the first must not be the second, and the second is found when DALI fails on it
+    (tmp_path / garbage).write_bytes(b"\xff\xd8junk" * 50)
+    (tmp_path / fake).write_bytes(b"\xff\xd8\xff" + b"\x00junk" * 60 + b"\xff\xd9")
+    data = ImageFolder(str(tmp_path), 16, split="val")
+    loaders = []
+    batches, messages = collect(lambda: loaders.append(DaliLoader(data, 2, num_threads=1, shuffle=False))
+                                or loaders[0])
+    loader = loaders[0]
+    assert loader._transcoded == {} and data.files.index(appended) not in loader._replacements
+    assert sorted(loader.skipped_files) == sorted([garbage, fake]), loader.skipped_files
+    assert all(data.files[loader._resolve(data.files.index(p))] not in (garbage, fake) for p in (garbage, fake))
+    expected, _ = collect(build_loader(ImageFolder(str(tmp_path), 16, split="val"), 2, num_workers=0, shuffle=False))
+    assert len(batches) == len(expected) == 4
+    for (a, la), (b, lb) in zip(batches, expected):
+        assert torch.equal(la, lb) and (a.int() - b.int()).abs().float().mean() < 0.5
+
+
 @needs_dali
 def test_dali_never_decodes_a_bad_file_in_a_large_batch(tmp_path):
     # DALI 2.4's CPU decoder segfaults (3 in 6 runs) when a file fails in a batch of 32+: the screen keeps every

@@ -58,7 +58,6 @@ def dali_available() -> bool:
 
 def _png_copy(dataset, path: str) -> str:
     """A lossless PNG of PIL's RGB decoding of ``path``, in a temporary folder that lives as long as ``dataset``."""
-    import os
     import tempfile
 
     from PIL import Image
@@ -73,37 +72,45 @@ def _png_copy(dataset, path: str) -> str:
     return target
 
 
-def _undecodable(path: str) -> str | None:
-    """None when PIL decodes ``path`` completely (the arbiter), else PIL's reason ("OSError: image file is
-    truncated ...")."""
+def _pil_decode(path: str) -> tuple[str | None, str | None]:
+    """(PIL's format name, None) when PIL decodes ``path`` completely (the arbiter), else (None, PIL's reason, e.g.
+    "OSError: image file is truncated ...")."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             to_rgb(image)
-        return None
+            return image.format or "", None
     except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBomb...
-        return f"{type(error).__name__}: {error}"
+        return None, f"{type(error).__name__}: {error}"
 
 
-_TAIL = 4096  # bytes at the end of a file searched for JPEG's EOI / PNG's IEND (data after them is allowed)
+def _undecodable(path: str) -> str | None:
+    """None when PIL decodes ``path`` completely, else PIL's reason."""
+    return _pil_decode(path)[1]
+
+
+_TAIL = 64  # bytes read at the end of a file: the EOI / IEND there, after padding (zeros, whitespace)
+_PNG_END = b"IEND\xaeB`\x82"  # PNG's IEND chunk type and its (constant) CRC
 
 
 def _intact(path: str) -> bool:
-    """Whether DALI may read ``path`` as it is: a JPEG from SOI to an EOI marker in its last bytes, or a PNG with
-    its IEND chunk there. Reads a few bytes; False for anything else (PIL then decides, see ``_screen``)."""
+    """Whether DALI may read ``path`` as it is: a JPEG that starts with SOI and ends with EOI, or a PNG that ends
+    with its IEND chunk (trailing zeros or whitespace allowed). Reads a few bytes; False for anything else,
+    including a truncated camera JPEG (whose embedded thumbnail's EOI comes earlier) and a complete JPEG with data
+    appended (a phone's motion photo): PIL then decides (see ``_fix``)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
             size = fh.seek(0, os.SEEK_END)
             fh.seek(max(0, size - _TAIL))
-            tail = fh.read(_TAIL)
+            tail = fh.read(_TAIL).rstrip(b"\x00 \t\r\n")
     except OSError:
         return False
     if head[:3] == b"\xff\xd8\xff":
-        return b"\xff\xd9" in tail
+        return tail.endswith(b"\xff\xd9")
     if head == b"\x89PNG\r\n\x1a\n":
-        return b"IEND" in tail
+        return tail.endswith(_PNG_END)
     return False
 
 
@@ -155,7 +162,13 @@ class DaliLoader:
 
     # ------------------------------------------------------------------ pipeline
     def _resolve(self, index: int) -> int:
-        return self._replacements.get(index, index)
+        """The entry read for ``index``: its replacement, followed along the chain (a stand-in that failed later
+        was replaced in turn)."""
+        for _ in range(len(self._replacements) + 1):
+            if index not in self._replacements:
+                return index
+            index = self._replacements[index]
+        raise RuntimeError("data: DALI replacement table has a cycle")  # _fix never makes one
 
     def _source(self, index: int) -> str:
         """The file DALI reads for data set entry ``index``: the file itself, or its lossless PNG copy when DALI
@@ -240,29 +253,34 @@ class DaliLoader:
         if todo:
             files = self.dataset.files
             # chunks of files per thread: threads overlap the reads of a slow (network) disk; one future per file
-            # cost more than the check itself (17 us per cached file on the 2-vCPU VM)
+            # cost more than the check itself (2-vCPU VM, files in the page cache: 17 us per file in one thread, 35 us
+            # in these 8 threads, 80 us with a future per file)
             chunks = [todo[i: i + 256] for i in range(0, len(todo), 256)]
             with ThreadPoolExecutor(max_workers=8, thread_name_prefix="dtfast_dali_screen") as pool:
                 intact = [ok for part in pool.map(lambda chunk: [_intact(files[i]) for i in chunk], chunks)
                           for ok in part]
             self._fix([i for i, ok in zip(todo, intact) if not ok])
             self._screened.update(todo)
-        replaced = [self.dataset.files[i] for i in indices if i in self._replacements]
-        if replaced:
-            self.skipped_files.extend(replaced)
-            warnings.warn(f"data: replaced {len(replaced)} undecodable file(s) {replaced[:3]} with the next decodable "
-                          f"ones ({len(self.skipped_files)} this epoch on this rank)", stacklevel=3)
+        self._count_replaced([self.dataset.files[i] for i in indices if i in self._replacements])
+
+    def _count_replaced(self, files: list[str]) -> None:
+        """Count and warn about this epoch's replaced files (as the torch backend does, every epoch)."""
+        if files:
+            self.skipped_files.extend(files)
+            warnings.warn(f"data: replaced {len(files)} undecodable file(s) {files[:3]} with the next decodable ones "
+                          f"({len(self.skipped_files)} this epoch on this rank)", stacklevel=4)
 
     def _fix(self, indices: list[int], dali_error: Exception | None = None) -> list[int]:
-        """Decide each entry of ``indices`` with PIL: a file PIL decodes is read from a lossless PNG of PIL's
-        decoding; one it cannot is replaced by the next decodable file (``strict``: ``DecodeError`` naming the file
-        and PIL's reason). Returns the replaced (undecodable) ones."""
+        """Decide each entry of ``indices`` with PIL: a JPEG or PNG that PIL decodes is read as it is; another file
+        PIL decodes (GIF, WebP, ... named .jpg) from a lossless PNG of PIL's decoding; one it cannot decode is
+        replaced by the next decodable file (``strict``: ``DecodeError`` naming the file and PIL's reason). Returns
+        the replaced (undecodable) ones."""
         bad, copied = [], []
         for index in indices:
             path = self.dataset.files[index]
-            reason = _undecodable(path)
+            image_format, reason = _pil_decode(path)
             if reason is None:
-                if index not in self._transcoded:
+                if image_format not in ("JPEG", "PNG") and index not in self._transcoded:
                     self._transcoded[index] = _png_copy(self.dataset, path)
                     copied.append(path)
                 continue
@@ -280,19 +298,21 @@ class DaliLoader:
                 raise DecodeError(f"data: 16 undecodable files in a row after {self.dataset.files[index]!r}") \
                     from dali_error
         if copied:
-            warnings.warn(f"data: {len(copied)} file(s) {copied[:3]} are not plain complete JPEG/PNG files, which "
-                          "PIL decodes; DALI reads lossless PNG copies of them", stacklevel=4)
+            warnings.warn(f"data: {len(copied)} file(s) {copied[:3]} are neither JPEG nor PNG files; PIL decodes "
+                          "them, and DALI reads lossless PNG copies of them", stacklevel=4)
         return bad
 
     def _usable(self, index: int) -> bool:
-        """Whether entry ``index`` can stand in for an undecodable file: screened and not replaced itself, or
-        intact, or decoded by PIL (then read from its PNG copy)."""
-        if index in self._screened:
-            return index not in self._replacements
+        """Whether entry ``index`` can stand in for an undecodable file: not replaced itself, and decoded by PIL
+        (a stand-in is rare, so it gets the full check, not just the screen's); read from a PNG copy unless it is a
+        JPEG or PNG file."""
+        if index in self._replacements:
+            return False
         path = self.dataset.files[index]
-        if not _intact(path):
-            if _undecodable(path) is not None:
-                return False
+        image_format, reason = _pil_decode(path)
+        if reason is not None:
+            return False
+        if image_format not in ("JPEG", "PNG") and index not in self._transcoded:
             self._transcoded[index] = _png_copy(self.dataset, path)
         self._screened.add(index)
         return True
@@ -306,10 +326,7 @@ class DaliLoader:
         bad = [i for i in window if _undecodable(self.dataset.files[i]) is not None]
         if bad:
             self._fix(bad, error)
-            self.skipped_files.extend(self.dataset.files[i] for i in bad)
-            warnings.warn(f"data: replaced {len(bad)} undecodable file(s) {[self.dataset.files[i] for i in bad][:3]} "
-                          f"with the next decodable ones ({len(self.skipped_files)} this epoch on this rank)",
-                          stacklevel=3)
+            self._count_replaced([self.dataset.files[i] for i in bad])
             return
         # PIL decodes them all, so DALI cannot decode some file PIL can (an unusual JPEG): give DALI a lossless PNG
         # of PIL's decoding instead: the same pixels the torch backend sees

@@ -90,7 +90,8 @@ def validate(cfg: TeacherTrainConfig) -> None:
         raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), got {cfg.train.ema_decay}")
     validate_schedule(cfg, ["train.min_lr", "train.weight_decay", "train.grad_clip", "train.max_minutes",
                             "train.warmup_steps", "train.save_every", "data.num_workers"])
-    warn_long_warmup("train.warmup_steps", cfg.train.warmup_steps, "train.max_steps", cfg.train.max_steps)
+    warn_long_warmup(f"'train.warmup_steps' = {cfg.train.warmup_steps}", cfg.train.warmup_steps,
+                     f"'train.max_steps' = {cfg.train.max_steps}", cfg.train.max_steps)
     # the model keys (arch, widths, groups, head width) and data.image_size against the arch's downsampling
     from dtfast.teacher_training.trainer import unet_config
 

@@ -174,14 +174,16 @@ def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any],
 
 
 def compare_configs(saved: dict[str, Any], current: dict[str, Any], keys: list[str]) -> list[str]:
-    """Dotted keys among ``keys`` whose values differ between two config dicts."""
+    """Dotted keys among ``keys`` whose values differ between two config dicts. A key the saved config does not
+    have (a checkpoint of a version before the key existed) is not a difference."""
     diffs = []
+    missing = object()
     for key in keys:
         a, b = saved, current
         for part in key.split("."):
-            a = a.get(part) if isinstance(a, dict) else None
+            a = a.get(part, missing) if isinstance(a, dict) else missing
             b = b.get(part) if isinstance(b, dict) else None
-        if a != b:
+        if a is not missing and a != b:
             diffs.append(f"{key}: checkpoint has {a!r}, this run has {b!r}")
     return diffs
 

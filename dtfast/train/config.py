@@ -348,7 +348,8 @@ def validate(cfg: PretrainConfig) -> None:
 
 
 def _validate_length(cfg: PretrainConfig) -> None:
-    """The run's length and warm-up: each in steps or in epochs, not both; the warm-up no longer than the run."""
+    """The run's length and warm-up: each in steps or in epochs, not both (``schedule_steps`` compares the two in
+    steps, once the data set's size is known)."""
     t = cfg.train
     for steps_key, epochs_key in (("max_steps", "epochs"), ("warmup_steps", "warmup_epochs")):
         if getattr(t, steps_key) > 0 and getattr(t, epochs_key) > 0:
@@ -358,27 +359,34 @@ def _validate_length(cfg: PretrainConfig) -> None:
     if t.max_steps <= 0 and t.epochs <= 0:
         raise ConfigError("the run has no length: set config key 'train.max_steps' (optimizer steps) or "
                           "'train.epochs' (passes over the data) > 0")
-    warn_long_warmup("train.warmup_steps", t.warmup_steps, "train.max_steps", t.max_steps)
-    warn_long_warmup("train.warmup_epochs", t.warmup_epochs, "train.epochs", t.epochs)
 
 
-def warn_long_warmup(warmup_key: str, warmup: float, length_key: str, length: float) -> None:
-    """A warm-up longer than the run is allowed (smoke runs of a few steps), with a warning that says what it does."""
-    if 0 < length < warmup:
-        warnings.warn(f"config key '{warmup_key}' = {warmup} is longer than the run ('{length_key}' = {length}): the "
-                      f"learning rate stops at {length / warmup:.0%} of train.lr, before its peak", stacklevel=3)
+def warn_long_warmup(warmup: str, warmup_steps: int, length: str, max_steps: int) -> None:
+    """A warm-up longer than the run is allowed (smoke runs of a few steps), with a warning that names the keys and
+    says what it does. ``warmup``/``length``: the keys and values as the message shows them."""
+    if 0 < max_steps < warmup_steps:
+        warnings.warn(f"config key {warmup} is longer than the run ({length}): the learning rate stops at "
+                      f"{max_steps / warmup_steps:.0%} of train.lr, before its peak", stacklevel=3)
 
 
-def schedule_steps(cfg: PretrainConfig, num_images: int, global_batch: int) -> tuple[int, int]:
-    """(max_steps, warmup_steps) of the run: the configured steps, or epochs x images / global batch (rounded, at
-    least one step) where the config counts in epochs."""
+def schedule_steps(cfg: PretrainConfig, num_images: int, world_size: int) -> tuple[int, int]:
+    """(max_steps, warmup_steps) of the run: the configured steps, or epochs x the optimizer steps of one pass over
+    ``num_images`` (each rank's whole micro-batches of its ``DistributedSampler`` shard, as the loaders read them;
+    rounded half up, at least one step). Warns when the warm-up is longer than the run, in whichever units."""
+    from dtfast.data.loader import steps_per_epoch
+
     t = cfg.train
+    per_epoch = steps_per_epoch(num_images, t.batch_size, world_size) / t.grad_accum
 
     def steps(epochs: float) -> int:
-        return max(1, round(epochs * num_images / global_batch))
+        return max(1, math.floor(epochs * per_epoch + 0.5))
 
     max_steps = t.max_steps if t.max_steps > 0 else steps(t.epochs)
-    warmup = t.warmup_steps if t.warmup_epochs <= 0 else min(max_steps, steps(t.warmup_epochs))
+    warmup = t.warmup_steps if t.warmup_epochs <= 0 else steps(t.warmup_epochs)
+    warn_long_warmup(f"'train.warmup_steps' = {warmup}" if t.warmup_epochs <= 0 else
+                     f"'train.warmup_epochs' = {t.warmup_epochs:g} ({warmup} steps)", warmup,
+                     f"'train.max_steps' = {max_steps}" if t.max_steps > 0 else
+                     f"'train.epochs' = {t.epochs:g} ({max_steps} steps)", max_steps)
     return max_steps, warmup
 
 

@@ -177,7 +177,7 @@ class Trainer(RunLifecycle):
                                      seed=cfg.train.seed, strict=cfg.data.strict,
                                      random_resized_crop=cfg.data.random_resized_crop)
         # the run's length and warm-up in steps (train.epochs / warmup_epochs count passes over these data)
-        self.max_steps, self.warmup_steps = schedule_steps(cfg, len(self.dataset), self.global_batch)
+        self.max_steps, self.warmup_steps = schedule_steps(cfg, len(self.dataset), self.dist.world_size)
         # the concrete decoder now: a backend that cannot read these data fails at set-up, not at the first step
         self.data_backend = resolve_backend(cfg.data.backend, self.dataset)
         self.pipeline = None  # the InputPipeline of train(), closed when it ends (signals and errors included)
