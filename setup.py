@@ -151,8 +151,7 @@ if __name__ == "__main__":  # pip / setuptools run this file as __main__
         long_description=_readme(),
         long_description_content_type="text/markdown",
         python_requires=">=3.10",
-        packages=find_packages(include=["dtfast", "dtfast.*"]) + ["dtfast.kernels"],
-        package_dir={"dtfast.kernels": "kernels"},
+        packages=find_packages(include=["dtfast", "dtfast.*"]),
         package_data={"dtfast": ["assets/**/*"]},
         install_requires=["torch>=2.4,<=2.14.1", "numpy"],
         extras_require={

@@ -1,7 +1,7 @@
 """Host (Python) cost of the Triton DreamTeacher loss, measured on the CPU with every Triton launch replaced by a no-op.
 
 What it times is everything the Triton backend does on the host around its kernels: validation, dispatch, the
-autograd.Function / custom-op wrappers, the launch plan (``kernels/_loss_meta.py``), the metadata tensor, output
+autograd.Function / custom-op wrappers, the launch plan (``dtfast/kernels/_loss_meta.py``), the metadata tensor, output
 allocation and argument packing -- but NOT Triton's own launcher (argument binding, autotuner lookup, driver
 launch: several microseconds per launch on a GPU machine) and no CUDA-specific costs (caching allocator, pinned
 host memory, H2D copies). The figures are CPU host times on CPU tensors, not GPU timings: they say how much Python

@@ -12,7 +12,7 @@ forward+backward 1.328 ms. This runs the Triton fwd+bwd (the eager ``dreamteache
   (c) torch.profiler over a few iterations: CUDA time per kernel, GPU busy time vs the span of the GPU work (idle
       gaps = the GPU waiting on the host), CPU-side CUDA API calls (launches, cudaHostAlloc, cudaMalloc/cudaFree,
       synchronisations, memcpy) with counts and host time;
-  (d) counters per iteration of each variant: the plan cache (kernels/_loss_meta.py: plan hits/builds, metadata
+  (d) counters per iteration of each variant: the plan cache (dtfast/kernels/_loss_meta.py: plan hits/builds, metadata
       tensors made), the caching allocator (device mallocs/frees, retries, syncs of all streams) and, where torch
       has them, the pinned host allocator's allocations.
 A variant with the plan/metadata caches cleared before the forward and before the backward reproduces the pre-cache

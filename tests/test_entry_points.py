@@ -67,3 +67,30 @@ def test_ops_work_with_torch_and_numpy_only():
     proc = subprocess.run([sys.executable, "-c", _OPS_ONLY], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "OPS_ONLY_OK []" in proc.stdout
+
+
+def test_no_folder_of_the_repository_shadows_an_installed_package():
+    """`python -m dtfast.pretrain` from a checkout puts the repository root first on sys.path: a package folder there
+    named like an installed distribution's module hides it (a top-level `kernels/` hid PyPI's `kernels`, which
+    diffusers imports, and every teacher failed to build)."""
+    import importlib.metadata
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    folders = {p.parent.name for p in root.glob("*/__init__.py")} - {"dtfast"}
+    installed = importlib.metadata.packages_distributions()
+    clashes = {name: installed[name] for name in folders if name in installed}
+    assert not clashes, f"repository folders shadow installed packages: {clashes}"
+
+
+def test_diffusers_imports_from_the_repository_root():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("diffusers")
+    root = Path(__file__).resolve().parents[1]
+    code = "import diffusers.models.unets.unet_2d, dtfast.kernels; print(dtfast.kernels.__file__)"
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert Path(res.stdout.strip()).resolve().is_relative_to(root / "dtfast"), res.stdout

@@ -193,8 +193,8 @@ def test_kernels_compile_for_cuda_sm90():
     pytest.importorskip("triton.backends.nvidia")
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, str(root / "kernels" / "aot_check.py"), "--quick"], check=False, env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, str(root / "dtfast" / "kernels" / "aot_check.py"), "--quick"], check=False,
+                         env=env, capture_output=True, text=True, timeout=600)
     if res.returncode == 3:
         pytest.skip(res.stdout.strip())
     assert res.returncode == 0, res.stdout + res.stderr

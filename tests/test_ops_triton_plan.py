@@ -1,5 +1,5 @@
-"""Host-side caches of the Triton loss (kernels/_loss_meta.py): cached launch plans and flat gradient buffers must
-give the same results as fresh ones whatever tensors, addresses and strides come with the same shapes.
+"""Host-side caches of the Triton loss (dtfast/kernels/_loss_meta.py): cached launch plans and flat gradient buffers
+must give the same results as fresh ones whatever tensors, addresses and strides come with the same shapes.
 
 TRITON_INTERPRET=1 on CPU tensors; on a CUDA machine the same tests run on CUDA tensors.
 """

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import os
-import sys
-from pathlib import Path
 from types import ModuleType
 
 
@@ -20,26 +17,11 @@ class BackendUnavailable(RuntimeError):
 
 
 def kernel_module(name: str) -> ModuleType:
-    """``dtfast.kernels.<name>``; in a source checkout used through PYTHONPATH, ``<repo>/kernels/<name>.py``.
+    """``dtfast.kernels.<name>`` (importing ``dtfast.kernels`` itself does not import Triton).
 
-    setup.py maps the repository's ``kernels/`` folder to ``dtfast.kernels`` on install; without an install the
-    folder is mapped here the same way. Importing ``dtfast.kernels`` itself does not import Triton.
+    The kernels live inside the package: a top-level ``kernels`` folder would shadow the ``kernels`` package of
+    PyPI, which diffusers imports, whenever the repository root is on ``sys.path`` (``python -m`` from a checkout).
     """
-    if "dtfast.kernels" not in sys.modules:
-        try:
-            importlib.import_module("dtfast.kernels")
-        except ModuleNotFoundError as exc:
-            if exc.name != "dtfast.kernels":
-                raise
-            root = Path(__file__).resolve().parents[2] / "kernels"
-            if not (root / "__init__.py").exists():
-                raise BackendUnavailable("dtfast.kernels is missing from this installation; reinstall dtfast "
-                                         "(`pip install -e .`)") from exc
-            spec = importlib.util.spec_from_file_location("dtfast.kernels", root / "__init__.py",
-                                                          submodule_search_locations=[str(root)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules["dtfast.kernels"] = module
-            spec.loader.exec_module(module)
     return importlib.import_module(f"dtfast.kernels.{name}")
 
 

@@ -1,6 +1,6 @@
 """Compile the loss kernels ahead of time for a CUDA target without a GPU and report what the compiler made.
 
-    python -m dtfast.kernels.aot_check [--arch 90]        (or: python kernels/aot_check.py from a checkout)
+    python -m dtfast.kernels.aot_check [--arch 90]        (or: python dtfast/kernels/aot_check.py from a checkout)
 
 Catches kernels that only work in the interpreter, and shows per variant the registers, spills and whether the
 global loads are vectorised (``ld.global.v*``). Needs Triton's NVIDIA backend (ptxas ships with it); must run with
@@ -22,10 +22,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 if __package__ in (None, ""):  # run as a script from a checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from kernels import dreamteacher_loss as K
-    from kernels._loss_meta import tile_config
-    from kernels._loss_reduce import _fwd_level_kernel, _fwd_sample_kernel
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from dtfast.kernels import dreamteacher_loss as K
+    from dtfast.kernels._loss_meta import tile_config
+    from dtfast.kernels._loss_reduce import _fwd_level_kernel, _fwd_sample_kernel
 else:
     from . import dreamteacher_loss as K
     from ._loss_meta import tile_config
