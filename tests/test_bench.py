@@ -362,7 +362,7 @@ def test_cudnn_benchmark_flag_follows_each_rows_trainer(monkeypatch):
 
     def fake_trainer(device, enabled, log):
         cfg = SimpleNamespace(train=SimpleNamespace(cudnn_benchmark=enabled, grad_accum=1),
-                              data=SimpleNamespace(image_size=8))
+                              data=SimpleNamespace(image_size=8, crop_hw=(8, 8)))
         trainer = SimpleNamespace(cfg=cfg, device=torch.device(device), dist=SimpleNamespace(world_size=1))
         trainer.apply_backend_flags = lambda: Trainer.apply_backend_flags(trainer)
 

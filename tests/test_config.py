@@ -93,6 +93,13 @@ def test_non_finite_numbers_are_refused(value):
         load_config(None, [f"train.lr={value}"])
 
 
+def test_non_square_crops_are_height_and_width():
+    assert load_config(None, ["data.image_size=48"]).data.crop_hw == (48, 48)
+    assert load_config(None, ["data.image_size=128", "data.image_width=256"]).data.crop_hw == (128, 256)
+    with pytest.raises(ConfigError, match="'data.image_width' must be finite and >= 0"):
+        load_config(None, ["data.image_width=-1"])
+
+
 def test_batch_size_below_two_is_refused_naming_the_key():
     # the regressor's pooling BatchNorm (1x1 map) cannot train on one image: name the key before building anything
     with pytest.raises(ConfigError, match="'train.batch_size' must be >= 2"):
@@ -121,6 +128,7 @@ def test_a_warmup_longer_than_the_run_warns_naming_both_keys_in_either_unit():
     ("imagenet_convnextb_adm256", 1281167, 8, 125100, 18765),  # 1251 micro-batches of 128, 2 per step
     ("lsun_r50_adm256", 3033042, 8, 1184700, 236940),      # LSUN bedroom, 100 (20) epochs of 11847 batches of 32
     ("lsun_r50_adm256", 70000, 8, 27300, 5460),            # FFHQ: 273 batches per epoch
+    ("bdd100k_r50_adm", 70000, 8, 163800, 8190),           # BDD100K train: 600 (30) epochs of 273 batches of 32
 ])
 def test_presets_count_the_recipes_epochs_in_steps_of_their_global_batch(preset, images, world, steps, warmup):
     import os

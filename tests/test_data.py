@@ -18,7 +18,7 @@ from dtfast.data import (
     steps_per_epoch,
     to_views,
 )
-from dtfast.data.transforms import resized_shorter_size
+from dtfast.data.transforms import image_hw, plan_crop, resized_cover_size, size_text
 
 
 def write_folder(root, classes=("ant", "bee", "cat"), per_class=4, size=(50, 38), fmt="JPEG", seed=0):
@@ -80,6 +80,16 @@ def test_procedural_colour_alone_does_not_give_the_class():
     assert (predicted == y_val).mean() < 0.3
 
 
+def test_procedural_non_square_is_the_centre_of_the_square_image():
+    square, wide, tall = (ProceduralImages(6, size, seed=2, split="val") for size in (40, (24, 40), (40, 16)))
+    for i in range(6):
+        full = square.render(i)
+        assert np.array_equal(wide.render(i), full[8:32]) and np.array_equal(tall.render(i), full[:, 12:28])
+        assert wide[i][0].shape == (3, 24, 40) and tall[i][0].shape == (3, 40, 16)
+    with pytest.raises(ValueError, match="image_size >= 16"):
+        ProceduralImages(4, (8, 32))
+
+
 def test_procedural_bad_arguments():
     with pytest.raises(ValueError, match="split"):
         ProceduralImages(split="test")
@@ -128,11 +138,55 @@ def test_centre_crop_equals_resize_then_crop(tmp_path):
     data = ImageFolder(str(tmp_path), 256, split="val")
     ours = data[0][0].permute(1, 2, 0).numpy().astype(int)
     with Image.open(data.files[0]) as image:
-        height, width = resized_shorter_size(image.height, image.width, 256)
+        height, width = resized_cover_size(image.height, image.width, 256)
         assert (height, width) == (256, 341)
         full = np.asarray(image.convert("RGB").resize((width, height), Image.BILINEAR)).astype(int)
     left = (341 - 256 + 1) // 2  # round-half-up of the centre, the convention shared with DALI
     assert np.abs(ours - full[:, left:left + 256]).max() <= 1
+
+
+def test_cover_size_is_resize_shorter_for_squares_and_covers_non_square_outputs():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        height, width, size = (int(v) for v in rng.integers(1, 3000, 3))
+        # the square case as DALI's resize_shorter: the shorter side becomes S, the other rounded half up
+        shorter, longer = min(height, width), max(height, width)
+        other = max(size, int(np.floor(longer * size / shorter + 0.5)))
+        assert resized_cover_size(height, width, size) == ((size, other) if height <= width else (other, size))
+        out_h, out_w = (int(v) for v in rng.integers(1, 400, 2))
+        got_h, got_w = resized_cover_size(height, width, (out_h, out_w))
+        assert got_h >= out_h and got_w >= out_w and (got_h == out_h or got_w == out_w)  # covers, and fits one side
+        scale = max(out_h / height, out_w / width)  # the aspect ratio is kept, up to rounding the other side
+        assert abs(got_h - height * scale) <= 0.5 + 1e-9 * got_h or got_h == out_h
+        assert abs(got_w - width * scale) <= 0.5 + 1e-9 * got_w or got_w == out_w
+    assert resized_cover_size(720, 1280, (128, 256)) == (144, 256)  # BDD100K frames for the 128x256 recipe
+    assert resized_cover_size(2, 2, (3, 5)) == (5, 5) and image_hw(7) == (7, 7) and image_hw([3, 5]) == (3, 5)
+    assert size_text(32) == "32" and size_text((32, 32)) == "32" and size_text((128, 256)) == "128x256"
+    with pytest.raises(ValueError, match="image size"):
+        image_hw((1, 2, 3))
+
+
+def test_non_square_crops_equal_resize_then_crop(tmp_path):
+    write_folder(tmp_path, classes=("a",), per_class=1, size=(400, 300), fmt="PNG")  # (width, height)
+    data = ImageFolder(str(tmp_path), (48, 128), split="val")
+    ours = data[0][0].permute(1, 2, 0).numpy().astype(int)
+    assert ours.shape == (48, 128, 3)
+    with Image.open(data.files[0]) as image:
+        full = np.asarray(image.convert("RGB").resize((128, 96), Image.BILINEAR)).astype(int)  # covers 48x128
+    top = (96 - 48 + 1) // 2
+    assert np.abs(ours - full[top:top + 48]).max() <= 1
+    # training windows keep the output's aspect ratio, span the limiting side and move along the other
+    train = ImageFolder(str(tmp_path), (48, 128), seed=2)
+    windows = {(round(c.top, 6), round(c.left, 6), round(c.height, 6), round(c.width, 6))
+               for c in (train.crop_for(i, 300, 400) for i in range(12))}
+    assert len(windows) > 4
+    for top, left, height, width in windows:
+        assert abs(width - 400) < 1e-6 and left == 0 and abs(height - 150) < 1e-6 and 0 <= top <= 150
+    assert train[0][0].shape == (3, 48, 128)
+    # a portrait output from a landscape image: resized to 128x171 (400 * 128 / 300 = 170.7), centre left 62
+    crop = plan_crop(None, 300, 400, (128, 48), train=False)
+    assert (crop.top, crop.height) == (0, 300)
+    assert abs(crop.width - 48 * 400 / 171) < 1e-9 and abs(crop.left - 62 * 400 / 171) < 1e-9
 
 
 def test_train_crops_are_seeded_per_epoch_and_index(tmp_path):

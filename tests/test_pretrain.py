@@ -160,6 +160,22 @@ def test_epochs_set_the_runs_length_from_the_data_and_global_batch(tmp_path, cap
     assert "steps 0->4 (0.25 epochs, 0.125 warm-up epochs of 64 images at global batch 4)" in capsys.readouterr().out
 
 
+def test_non_square_crops_train_export_and_refuse_another_width(tmp_path):
+    from safetensors import safe_open
+
+    from dtfast.eval.config import load_eval_config
+
+    out = str(tmp_path / "run")
+    _run(out, 2, ["data.image_size=32", "data.image_width=64"])  # the BDD100K recipe's 1:2 crops, embedded data
+    assert [r["step"] for r in _metrics(out)] == [1, 2] and all(r["loss"] > 0 for r in _metrics(out))
+    backbone = os.path.join(out, "backbone.safetensors")
+    with safe_open(backbone, framework="pt") as fh:
+        assert fh.metadata()["image_size"] == "32x64"
+    assert load_eval_config(None, [f"backbone={backbone}"]).data.image_size == 32  # the probe's square: shorter side
+    with pytest.raises(ValueError, match="data.image_width: checkpoint has 64, this run has 0"):
+        _run(out, 4, ["data.image_size=32"])
+
+
 def test_resume_refuses_a_different_config(tmp_path):
     out = str(tmp_path / "run")
     _run(out, 3)

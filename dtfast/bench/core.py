@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from dtfast.data.transforms import size_text
 from dtfast._provenance import git_commit
 from dtfast.bench import flops as flop_count
 from dtfast.bench import report
@@ -81,7 +82,7 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
                  "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                  "preset": os.path.splitext(os.path.basename(config_path))[0] if config_path else "defaults",
                  "config": config_path or "", "overrides": overrides, "data": bench.data,
-                 "image_size": cfg.data.image_size, "warmup": bench.warmup, "steps": bench.steps, "peak": peak,
+                 "image_size": size_text(cfg.data.crop_hw), "warmup": bench.warmup, "steps": bench.steps, "peak": peak,
                  "rows": specs, "batch_sizes": batch_sizes},
         "flops": {},
         "rows": [],
@@ -119,7 +120,7 @@ def run_benchmark(config_path: str | None, overrides: list[str], out: str | None
                         row_cfg = load_config(config_path, overrides + config_items)
                         trainers[row.name] = build_trainer(row_cfg, options)
                     if not result["flops"]:
-                        result["flops"] = flop_count.count_flops(trainers[row.name], cfg.data.image_size)
+                        result["flops"] = flop_count.count_flops(trainers[row.name], cfg.data.crop_hw)
                     measurement = Measurement(trainers[row.name], batch_size, bench.data, cfg.train.seed)
                     measurement.warmup(bench.warmup)
                 active.append((entry, measurement, time.perf_counter() - t_row))

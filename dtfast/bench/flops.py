@@ -50,22 +50,25 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=_custom_mapping())
 
 
-def teacher_forward_flops(cfg, image_size: int, early_exit: bool) -> int:
-    """FLOPs of one teacher forward for one image at ``image_size``, counted on a meta-device build."""
+def teacher_forward_flops(cfg, image_size: int | tuple[int, int], early_exit: bool) -> int:
+    """FLOPs of one teacher forward for one image at ``image_size`` (S or (H, W)), counted on a meta-device build."""
+    from dtfast.data.transforms import image_hw
     from dtfast.teachers import build_teacher
 
     teacher = build_teacher(arch=cfg.teacher.arch or None, pretrained=cfg.teacher.pretrained or None,
                             timestep=cfg.teacher.timestep, strides=tuple(cfg.teacher.strides), device="meta",
                             dtype=torch.float32, compile=False, early_exit=early_exit)
-    images = torch.zeros(1, 3, image_size, image_size, device="meta")
+    images = torch.zeros(1, 3, *image_hw(image_size), device="meta")
     with flop_counter() as counter:
         teacher(images)
     return int(counter.get_total_flops())
 
 
-def student_train_flops(student: nn.Module, image_size: int) -> int:
+def student_train_flops(student: nn.Module, image_size: int | tuple[int, int]) -> int:
     """FLOPs of the student's forward + backward (input gradient not needed) for one image."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dtfast.data.transforms import image_hw
 
     was_training = student.training
     device = next(student.parameters()).device
@@ -73,7 +76,7 @@ def student_train_flops(student: nn.Module, image_size: int) -> int:
     student.eval()
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
-            images = torch.empty(1, 3, image_size, image_size, device=device)
+            images = torch.empty(1, 3, *image_hw(image_size), device=device)
             with flop_counter() as counter:
                 outputs = student(images)
                 total = sum(o.float().square().mean() for o in outputs)
@@ -83,7 +86,7 @@ def student_train_flops(student: nn.Module, image_size: int) -> int:
     return int(counter.get_total_flops())
 
 
-def count_flops(trainer, image_size: int) -> dict[str, Any]:
+def count_flops(trainer, image_size: int | tuple[int, int]) -> dict[str, Any]:
     """FLOPs per image: teacher forward (early exit on / off), student fwd+bwd; {} entries that failed say why."""
     result: dict[str, Any] = {}
     for key, early_exit in (("teacher_early_exit", True), ("teacher_full", False)):

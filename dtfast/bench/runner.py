@@ -66,10 +66,13 @@ def build_trainer(cfg, options: dict[str, Any]):
 class SyntheticBatches:
     """Random uint8 images already on the device (a few distinct batches, cycled): compute only."""
 
-    def __init__(self, batch_size: int, image_size: int, device: torch.device, distinct: int = 2, seed: int = 0):
+    def __init__(self, batch_size: int, image_size: int | tuple[int, int], device: torch.device, distinct: int = 2,
+                 seed: int = 0):
+        from dtfast.data.transforms import image_hw
+
         generator = torch.Generator(device="cpu").manual_seed(seed)
         self.batches = [
-            (torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8,
+            (torch.randint(0, 256, (batch_size, 3, *image_hw(image_size)), dtype=torch.uint8,
                            generator=generator).to(device),
              torch.zeros(batch_size, dtype=torch.long, device=device))
             for _ in range(distinct)
@@ -162,7 +165,7 @@ class Measurement:
         self.trainer, self.batch_size, self.device = trainer, batch_size, trainer.device
         self.grad_accum = trainer.cfg.train.grad_accum
         if data == "synthetic":
-            self.source = SyntheticBatches(batch_size, trainer.cfg.data.image_size, self.device, seed=seed)
+            self.source = SyntheticBatches(batch_size, trainer.cfg.data.crop_hw, self.device, seed=seed)
         else:
             self.source = RealBatches(trainer, batch_size)
         self.timer = StageTimer(self.device)

@@ -26,14 +26,14 @@ __all__ = [
 ]
 
 
-def build_dataset(root: str | None, image_size: int, *, split: str = "train", num_images: int = 2048,
+def build_dataset(root: str | None, image_size: int | tuple[int, int], *, split: str = "train", num_images: int = 2048,
                   num_classes: int = 10, seed: int = 0, strict: bool = False, random_resized_crop: bool = False):
     """The training (or validation) data set.
 
     Args:
         root: None or "" for the embedded ``ProceduralImages``; else an ImageNet-layout folder
             ``root/<class>/<image>`` (``root/<split>`` is used when it exists).
-        image_size: square output side.
+        image_size: output size: S (square) or (H, W).
         split: "train" (random crops/flips) or "val" (centre crops).
         num_images, num_classes: size of the procedural set (ignored for folders).
         seed: procedural content seed / per-sample augmentation seed.

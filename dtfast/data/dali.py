@@ -1,7 +1,7 @@
 """NVIDIA DALI backend: read, decode (GPU "mixed" decoder or CPU), resize, crop and flip in a DALI pipeline.
 
 One ``DaliLoader`` is one epoch from a start step, like ``EpochLoader``; batches are ``(uint8 images
-(B, 3, S, S), int64 labels (B,))`` on the pipeline's device (the GPU for "mixed", else the CPU).
+(B, 3, H, W), int64 labels (B,))`` on the pipeline's device (the GPU for "mixed", else the CPU).
 
 - Order and sharding: the epoch's order is the one ``DistributedSampler`` gives the torch backend (seed +
   epoch). Each rank computes its own shard only and gives ``fn.readers.file`` the remaining part of it, in
@@ -10,7 +10,9 @@ One ``DaliLoader`` is one epoch from a start step, like ``EpochLoader``; batches
   the samples step N would have read. Labels travel through DALI as positions in the shard and are looked up
   in the data set's int64 labels afterwards (DALI's reader keeps int32).
 - Crops/flips (plain recipe): per-sample positions and flips come in through ``fn.external_source`` from the
-  same per-sample generator as the torch backend, so both backends crop the same window of the same file.
+  same per-sample generator as the torch backend, so both backends crop the same window of the same file. The
+  window (``plan_crop``'s, from the size in the file's header, in float64) is the only part that is resized
+  (``fn.resize``'s ROI), as the torch backend does: a 1x3000 strip is not first resized to 256x768000.
   Random-resized crops use DALI's fused ``decoders.image_random_crop``, driven by DALI's own generator seeded
   per (seed, epoch, step at which the pipeline starts, rank): every rank crops its own windows, and the order is
   the same after a restart, but not the windows (nor the torch backend's).
@@ -185,19 +187,39 @@ class DaliLoader:
         """(pos_x, pos_y, flip) of one sample: the draws of ``plan_resize_crop`` in the same order."""
         data = self.dataset
         if not data.train:
-            return np.float32(0.5), np.float32(0.5), np.int32(0)
+            return np.float64(0.5), np.float64(0.5), np.int32(0)
         rng = sample_rng(data.seed, self.epoch, index)
         if data.random_resized_crop:
-            return np.float32(0.5), np.float32(0.5), np.int32(rng.random() < 0.5)
+            return np.float64(0.5), np.float64(0.5), np.int32(rng.random() < 0.5)
         pos_y, pos_x = rng.random(), rng.random()
-        return np.float32(pos_x), np.float32(pos_y), np.int32(rng.random() < 0.5)
+        return np.float64(pos_x), np.float64(pos_y), np.int32(rng.random() < 0.5)
+
+    @staticmethod
+    def _window(shape, pos_x, pos_y, size: tuple[int, int]):
+        """DALI nodes (roi_start, roi_end) of ``plan_crop``'s window for the plain recipe: the (H, W) = ``size`` crop
+        at relative position (pos_y, pos_x) of the image resized to cover it (``resized_cover_size``), mapped back
+        to source pixels. ``shape``: the source's (height, width, channels) as float64."""
+        from nvidia.dali import fn, types
+        from nvidia.dali import math as dmath
+
+        def half_up(x):
+            return dmath.floor(x + 0.5)
+
+        out_h, out_w = size
+        height, width = shape[0], shape[1]
+        resized_h = dmath.max(out_h, half_up(height * out_w / width))
+        resized_w = dmath.max(out_w, half_up(width * out_h / height))
+        top, left = half_up(pos_y * (resized_h - out_h)), half_up(pos_x * (resized_w - out_w))
+        scale_y, scale_x = height / resized_h, width / resized_w
+        return (fn.cast(fn.stack(top * scale_y, left * scale_x), dtype=types.FLOAT),
+                fn.cast(fn.stack((top + out_h) * scale_y, (left + out_w) * scale_x), dtype=types.FLOAT))
 
     def _build(self, step: int):
         from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        data, size, batch = self.dataset, self.dataset.image_size, self.batch_size
+        data, size, batch = self.dataset, self.dataset.image_size, self.batch_size  # size: (H, W)
         mine = [self._resolve(i) for i in self._shard[step * batch:]]
         files = [self._source(i) for i in mine]
         # DALI's reader keeps labels as int32: it carries positions, looked up in the int64 labels afterwards
@@ -205,10 +227,13 @@ class DaliLoader:
         self._label_table = torch.tensor([data.labels[i] for i in mine], dtype=torch.int64,
                                          device=self.device if gpu else "cpu")
 
+        random_resized = data.train and data.random_resized_crop
+        fields = [2] if random_resized else [0, 1, 2]  # random-resized windows are DALI's: only the flip comes in
+
         def draws(info):
             first = (info.iteration * batch) % len(mine)  # DALI may prefetch past the end: wrap harmlessly
             columns = [self._draws(mine[(first + j) % len(mine)]) for j in range(batch)]
-            return [np.array([c[k] for c in columns]) for k in range(3)]
+            return [np.array([c[k] for c in columns]) for k in fields]
 
         device_id = self._device_id()
         # DALI's own generator drives the random-resized windows: seeded per (seed, epoch, step, RANK), so that the
@@ -221,24 +246,26 @@ class DaliLoader:
         with pipe:
             encoded, label = fn.readers.file(files=files, labels=list(range(len(files))), random_shuffle=False,
                                              pad_last_batch=False, name="Reader")
-            pos_x, pos_y, flip = fn.external_source(source=draws, num_outputs=3, batch=True, batch_info=True,
-                                                    dtype=[types.FLOAT, types.FLOAT, types.INT32])
+            *position, flip = fn.external_source(source=draws, num_outputs=len(fields), batch=True, batch_info=True,
+                                                 dtype=[[types.FLOAT64, types.FLOAT64, types.INT32][k] for k in fields])
             # EXIF orientation is ignored, as by PIL's Image.open and torchvision's decode_jpeg (same pixels)
             decoder = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load} if gpu else {"device": "cpu"}
             decoder["adjust_orientation"] = False
-            if data.train and data.random_resized_crop:
+            if random_resized:
                 images = fn.decoders.image_random_crop(encoded, output_type=types.RGB, random_area=[0.08, 1.0],
                                                        random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
                                                        **decoder)
-                images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+                images = fn.resize(images, size=list(size), interp_type=types.INTERP_LINEAR, antialias=True)
                 images = fn.crop_mirror_normalize(images, mirror=flip, dtype=types.UINT8, output_layout="CHW")
             else:
                 images = fn.decoders.image(encoded, output_type=types.RGB, **decoder)
-                # subpixel_scale=False: scale = input / rounded output size per axis, as PIL and torch resize
-                images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_LINEAR, antialias=True,
-                                   subpixel_scale=False)
-                images = fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=pos_x, crop_pos_y=pos_y,
-                                                  mirror=flip, dtype=types.UINT8, output_layout="CHW")
+                # resize only the window that the crop keeps (a 1x3000 image would become 256x768000 first):
+                # plan_crop's window in source pixels, in float64 from the header's size, resized to (H, W)
+                start, end = self._window(fn.peek_image_shape(encoded, adjust_orientation=False,
+                                                              dtype=types.FLOAT64), *position, size)
+                images = fn.resize(images, size=list(size), roi_start=start, roi_end=end, roi_relative=False,
+                                   interp_type=types.INTERP_LINEAR, antialias=True)
+                images = fn.crop_mirror_normalize(images, mirror=flip, dtype=types.UINT8, output_layout="CHW")
             pipe.set_outputs(images, label.gpu() if gpu else label)
         iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader", auto_reset=False,
                                        last_batch_policy=LastBatchPolicy.DROP)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import Crop, plan_crop, sample_rng
+from .transforms import Crop, image_hw, plan_crop, sample_rng
 
 __all__ = ["IMAGE_EXTENSIONS", "DecodeError", "ImageFolder", "resolve_split_root", "scan_file_list",
            "scan_image_folder"]
@@ -156,10 +156,11 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def decode_crop(path: str, crop_fn, size: int) -> np.ndarray:
+def decode_crop(path: str, crop_fn, size: int | tuple[int, int]) -> np.ndarray:
     """Decode ``path`` with PIL (RGB), crop/resize/flip as ``crop_fn(height, width) -> Crop`` says.
 
-    Returns uint8 (size, size, 3). Raises on any decoding problem (truncated, corrupt, not an image).
+    Returns uint8 (H, W, 3) for ``size`` S (H = W = S) or (H, W). Raises on any decoding problem (truncated,
+    corrupt, not an image).
     """
     from PIL import Image
 
@@ -167,18 +168,19 @@ def decode_crop(path: str, crop_fn, size: int) -> np.ndarray:
         image = to_rgb(image)  # forces a full decode: truncation raises here
         crop: Crop = crop_fn(image.height, image.width)
         box = (crop.left, crop.top, crop.left + crop.width, crop.top + crop.height)
-        image = image.resize((size, size), Image.BILINEAR, box=box)
+        out_h, out_w = image_hw(size)
+        image = image.resize((out_w, out_h), Image.BILINEAR, box=box)
         if crop.flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return np.asarray(image, dtype=np.uint8)
 
 
 class ImageFolder(Dataset):
-    """Items: (uint8 tensor (3, S, S), int label), PIL decode and the recipe's crop/flip.
+    """Items: (uint8 tensor (3, H, W), int label), PIL decode and the recipe's crop/flip.
 
     Args:
         root: folder (see the module docstring for the layout and ``split``).
-        image_size: S.
+        image_size: S (square crops, H = W = S) or (H, W); kept as the (H, W) tuple.
         split: "train" (random crops + flips) or "val" (centre crops); also picks ``root/<split>`` if present.
         seed: seed of the per-sample crops/flips (with the epoch, see ``set_epoch``).
         strict: raise ``DecodeError`` on the first undecodable file instead of skipping it.
@@ -186,10 +188,10 @@ class ImageFolder(Dataset):
         train: override the augmentation choice of ``split``.
     """
 
-    def __init__(self, root: str, image_size: int, split: str = "train", seed: int = 0, strict: bool = False,
-                 random_resized_crop: bool = False, train: bool | None = None) -> None:
+    def __init__(self, root: str, image_size: int | tuple[int, int], split: str = "train", seed: int = 0,
+                 strict: bool = False, random_resized_crop: bool = False, train: bool | None = None) -> None:
         self.root = resolve_split_root(root, split)
-        self.image_size, self.split, self.seed, self.strict = int(image_size), split, int(seed), bool(strict)
+        self.image_size, self.split, self.seed, self.strict = image_hw(image_size), split, int(seed), bool(strict)
         self.train = (split == "train") if train is None else bool(train)
         self.random_resized_crop = bool(random_resized_crop)
         scan = scan_file_list if os.path.isfile(self.root) else scan_image_folder

@@ -202,19 +202,19 @@ class NvjpegLoader:
         raise DecodeError(f"data: 16 undecodable files in a row from {files[index]!r}")
 
     def _crop(self, image: torch.Tensor, index: int) -> torch.Tensor:
-        data, size = self.dataset, self.dataset.image_size
+        data, size = self.dataset, self.dataset.image_size  # (H, W)
         rng = sample_rng(data.seed, self.epoch, index) if data.train else None
         height, width = image.shape[-2:]
         plan = plan_resize_crop(rng, height, width, size, data.train, data.random_resized_crop)
         x = image.unsqueeze(0).float()
         if plan.random_resized:
             x = x[..., plan.top:plan.top + plan.height, plan.left:plan.left + plan.width]
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         else:
             if (plan.resized_height, plan.resized_width) != (height, width):
                 x = F.interpolate(x, size=(plan.resized_height, plan.resized_width), mode="bilinear",
                                   antialias=True, align_corners=False)
-            x = x[..., plan.top:plan.top + size, plan.left:plan.left + size]
+            x = x[..., plan.top:plan.top + plan.height, plan.left:plan.left + plan.width]
         if plan.flip:
             x = x.flip(-1)
         return x.round_().clamp_(0, 255).to(torch.uint8)[0]

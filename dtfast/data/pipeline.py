@@ -228,7 +228,7 @@ class InputPipeline:
             pass
 
 
-def build_input_pipeline(root: str | None, image_size: int, batch_size: int, *, mean: Sequence[float],
+def build_input_pipeline(root: str | None, image_size: int | tuple[int, int], batch_size: int, *, mean: Sequence[float],
                          std: Sequence[float], rank: int = 0, world_size: int = 1,
                          device: str | torch.device = "cpu", backend: str = "auto", seed: int = 0,
                          split: str = "train", num_workers: int = 2, start_step: int = 0, strict: bool = False,

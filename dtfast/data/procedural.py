@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import sample_rng
+from .transforms import image_hw, sample_rng
 
 __all__ = ["SHAPES", "ProceduralImages", "class_factors"]
 
@@ -66,11 +66,12 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
 
 
 class ProceduralImages(Dataset):
-    """Procedural classification images. Items: (uint8 tensor (3, S, S), int label).
+    """Procedural classification images. Items: (uint8 tensor (3, H, W), int label).
 
     Args:
         num_images: number of items.
-        image_size: side S in pixels (>= 16).
+        image_size: side S in pixels (>= 16), or (H, W) (each >= 16): the centre (H, W) of the image drawn at
+            S = max(H, W); kept as the (H, W) tuple.
         num_classes: 1..20 (default 10: shape x texture).
         seed: base seed; the "train" and "val" splits use disjoint random streams of it.
         split: "train" (random horizontal flip per epoch, see ``set_epoch``) or "val" (no augmentation).
@@ -83,10 +84,11 @@ class ProceduralImages(Dataset):
             raise ValueError(f"ProceduralImages: split must be one of {sorted(_SPLITS)}, got {split!r}")
         if not 1 <= num_classes <= _MAX_CLASSES:
             raise ValueError(f"ProceduralImages: num_classes must be in 1..{_MAX_CLASSES}, got {num_classes}")
-        if num_images < 1 or image_size < 16:
+        hw = image_hw(image_size)
+        if num_images < 1 or min(hw) < 16:
             raise ValueError(f"ProceduralImages: need num_images >= 1 and image_size >= 16, got "
                              f"{num_images} and {image_size}")
-        self.num_images, self.image_size, self.num_classes = int(num_images), int(image_size), int(num_classes)
+        self.num_images, self.image_size, self.num_classes = int(num_images), hw, int(num_classes)
         self.seed, self.split, self.train = int(seed), split, split == "train"
         self.classes = [f"{i:02d}_" + "_".join(class_factors(i)) for i in range(self.num_classes)]
         self.epoch = 0
@@ -109,7 +111,7 @@ class ProceduralImages(Dataset):
         return index % self.num_classes
 
     def render(self, index: int) -> np.ndarray:
-        """The image of item ``index`` as float32 (S, S, 3) in [0, 1], before augmentation."""
+        """The image of item ``index`` as float32 (H, W, 3) in [0, 1], before augmentation."""
         if not 0 <= index < self.num_images:
             raise IndexError(f"ProceduralImages: index {index} out of range 0..{self.num_images - 1}")
         rng = sample_rng(self.seed, 0, index, salt=_SPLITS[self.split])
@@ -117,7 +119,7 @@ class ProceduralImages(Dataset):
         shape, texture, layout = class_factors(label)
         if self.num_classes <= 10:
             layout = ("contrast", "shade")[int(rng.integers(0, 2))]
-        size = self.image_size
+        size = max(self.image_size)
         coords = (np.arange(size, dtype=np.float32) + 0.5) / size
         yy, xx = np.meshgrid(coords, coords, indexing="ij")
 
@@ -152,7 +154,9 @@ class ProceduralImages(Dataset):
 
         self._clutter(rng, image, xx, yy, count=int(rng.integers(*self.OCCLUDERS)))  # occluders
         image += rng.normal(0.0, rng.uniform(*self.NOISE), size=image.shape).astype(np.float32)
-        return np.clip(image, 0.0, 1.0)
+        height, width = self.image_size
+        top, left = (size - height) // 2, (size - width) // 2
+        return np.clip(image[top:top + height, left:left + width], 0.0, 1.0)
 
     @staticmethod
     def _clutter(rng: np.random.Generator, image: np.ndarray, xx: np.ndarray, yy: np.ndarray, count: int) -> None:

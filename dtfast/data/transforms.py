@@ -5,6 +5,9 @@ The recipe (DESIGN.md sections 1 and 5): resize the shorter side to the training
 probability 1/2; section 5's "horizontal flip only" rules out other augmentation (colour, blur, ...). Optionally
 random-resized crops (torchvision's parameters: scale (0.08, 1), ratio (3/4, 4/3)).
 
+A non-square output (H, W) (BDD100K's 128x256) generalises "resize the shorter side": the image is resized,
+keeping its aspect ratio, to the smallest size that covers (H, W), then cropped to (H, W). A square S is (S, S).
+
 All randomness is drawn from a per-sample generator seeded by (seed, epoch, index): the same sample in the
 same epoch gets the same crop on every backend, in every worker, after a restart.
 """
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Crop", "plan_crop", "resized_shorter_size", "sample_rng", "to_views"]
+__all__ = ["Crop", "image_hw", "plan_crop", "resized_cover_size", "sample_rng", "size_text", "to_views"]
 
 
 def sample_rng(seed: int, epoch: int, index: int, salt: int = 0) -> np.random.Generator:
@@ -26,12 +29,32 @@ def sample_rng(seed: int, epoch: int, index: int, salt: int = 0) -> np.random.Ge
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index, salt])))
 
 
-def resized_shorter_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """(H, W) after resizing the shorter side to ``size``, keeping the aspect ratio (long side rounded half up,
-    as DALI's ``resize_shorter`` does)."""
-    if height <= width:
-        return size, max(size, math.floor(width * size / height + 0.5))
-    return max(size, math.floor(height * size / width + 0.5)), size
+def image_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of an output size given as S (a square) or (H, W); both > 0."""
+    if isinstance(size, (int, np.integer)):
+        height = width = int(size)
+    else:
+        if len(size) != 2:
+            raise ValueError(f"image size must be S or (H, W), got {size!r}")
+        height, width = (int(s) for s in size)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {size!r}")
+    return height, width
+
+
+def size_text(size: int | Sequence[int]) -> str:
+    """"S" for a square size, "HxW" otherwise (file metadata, messages)."""
+    height, width = image_hw(size)
+    return str(height) if height == width else f"{height}x{width}"
+
+
+def resized_cover_size(height: int, width: int, size: int | Sequence[int]) -> tuple[int, int]:
+    """(H', W') of a (height, width) image resized, keeping its aspect ratio, to the smallest size that covers the
+    output ``size`` (S or (H, W)); for a square S: the shorter side becomes S. The other side is rounded half up, as
+    DALI's ``resize_shorter`` does (the side that fits exactly comes out exact: h * out_w / w <= out_h there)."""
+    out_h, out_w = image_hw(size)
+    return (max(out_h, math.floor(height * out_w / width + 0.5)),
+            max(out_w, math.floor(width * out_h / height + 0.5)))
 
 
 @dataclass(frozen=True)
@@ -50,21 +73,22 @@ class ResizeCrop:
     random_resized: bool
 
 
-def plan_resize_crop(rng: np.random.Generator | None, src_height: int, src_width: int, size: int, train: bool,
-                     random_resized_crop: bool = False, flip: bool = True) -> ResizeCrop:
-    """Draw the crop of one image. Draw order (shared with the DALI pipeline's per-sample inputs): plain
-    recipe: pos_y, pos_x, flip; random-resized: torchvision's window draws, then flip."""
+def plan_resize_crop(rng: np.random.Generator | None, src_height: int, src_width: int, size: int | Sequence[int],
+                     train: bool, random_resized_crop: bool = False, flip: bool = True) -> ResizeCrop:
+    """Draw the crop of one image for the output ``size`` (S or (H, W)). Draw order (shared with the DALI
+    pipeline's per-sample inputs): plain recipe: pos_y, pos_x, flip; random-resized: torchvision's window draws
+    (independent of the output's shape, as in torchvision), then flip."""
     augment = train and rng is not None
     if augment and random_resized_crop:
         top, left, height, width = _random_resized_window(rng, src_height, src_width)
         resized_h, resized_w = src_height, src_width
     else:
-        resized_h, resized_w = resized_shorter_size(src_height, src_width, size)
+        height, width = image_hw(size)
+        resized_h, resized_w = resized_cover_size(src_height, src_width, size)
         # relative positions in [0, 1], anchor = round(pos * (extent - size)): DALI's crop_pos_x/y convention
         pos_y, pos_x = (float(rng.random()), float(rng.random())) if augment else (0.5, 0.5)
-        top = math.floor(pos_y * (resized_h - size) + 0.5)
-        left = math.floor(pos_x * (resized_w - size) + 0.5)
-        height = width = size
+        top = math.floor(pos_y * (resized_h - height) + 0.5)
+        left = math.floor(pos_x * (resized_w - width) + 0.5)
     do_flip = bool(augment and flip and rng.random() < 0.5)
     return ResizeCrop(resized_h, resized_w, top, left, height, width, do_flip, bool(augment and random_resized_crop))
 
@@ -74,8 +98,8 @@ class Crop:
     """Where to crop in the SOURCE image (pixels, possibly fractional) and whether to flip.
 
     The output is the window (top, left, height, width) of the source resized to (size, size), then flipped.
-    For the plain recipe the window is a square of the shorter side's length (resize-shorter-then-crop is the
-    same map); for random-resized crops it is any window.
+    For the plain recipe the window has the output's aspect ratio and covers the source's shorter side (for a square
+    output: resize-shorter-then-crop is the same map); for random-resized crops it is any window.
     """
 
     top: float
@@ -89,7 +113,7 @@ def plan_crop(
     rng: np.random.Generator | None,
     src_height: int,
     src_width: int,
-    size: int,
+    size: int | Sequence[int],
     train: bool,
     random_resized_crop: bool = False,
     flip: bool = True,
@@ -97,13 +121,13 @@ def plan_crop(
     """The window in SOURCE pixels of ``plan_resize_crop``'s plan (``rng=None`` or ``train=False``: centre).
 
     Plain recipe: the resized image's integer crop mapped back to the source, so resizing the window directly
-    to (size, size) gives the pixels of resize-then-crop.
+    to the output size (S or (H, W)) gives the pixels of resize-then-crop.
     """
     plan = plan_resize_crop(rng, src_height, src_width, size, train, random_resized_crop, flip)
     if plan.random_resized:
         return Crop(plan.top, plan.left, plan.height, plan.width, plan.flip)
     scale_y, scale_x = src_height / plan.resized_height, src_width / plan.resized_width
-    return Crop(plan.top * scale_y, plan.left * scale_x, size * scale_y, size * scale_x, plan.flip)
+    return Crop(plan.top * scale_y, plan.left * scale_x, plan.height * scale_y, plan.width * scale_x, plan.flip)
 
 
 def _random_resized_window(

@@ -99,10 +99,13 @@ def resolve_arch(cfg: EvalConfig, metadata: dict[str, str] | None = None) -> str
 
 
 def resolve_image_size(cfg: EvalConfig, metadata: dict[str, str]) -> int:
-    """``data.image_size``, or when 0 the training resolution the backbone file records, else 32; warns when a set
-    size differs from the recorded one (features at another resolution than the distillation's)."""
+    """``data.image_size``, or when 0 the training resolution the backbone file records (the shorter side of a
+    non-square "HxW"), else 32; warns when a set size differs from the recorded one (features at another resolution
+    than the distillation's)."""
     recorded = metadata.get("image_size", "")
-    trained = int(recorded) if recorded.isdigit() and int(recorded) > 0 else 0
+    # "S", or "HxW" for a backbone distilled on non-square crops: the probe's square crops take the shorter side
+    sides = recorded.split("x")
+    trained = min(int(side) for side in sides) if 1 <= len(sides) <= 2 and all(x.isdigit() for x in sides) else 0
     if cfg.data.image_size == 0:
         return trained or DEFAULT_IMAGE_SIZE
     if trained and cfg.data.image_size != trained:

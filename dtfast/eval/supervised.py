@@ -76,7 +76,9 @@ def train_supervised(arch: str, dataset: Dataset, num_classes: int, out: str, *,
     path = os.path.join(out, "backbone.safetensors")
     metadata = {"arch": arch, "step": str(step), "kind": "supervised"}
     if getattr(dataset, "image_size", None):
-        metadata["image_size"] = str(int(dataset.image_size))
+        from dtfast.data.transforms import size_text
+
+        metadata["image_size"] = size_text(dataset.image_size)
     save_safetensors_atomic(model.state_dict(), path, metadata=metadata)
     atomic_write_text(os.path.join(out, "done.json"), json.dumps({"steps": step, "seed": seed}) + "\n")
     return path

@@ -29,14 +29,14 @@ def check_feature_shapes(
     teacher_shapes: Sequence[Shape],
     strides: Sequence[int] | None = None,
     arch: str | None = None,
-    image_size: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
 ) -> None:
     """Raise ``ValueError`` unless the student's regressed maps have exactly the teacher's shapes.
 
     Args:
         student_shapes, teacher_shapes: per level (ascending stride) shapes, ``(C, H, W)`` or ``(B, C, H, W)``.
         strides: the levels' strides, for the message (default 4, 8, 16, 32, ...).
-        arch, image_size: the student's timm name and the (square) input size, for the message.
+        arch, image_size: the student's timm name and the input size (S or (H, W)), for the message.
 
     The message names every mismatched level with its stride and both shapes. No interpolation is part of
     the method, so a size mismatch is a configuration error (image size, strides or channels).
@@ -57,10 +57,12 @@ def check_feature_shapes(
     ]
     if problems:
         spatial_ok = all(s[-2:] == t[-2:] for s, t in zip(student_shapes, teacher_shapes))
-        if arch and image_size and image_size % max(strides) == 0 and not spatial_ok:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else (image_size or (0, 0))
+        if arch and height and width and height % max(strides) == 0 and width % max(strides) == 0 and not spatial_ok:
             # the teacher's maps are exactly size / stride here: the backbone itself rounds (valid padding)
-            hint = (f" student.arch={arch} does not give maps of exactly {image_size} / stride at a "
-                    f"{image_size}x{image_size} input (valid-padding convolutions, as in Inception or legacy "
+            extent = str(height) if height == width else f"({height}, {width})"
+            hint = (f" student.arch={arch} does not give maps of exactly {extent} / stride at a "
+                    f"{height}x{width} input (valid-padding convolutions, as in Inception or legacy "
                     "Xception): use another backbone.")
         else:
             hint = (" Check the image size (a multiple of the largest stride avoids rounding differences), "

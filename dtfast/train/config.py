@@ -26,7 +26,10 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - "help" re
 @dataclass
 class DataConfig:
     root: str = _f("", "image folder root/<class>/<image> (ImageNet layout); empty = the embedded procedural set")
-    image_size: int = _f(32, "training resolution (square crops), e.g. 256 for ImageNet; 32 = the embedded teacher's")
+    image_size: int = _f(32, "training resolution: crop height, and width unless data.image_width is set, e.g. 256 "
+                         "for ImageNet; 32 = the embedded teacher's")
+    image_width: int = _f(0, "crop width for non-square crops, e.g. BDD100K's 128x256: data.image_size=128 "
+                          "data.image_width=256; 0 = data.image_size (square)")
     backend: str = _f("auto", "decoder: auto | torch | dali | nvjpeg (auto: DALI when importable, else torch)")
     num_workers: int = _f(2, "data-loader worker processes per rank (torch: decoding; nvjpeg: file reading); started "
                           "from a fork server once per run (see dtfast/data/workers.py)")
@@ -38,6 +41,11 @@ class DataConfig:
     num_images: int = _f(2048, "size of the embedded procedural set (only when root is empty)")
     random_resized_crop: bool = _f(False, "random-resized crops instead of the paper's plain random crops")
     strict: bool = _f(False, "fail on the first undecodable file instead of skipping it with a counted warning")
+
+    @property
+    def crop_hw(self) -> tuple[int, int]:
+        """(height, width) of the training crops."""
+        return self.image_size, self.image_width or self.image_size
 
 
 @dataclass
@@ -340,7 +348,8 @@ def validate(cfg: PretrainConfig) -> None:
     _validate_dist(cfg)
     validate_schedule(cfg, ["train.min_lr", "train.max_steps", "train.warmup_steps", "train.epochs",
                             "train.warmup_epochs", "train.weight_decay", "train.grad_clip", "train.save_every",
-                            "loss.at_weight", "data.num_workers", "data.num_threads", "teacher.timestep"])
+                            "loss.at_weight", "data.num_workers", "data.num_threads", "data.image_width",
+                            "teacher.timestep"])
     if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
         raise ConfigError(f"config key 'data.hw_decoder_load' must be in [0, 1] (the share of JPEG decoding given to "
                           f"the GPU's hardware decoder), got {cfg.data.hw_decoder_load}")

@@ -45,7 +45,7 @@ log = logging.getLogger("dtfast.train")
 DATA_POSITION_KEYS = ["data.root", "data.num_images", "train.batch_size", "train.grad_accum", "train.seed"]
 # keys that must agree between a checkpoint and the run resuming from it
 RESUME_KEYS = ["teacher.arch", "teacher.pretrained", "teacher.strides", "student.arch", "student.width",
-               "data.image_size", "train.optimizer"]
+               "data.image_size", "data.image_width", "train.optimizer"]
 # keys that change the objective or the schedule: a resume takes the new values, with a warning naming them
 CHANGED_OBJECTIVE_KEYS = ["teacher.timestep", "teacher.latent_mode", "loss.at_weight", "loss.whiten", "loss.at_mode",
                           "train.max_steps", "train.epochs", "train.lr", "train.min_lr", "train.warmup_steps",
@@ -120,7 +120,7 @@ class Trainer(RunLifecycle):
         from dtfast.teachers import build_teacher
 
         cfg = self.cfg
-        size = cfg.data.image_size
+        size = height, width = cfg.data.crop_hw
         options = {"compile": cfg.teacher.compile, "channels_last": cfg.teacher.channels_last,
                    "early_exit": cfg.teacher.early_exit,
                    "compile_mode": None if cfg.teacher.compile_mode == "default" else cfg.teacher.compile_mode,
@@ -149,17 +149,18 @@ class Trainer(RunLifecycle):
         # shapes are checked once, before the first step: a mismatch is a configuration error
         self.student.eval()
         with torch.no_grad():
-            probe = torch.zeros(2, 3, size, size, device=self.device)
+            probe = torch.zeros(2, 3, height, width, device=self.device)
             try:
                 student_shapes = [tuple(f.shape[1:]) for f in self.student(probe)]
             except (RuntimeError, AssertionError, ValueError) as exc:
                 raise ValueError(
-                    f"student.arch={cfg.student.arch} cannot run a {size}x{size} input (data.image_size): "
+                    f"student.arch={cfg.student.arch} cannot run a {height}x{width} input (data.image_size"
+                    f"{', data.image_width' if cfg.data.image_width else ''}): "
                     f"{type(exc).__name__}: {str(exc)[:300]}. Models built for one input size (Swin, Hiera, CoAtNet, "
                     "GCViT, EfficientFormerV2, ...) are not supported as students; use a convolutional backbone"
                 ) from exc
         self.student.train()
-        check_feature_shapes(student_shapes, [tuple(s) for s in self.teacher.feature_shapes(size, size)],
+        check_feature_shapes(student_shapes, [tuple(s) for s in self.teacher.feature_shapes(height, width)],
                              strides=tuple(cfg.teacher.strides), arch=cfg.student.arch, image_size=size)
         if cfg.student.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
@@ -458,12 +459,14 @@ class Trainer(RunLifecycle):
         return self.export(os.path.join(self.cfg.out, f"backbone_step_{self.step}.safetensors"))
 
     def export(self, path: str | None = None) -> str | None:
+        from dtfast.data.transforms import size_text
+
         path = path or os.path.join(self.cfg.out, "backbone.safetensors")
         state = self.engine.backbone_state_dict()  # collective under ZeRO-3: gathers the shards on every rank
         if self.dist.is_main:
             ckpt.save_safetensors_atomic(state, path,
                                          metadata={"arch": self.cfg.student.arch, "step": str(self.step),
-                                                   "image_size": str(self.cfg.data.image_size)})
+                                                   "image_size": size_text(self.cfg.data.crop_hw)})
             self._print(f"backbone weights ({self.cfg.student.arch}, timm naming): {os.path.abspath(path)}")
             self._print(f"load with timm.create_model('{self.cfg.student.arch}', num_classes=0).load_state_dict("
                         f"safetensors.torch.load_file('{os.path.abspath(path)}'), strict=True); the trained part is "
