@@ -117,6 +117,18 @@ def test_config_refuses_values_that_would_train_wrongly(override, key):
         load_teacher_config(None, [override])
 
 
+def test_non_square_teacher_trains_and_exports_at_its_size(tmp_path):
+    from dtfast.teachers import build_teacher
+
+    _train(tmp_path, "train.max_steps=2", "data.image_width=64")  # BDD100K-like 1:2 crops
+    info = json.loads((tmp_path / "teacher" / "dtfast_teacher.json").read_text())
+    assert info["image_size"] == "32x64"
+    teacher = build_teacher(pretrained=str(tmp_path / "teacher"), timestep=50, strides=(4, 8, 16, 32))
+    assert [tuple(s[-2:]) for s in teacher.feature_shapes(32, 64)] == [(8, 16), (4, 8), (2, 4), (1, 2)]
+    with pytest.raises(ConfigError, match=r"'data\.image_width' = 48 must be a multiple of 32"):
+        load_teacher_config(None, ["data.image_width=48"])
+
+
 def test_config_accepts_a_low_lr_with_a_lower_min_lr():
     cfg = load_teacher_config(None, ["train.lr=1e-5", "train.min_lr=0", "train.betas=[0,0.99]"])
     assert cfg.train.lr == 1e-5

@@ -18,11 +18,18 @@ __all__ = ["ConfigError", "TeacherTrainConfig", "help_text", "load_teacher_confi
 @dataclass
 class TeacherDataConfig:
     root: str = _f("", "image folder root/<class>/<image> (labels unused); empty = the embedded procedural set")
-    image_size: int = _f(32, "training resolution (square crops); a multiple of the UNet's downsampling factor "
-                         "2**(levels - 1): 32 for model.arch=tiny and adm256")
+    image_size: int = _f(32, "training resolution: crop height, and width unless data.image_width is set; a multiple "
+                         "of the UNet's downsampling factor 2**(levels - 1): 32 for model.arch=tiny and adm256")
+    image_width: int = _f(0, "crop width for non-square crops (a BDD100K teacher: data.image_size=128 "
+                          "data.image_width=256), the same multiple; 0 = data.image_size (square)")
     num_workers: int = _f(1, "data-loader worker processes per rank")
     num_images: int = _f(4096, "size of the embedded procedural set (only when root is empty)")
     seed: int = _f(0, "seed of the embedded procedural set (only when root is empty)")
+
+    @property
+    def crop_hw(self) -> tuple[int, int]:
+        """(height, width) of the training crops."""
+        return self.image_size, self.image_width or self.image_size
 
 
 @dataclass
@@ -89,7 +96,7 @@ def validate(cfg: TeacherTrainConfig) -> None:
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), got {cfg.train.ema_decay}")
     validate_schedule(cfg, ["train.min_lr", "train.weight_decay", "train.grad_clip", "train.max_minutes",
-                            "train.warmup_steps", "train.save_every", "data.num_workers"])
+                            "train.warmup_steps", "train.save_every", "data.num_workers", "data.image_width"])
     warn_long_warmup(f"'train.warmup_steps' = {cfg.train.warmup_steps}", cfg.train.warmup_steps,
                      f"'train.max_steps' = {cfg.train.max_steps}", cfg.train.max_steps)
     # the model keys (arch, widths, groups, head width) and data.image_size against the arch's downsampling

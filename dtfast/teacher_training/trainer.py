@@ -38,7 +38,7 @@ from dtfast.train.lifecycle import RunLifecycle
 log = logging.getLogger("dtfast.train_teacher")
 
 # keys that must agree between a checkpoint and the run resuming from it
-RESUME_KEYS = ["model", "diffusion", "data.image_size"]
+RESUME_KEYS = ["model", "diffusion", "data.image_size", "data.image_width"]
 # keys a resume takes from this run, with a warning naming them; recorded in the teacher's dtfast_teacher.json
 CHANGED_KEYS = ["data.root", "data.num_images", "data.seed", "train.seed", "train.batch_size", "train.ema_decay",
                 "train.max_steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay",
@@ -53,7 +53,8 @@ def unet_config(cfg: TeacherTrainConfig) -> dict[str, Any]:
     if cfg.model.arch not in PIXEL_ARCHS:
         raise ConfigError(f"config key 'model.arch' = {cfg.model.arch!r}; expected one of {', '.join(PIXEL_ARCHS)}")
     config = pixel_arch(cfg.model.arch)
-    config["sample_size"] = cfg.data.image_size
+    height, width = cfg.data.crop_hw
+    config["sample_size"] = height if height == width else [height, width]
     if cfg.model.block_out_channels:
         if len(cfg.model.block_out_channels) != len(config["block_out_channels"]):
             raise ConfigError(f"config key 'model.block_out_channels' needs {len(config['block_out_channels'])} "
@@ -77,10 +78,11 @@ def unet_config(cfg: TeacherTrainConfig) -> dict[str, Any]:
                           f"widths {bad}")
     # every level but the last halves the resolution; an odd size there breaks the skip connections at step 1
     factor = 2 ** (len(config["block_out_channels"]) - 1)
-    if cfg.data.image_size % factor:
-        raise ConfigError(f"config key 'data.image_size' = {cfg.data.image_size} must be a multiple of {factor} for "
-                          f"model.arch={cfg.model.arch} ({len(config['block_out_channels'])} levels, "
-                          f"{len(config['block_out_channels']) - 1} downsamplings)")
+    for key, value in (("data.image_size", cfg.data.image_size), ("data.image_width", cfg.data.image_width)):
+        if value % factor:
+            raise ConfigError(f"config key '{key}' = {value} must be a multiple of {factor} for "
+                              f"model.arch={cfg.model.arch} ({len(config['block_out_channels'])} levels, "
+                              f"{len(config['block_out_channels']) - 1} downsamplings)")
     config["dropout"] = cfg.model.dropout
     return config
 
@@ -142,7 +144,7 @@ class TeacherTrainer(RunLifecycle):
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.unet, device_ids=ids)
-        self.dataset = build_dataset(cfg.data.root or None, cfg.data.image_size, split="train",
+        self.dataset = build_dataset(cfg.data.root or None, cfg.data.crop_hw, split="train",
                                      num_images=cfg.data.num_images, seed=cfg.data.seed)
         self._build_loader = lambda start_step: build_loader(
             self.dataset, cfg.train.batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -236,7 +238,7 @@ class TeacherTrainer(RunLifecycle):
             ckpt.atomic_write_text(os.path.join(cfg.out, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
         params = sum(p.numel() for p in self.unet.parameters())
         global_batch = cfg.train.batch_size * self.dist.world_size
-        self._print(f"UNet2DModel {cfg.model.arch} ({params / 1e6:.2f}M parameters) at {cfg.data.image_size}px, "
+        self._print(f"UNet2DModel {cfg.model.arch} ({params / 1e6:.2f}M parameters) at {self._size_text()}px, "
                     f"{len(self.dataset)} images ({cfg.data.root or 'embedded procedural set'}), global batch "
                     f"{global_batch}, {self.dist.world_size} process(es) on {self.device.type}, "
                     f"steps {self.step}->{cfg.train.max_steps}")
@@ -315,17 +317,24 @@ class TeacherTrainer(RunLifecycle):
                 break
         return False
 
+    def _size_text(self) -> str:
+        from dtfast.data.transforms import size_text
+
+        return size_text(self.cfg.data.crop_hw)
+
     def export(self) -> str | None:
         """Write the EMA UNet + scheduler as a diffusers folder ``<out>/teacher`` (atomically) and check it loads."""
         folder = os.path.join(self.cfg.out, EXPORT_DIR)
         if self.dist.is_main:
             export_teacher(self.ema.model, self.scheduler, folder, info={
-                "arch": self.cfg.model.arch, "image_size": self.cfg.data.image_size, "steps": self.step,
+                "arch": self.cfg.model.arch, "steps": self.step,
+                "image_size": self.cfg.data.image_size if not self.cfg.data.image_width else self._size_text(),
                 "data": self.cfg.data.root or "embedded procedural set", "config": to_dict(self.cfg),
                 **({"resume_history": self.resume_history} if self.resume_history else {})})
             self._print(f"teacher (EMA weights, diffusers layout): {os.path.abspath(folder)}")
+            width = f" data.image_width={self.cfg.data.image_width}" if self.cfg.data.image_width else ""
             self._print(f"use it with: python -m dtfast.pretrain teacher.pretrained={os.path.abspath(folder)} "
-                        f"data.image_size={self.cfg.data.image_size}")
+                        f"data.image_size={self.cfg.data.image_size}{width}")
         barrier(self.dist)
         return folder
 
