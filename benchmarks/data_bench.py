@@ -38,13 +38,14 @@ from dtfast.data.dali import dali_available
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _write_jpeg(job: tuple[str, int, int]) -> int:
-    """One photo-like JPEG (smooth structure + texture + noise), 500x375 or 375x500, q90; returns its size."""
+def _write_jpeg(job: tuple[str, int, int, tuple[int, int]]) -> int:
+    """One photo-like JPEG (smooth structure + texture + noise), W x H or (one in five) H x W, q90; returns its
+    size."""
     from PIL import Image
 
-    path, index, seed = job
+    path, index, seed, (width, height) = job
     rng = np.random.default_rng([seed, index])
-    width, height = (500, 375) if rng.random() < 0.8 else (375, 500)
+    width, height = (width, height) if rng.random() < 0.8 else (height, width)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) / 500
     channels = []
     for _ in range(3):
@@ -56,15 +57,17 @@ def _write_jpeg(job: tuple[str, int, int]) -> int:
     return os.path.getsize(path)
 
 
-def make_folder(root: str, num_images: int, num_classes: int = 8, seed: int = 0) -> float:
-    """``num_images`` JPEGs in ``num_classes`` class folders, written by all cores; returns the mean KiB."""
+def make_folder(root: str, num_images: int, num_classes: int = 8, seed: int = 0,
+                shape: tuple[int, int] = (500, 375)) -> float:
+    """``num_images`` JPEGs of ``shape`` (width, height) in ``num_classes`` class folders, written by all cores;
+    returns the mean KiB."""
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = []
     for index in range(num_images):
         folder = os.path.join(root, f"class{index % num_classes:02d}")
         os.makedirs(folder, exist_ok=True)
-        jobs.append((os.path.join(folder, f"{index:05d}.jpg"), index, seed))
+        jobs.append((os.path.join(folder, f"{index:05d}.jpg"), index, seed, shape))
     with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         sizes = list(pool.map(_write_jpeg, jobs, chunksize=8))
     return float(np.mean(sizes)) / 1024
@@ -152,6 +155,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="", help="existing image folder (default: generate one in a temp dir)")
     parser.add_argument("--num-images", type=int, default=384)
+    parser.add_argument("--shape", default="500x375", help="WxH of the generated JPEGs (one in five turned HxW); "
+                        "e.g. 3000x1 for the strips that cost a resize-first pipeline a 256x768000 image")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="CPU threads per backend")
@@ -173,8 +178,10 @@ def main() -> None:
         if not root:
             root = tmp
             t0 = time.perf_counter()
-            mean_kib = make_folder(root, args.num_images)
-            print(f"generated {args.num_images} JPEGs ({mean_kib:.0f} KiB mean) in {time.perf_counter() - t0:.1f} s")
+            shape = tuple(int(v) for v in args.shape.lower().split("x"))
+            mean_kib = make_folder(root, args.num_images, shape=shape)
+            print(f"generated {args.num_images} {args.shape} JPEGs ({mean_kib:.0f} KiB mean) in "
+                  f"{time.perf_counter() - t0:.1f} s")
         dataset = ImageFolder(root, args.image_size, split="train")
         if args.backends:
             backends = args.backends.split(",")
@@ -198,6 +205,7 @@ def main() -> None:
     stamp = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "commit": git_commit(), "machine": machine(args.device), "torch": torch.__version__,
              "mean_jpeg_kib": None if mean_kib is None else round(mean_kib, 1), "num_images": len(dataset),
+             "shape": None if args.root else args.shape,
              "load_avg_1m": round(os.getloadavg()[0], 2)}  # other work on the machine skews CPU figures
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "a") as handle:
