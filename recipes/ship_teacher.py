@@ -21,12 +21,12 @@ sys.path.insert(0, ROOT)
 README = """# {name}: {title}
 
 A small pixel-space DDPM (diffusers `UNet2DModel`, widths {widths}, {params:.2f}M parameters, fp16 weights, EMA)
-trained on {data} at {size}x{size} for {steps} steps of {batch} images. Use it at **{size}x{size}**
-(`data.image_size={size}`; any multiple of 32 works convolutionally, but it has only seen {size}x{size} images) and
+trained on {data} at {hw} for {steps} steps of {batch} images. Use it at **{hw}**
+(`{size_keys}`; any multiple of 32 works convolutionally, but it has only seen {hw} images) and
 **t = 50** (the recipe's `teacher.timestep`; the DreamTeacher choice for small in-domain data).
 
-    python -m dtfast.pretrain teacher.arch=embedded:{name} data.image_size={size} teacher.timestep=50
-    python -m dtfast.pretrain teacher.pretrained={rel} data.image_size={size} teacher.timestep=50   # the same
+    python -m dtfast.pretrain teacher.arch=embedded:{name} {size_keys} teacher.timestep=50
+    python -m dtfast.pretrain teacher.pretrained={rel} {size_keys} teacher.timestep=50   # the same
 {default}
 Produced by (from a clean checkout, on {machine}):
 
@@ -120,6 +120,7 @@ def ship(source: str, name: str, machine: str, assets: str) -> str:
     from diffusers import DDPMScheduler, UNet2DModel
 
     from dtfast import _files
+    from dtfast.data.transforms import parse_size_text
     from dtfast.teachers import build_teacher
 
     info = check_source(source)
@@ -139,13 +140,14 @@ def ship(source: str, name: str, machine: str, assets: str) -> str:
         shutil.copy(os.path.join(source, "dtfast_teacher.json"), os.path.join(tmp, "dtfast_teacher.json"))
         cfg = info["config"]
         sc = scheduler.config
-        size = int(info["image_size"])
+        height, width = parse_size_text(info["image_size"])
         root = cfg.get("data", {}).get("root") or ""
         with open(os.path.join(tmp, "README.md"), "w") as fh:
             fh.write(README.format(
                 name=name, title="the embedded default teacher of dtfast" if name == "teacher_tiny32" else
                 "a teacher embedded in dtfast", widths=tuple(unet.config.block_out_channels),
-                params=sum(q.numel() for q in unet.parameters()) / 1e6, size=size,
+                params=sum(q.numel() for q in unet.parameters()) / 1e6, hw=f"{height}x{width}",
+                size_keys=f"data.image_size={height}" + (f" data.image_width={width}" if width != height else ""),
                 data=f"the images of `{root}`" if root else "the embedded procedural image set",
                 steps=info.get("steps", cfg.get("train", {}).get("max_steps")),
                 batch=cfg.get("train", {}).get("batch_size"), machine=machine, rel=f"dtfast/assets/{name}",
@@ -154,7 +156,7 @@ def ship(source: str, name: str, machine: str, assets: str) -> str:
                 schedule=f"{sc.beta_schedule} betas {sc.beta_start:g}..{sc.beta_end:g}, "
                          f"{sc.num_train_timesteps} steps"))
         _files.set_default_modes(tmp)
-        images = torch.rand(4, 3, size, size) * 2 - 1
+        images = torch.rand(4, 3, height, width) * 2 - 1
         features = [build_teacher(pretrained=folder, timestep=50)(images, generator=torch.Generator().manual_seed(0))
                     for folder in (source, tmp)]
         for level, (original, copy) in enumerate(zip(*features)):

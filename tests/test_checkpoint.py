@@ -52,6 +52,14 @@ def test_compare_configs_names_keys():
     diffs = ckpt.compare_configs({"student": {"arch": "resnet50"}}, {"student": {"arch": "resnet18"}},
                                  ["student.arch"])
     assert diffs == ["student.arch: checkpoint has 'resnet50', this run has 'resnet18'"]
+    # a key an older checkpoint lacks: its default (the old behaviour) if defaults are given, else not compared
+    old, new = {"data": {"image_size": 32}}, {"data": {"image_size": 32, "image_width": 64}}
+    keys = ["data.image_size", "data.image_width"]
+    assert ckpt.compare_configs(old, new, keys) == []
+    assert ckpt.compare_configs(old, new, keys, {"data": {"image_size": 32, "image_width": 0}}) == [
+        "data.image_width: checkpoint has 0, this run has 64"]
+    assert ckpt.compare_configs(old, {"data": {"image_size": 32, "image_width": 0}}, keys,
+                                {"data": {"image_width": 0}}) == []
 
 
 def test_lr_schedule_warmup_and_cosine():

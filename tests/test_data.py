@@ -18,7 +18,7 @@ from dtfast.data import (
     steps_per_epoch,
     to_views,
 )
-from dtfast.data.transforms import image_hw, plan_crop, resized_cover_size, size_text
+from dtfast.data.transforms import image_hw, parse_size_text, plan_crop, resized_cover_size, size_text
 
 
 def write_folder(root, classes=("ant", "bee", "cat"), per_class=4, size=(50, 38), fmt="JPEG", seed=0):
@@ -164,6 +164,10 @@ def test_cover_size_is_resize_shorter_for_squares_and_covers_non_square_outputs(
     assert size_text(32) == "32" and size_text((32, 32)) == "32" and size_text((128, 256)) == "128x256"
     with pytest.raises(ValueError, match="image size"):
         image_hw((1, 2, 3))
+    assert parse_size_text("128x256") == (128, 256) and parse_size_text(32) == parse_size_text("32") == (32, 32)
+    for bad in ("", "0", "32x", "x32", "a", "3x4x5", "-2"):
+        with pytest.raises(ValueError, match="image size"):
+            parse_size_text(bad)
 
 
 def test_non_square_crops_equal_resize_then_crop(tmp_path):

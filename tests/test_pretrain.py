@@ -174,6 +174,21 @@ def test_non_square_crops_train_export_and_refuse_another_width(tmp_path):
     assert load_eval_config(None, [f"backbone={backbone}"]).data.image_size == 32  # the probe's square: shorter side
     with pytest.raises(ValueError, match="data.image_width: checkpoint has 64, this run has 0"):
         _run(out, 4, ["data.image_size=32"])
+    # a checkpoint written before data.image_width existed was square: a non-square resume is refused too
+    square = str(tmp_path / "square")
+    _run(square, 2)
+    meta_path = os.path.join(square, "checkpoints", "step_2", "meta.json")
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    del meta["config"]["data"]["image_width"]
+    with open(meta_path, "w") as fh:
+        json.dump(meta, fh)
+    with pytest.raises(ValueError, match="data.image_width: checkpoint has 0, this run has 64"):
+        _run(square, 4, ["data.image_width=64"])
+    _run(square, 3)  # the same square crops resume
+    assert [r["step"] for r in _metrics(square)] == [1, 2, 3]
+    with pytest.raises(ValueError, match="'data.image_width' = 48 must be a multiple of 32 for this teacher"):
+        _run(str(tmp_path / "odd"), 1, ["data.image_width=48"])
 
 
 def test_resume_refuses_a_different_config(tmp_path):

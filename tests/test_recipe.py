@@ -141,6 +141,21 @@ def test_ship_teacher_checks_before_it_replaces_and_records_the_real_command(tmp
     assert "is a dtfast.train_teacher run folder: ship its teacher" in capsys.readouterr().err
 
 
+def test_ship_teacher_takes_a_non_square_teacher(tmp_path):
+    import shutil
+
+    from recipes.ship_teacher import main as ship
+
+    source = tmp_path / "run" / "teacher"
+    shutil.copytree(os.path.join(ROOT, "dtfast", "assets", "teacher_tiny32"), source)
+    info = json.loads((source / "dtfast_teacher.json").read_text())
+    info["image_size"] = "32x64"  # as dtfast.train_teacher data.image_width=64 records it
+    (source / "dtfast_teacher.json").write_text(json.dumps(info))
+    assert ship([str(source), "--assets", str(tmp_path / "assets"), "--name", "teacher_wide"]) == 0
+    readme = (tmp_path / "assets" / "teacher_wide" / "README.md").read_text()
+    assert "at 32x64 for" in readme and "data.image_size=32 data.image_width=64 teacher.timestep=50" in readme
+
+
 def test_glyph_folder_refuses_to_mix_with_older_images(tmp_path, capsys):
     from recipes.make_glyph_folder import main as glyphs
 

@@ -74,7 +74,7 @@ def _is_jpeg(data: torch.Tensor) -> bool:
 
 
 class NvjpegLoader:
-    """The batches of one epoch from global step ``start_step``: ``(uint8 (B, 3, S, S), int64 (B,))`` on
+    """The batches of one epoch from global step ``start_step``: ``(uint8 (B, 3, H, W), int64 (B,))`` on
     ``device``. Arguments as ``build_loader``; ``num_workers`` processes read files (no decoding), started as
     ``EpochLoader``'s (fork server, persistent: ``restart``/``start``/``close`` as there)."""
 

@@ -119,9 +119,12 @@ class ProceduralImages(Dataset):
         shape, texture, layout = class_factors(label)
         if self.num_classes <= 10:
             layout = ("contrast", "shade")[int(rng.integers(0, 2))]
-        size = max(self.image_size)
+        # a non-square (H, W) is the centre of the square drawing of side max(H, W): only its pixels are computed
+        height, width = self.image_size
+        size = max(height, width)
+        top, left = (size - height) // 2, (size - width) // 2
         coords = (np.arange(size, dtype=np.float32) + 0.5) / size
-        yy, xx = np.meshgrid(coords, coords, indexing="ij")
+        yy, xx = np.meshgrid(coords[top:top + height], coords[left:left + width], indexing="ij")
 
         # background: a linear gradient between two random colours
         angle = rng.uniform(0, 2 * np.pi)
@@ -153,10 +156,9 @@ class ProceduralImages(Dataset):
         image = np.where(mask[..., None], fill, image)
 
         self._clutter(rng, image, xx, yy, count=int(rng.integers(*self.OCCLUDERS)))  # occluders
-        image += rng.normal(0.0, rng.uniform(*self.NOISE), size=image.shape).astype(np.float32)
-        height, width = self.image_size
-        top, left = (size - height) // 2, (size - width) // 2
-        return np.clip(image[top:top + height, left:left + width], 0.0, 1.0)
+        noise = rng.normal(0.0, rng.uniform(*self.NOISE), size=(size, size, 3))  # the square's draws
+        image += noise[top:top + height, left:left + width].astype(np.float32)
+        return np.clip(image, 0.0, 1.0)
 
     @staticmethod
     def _clutter(rng: np.random.Generator, image: np.ndarray, xx: np.ndarray, yy: np.ndarray, count: int) -> None:

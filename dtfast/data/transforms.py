@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Crop", "image_hw", "plan_crop", "resized_cover_size", "sample_rng", "size_text", "to_views"]
+__all__ = ["Crop", "image_hw", "parse_size_text", "plan_crop", "resized_cover_size", "sample_rng", "size_text",
+           "to_views"]
 
 
 def sample_rng(seed: int, epoch: int, index: int, salt: int = 0) -> np.random.Generator:
@@ -46,6 +47,14 @@ def size_text(size: int | Sequence[int]) -> str:
     """"S" for a square size, "HxW" otherwise (file metadata, messages)."""
     height, width = image_hw(size)
     return str(height) if height == width else f"{height}x{width}"
+
+
+def parse_size_text(text: str | int) -> tuple[int, int]:
+    """(H, W) of a ``size_text`` ("S" or "HxW", or an int); ValueError names the text otherwise."""
+    height, sep, width = str(text).strip().partition("x")
+    if not height.isdigit() or (sep and not width.isdigit()):
+        raise ValueError(f"image size {text!r}: expected S or HxW")
+    return image_hw((int(height), int(width or height)))
 
 
 def resized_cover_size(height: int, width: int, size: int | Sequence[int]) -> tuple[int, int]:
@@ -98,8 +107,9 @@ class Crop:
     """Where to crop in the SOURCE image (pixels, possibly fractional) and whether to flip.
 
     The output is the window (top, left, height, width) of the source resized to (size, size), then flipped.
-    For the plain recipe the window has the output's aspect ratio and covers the source's shorter side (for a square
-    output: resize-shorter-then-crop is the same map); for random-resized crops it is any window.
+    For the plain recipe the window has the output's aspect ratio and spans the source's full height or full width,
+    whichever limits it (for a square output: the shorter side, and resize-shorter-then-crop is the same map); for
+    random-resized crops it is any window.
     """
 
     top: float

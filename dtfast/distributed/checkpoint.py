@@ -233,14 +233,15 @@ def verify(path: str) -> dict[str, Any]:
 
 
 def check_compatible(path: str, meta: dict[str, Any], current_config: dict[str, Any], keys: list[str],
-                     engine, world_size: int, weights_only: bool = False) -> None:
+                     engine, world_size: int, weights_only: bool = False,
+                     defaults: dict[str, Any] | None = None) -> None:
     """ResumeRefused naming every key in which the checkpoint and this run disagree in a way resuming (or, with
     ``weights_only``, loading the weights for an export) cannot bridge.
 
     Process count under DeepSpeed: resuming needs the run's count at every stage (ZeRO 1-3 partition the optimizer
     state per rank, and so does stage 0's bf16 optimizer); the weights alone load at any count below ZeRO-3, whose
     checkpoints hold only per-rank weight partitions."""
-    diffs = ckpt.compare_configs(meta.get("config", {}), current_config, keys)
+    diffs = ckpt.compare_configs(meta.get("config", {}), current_config, keys, defaults)
     if meta.get("engine") != engine.name:
         diffs.append(f"dist.engine: checkpoint has {meta.get('engine')!r}, this run has {engine.name!r}")
     if engine.name == "deepspeed":

@@ -102,14 +102,18 @@ def resolve_image_size(cfg: EvalConfig, metadata: dict[str, str]) -> int:
     """``data.image_size``, or when 0 the training resolution the backbone file records (the shorter side of a
     non-square "HxW"), else 32; warns when a set size differs from the recorded one (features at another resolution
     than the distillation's)."""
-    recorded = metadata.get("image_size", "")
+    from dtfast.data.transforms import parse_size_text
+
+    recorded = metadata.get("image_size", "").strip()
     # "S", or "HxW" for a backbone distilled on non-square crops: the probe's square crops take the shorter side
-    sides = recorded.split("x")
-    trained = min(int(side) for side in sides) if 1 <= len(sides) <= 2 and all(x.isdigit() for x in sides) else 0
+    try:
+        trained = min(parse_size_text(recorded))
+    except ValueError:
+        trained = 0
     if cfg.data.image_size == 0:
         return trained or DEFAULT_IMAGE_SIZE
     if trained and cfg.data.image_size != trained:
-        warnings.warn(f"dtfast.evaluate: {cfg.backbone} was trained at {trained}px (its metadata), evaluated at "
+        warnings.warn(f"dtfast.evaluate: {cfg.backbone} was trained at {recorded}px (its metadata), evaluated at "
                       f"data.image_size={cfg.data.image_size}px; leave data.image_size unset (0) to use {trained}",
                       stacklevel=2)
     return cfg.data.image_size

@@ -185,7 +185,8 @@ class TeacherTrainer(RunLifecycle):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"train.resume={mode}: no checkpoint folder at {path}")
         model_state, train_state, meta = ckpt.load_checkpoint(path)
-        diffs = ckpt.compare_configs(meta.get("config", {}), to_dict(self.cfg), RESUME_KEYS)
+        defaults = to_dict(TeacherTrainConfig())  # what a checkpoint's config from before a key existed meant
+        diffs = ckpt.compare_configs(meta.get("config", {}), to_dict(self.cfg), RESUME_KEYS, defaults)
         if diffs:
             raise ConfigError(f"cannot resume from {path}: its config differs in " + "; ".join(diffs) + ". Set the "
                               "checkpoint's values, or start over with train.resume=never (the earlier run's "
@@ -200,7 +201,7 @@ class TeacherTrainer(RunLifecycle):
         torch.set_rng_state(train_state["torch_rng"])
         self.step = int(train_state["step"])
         self.resume_history = list(meta.get("resume_history") or [])
-        changed = ckpt.compare_configs(meta.get("config", {}), to_dict(self.cfg), CHANGED_KEYS)
+        changed = ckpt.compare_configs(meta.get("config", {}), to_dict(self.cfg), CHANGED_KEYS, defaults)
         if changed:
             self.resume_history.append({"step": self.step, "changed": changed})
             if self.dist.is_main:

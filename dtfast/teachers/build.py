@@ -173,8 +173,9 @@ def export_teacher(unet: nn.Module, scheduler, folder: str | os.PathLike, info: 
             json.dump(info, fh, indent=2, default=str)
         _files.set_default_modes(tmp)
         teacher = build_teacher(pretrained=tmp, timestep=0, strides=strides)
-        height, _, width = str(info["image_size"]).partition("x")  # "S" or "HxW"
-        teacher.feature_shapes(int(height), int(width or height))  # raises if not a usable teacher at this size
+        from dtfast.data.transforms import parse_size_text
+
+        teacher.feature_shapes(*parse_size_text(info["image_size"]))  # raises if not a usable teacher at this size
         _files.replace_folder(tmp, folder)
     finally:
         if os.path.exists(tmp):

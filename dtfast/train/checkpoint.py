@@ -173,16 +173,24 @@ def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any],
     return model_state, train_state, meta
 
 
-def compare_configs(saved: dict[str, Any], current: dict[str, Any], keys: list[str]) -> list[str]:
+def compare_configs(saved: dict[str, Any], current: dict[str, Any], keys: list[str],
+                    defaults: dict[str, Any] | None = None) -> list[str]:
     """Dotted keys among ``keys`` whose values differ between two config dicts. A key the saved config does not
-    have (a checkpoint of a version before the key existed) is not a difference."""
+    have (a checkpoint of a version before the key existed) takes its value from ``defaults`` (the config class's
+    defaults: a new key's default keeps the old behaviour, e.g. data.image_width 0 = square), else is skipped."""
     diffs = []
     missing = object()
-    for key in keys:
-        a, b = saved, current
+
+    def get(config: Any, key: str) -> Any:
         for part in key.split("."):
-            a = a.get(part, missing) if isinstance(a, dict) else missing
-            b = b.get(part) if isinstance(b, dict) else None
+            config = config.get(part, missing) if isinstance(config, dict) else missing
+        return config
+
+    for key in keys:
+        a, b = get(saved, key), get(current, key)
+        if a is missing and defaults is not None:
+            a = get(defaults, key)
+        b = None if b is missing else b
         if a is not missing and a != b:
             diffs.append(f"{key}: checkpoint has {a!r}, this run has {b!r}")
     return diffs

@@ -144,6 +144,14 @@ class Trainer(RunLifecycle):
             from dtfast.distributed.teacher import shard_teacher
 
             self.teacher = shard_teacher(self.teacher, self.device, cfg.dist.timeout_minutes)
+        # the crop against the teacher's total downsampling, naming the key (the teacher's own check cannot)
+        multiple = int(getattr(self.teacher, "size_multiple", 1) or 1)
+        for key, value in (("data.image_size", height), ("data.image_width", cfg.data.image_width)):
+            if value % multiple:
+                from dtfast.train.config import ConfigError
+
+                raise ConfigError(f"config key '{key}' = {value} must be a multiple of {multiple} for this teacher "
+                                  f"(its total downsampling factor)")
         self.student = build_student(cfg.student.arch, self.teacher.channels, strides=tuple(cfg.teacher.strides),
                                      width=cfg.student.width, pretrained=cfg.student.pretrained).to(self.device)
         # shapes are checked once, before the first step: a mismatch is a configuration error
@@ -235,8 +243,9 @@ class Trainer(RunLifecycle):
             raise FileNotFoundError(f"train.resume={mode}: no checkpoint folder at {path}")
         meta = dist_ckpt.verify(path)
         current = to_dict(self.cfg)
+        defaults = to_dict(PretrainConfig())  # what a checkpoint's config from before a key existed meant
         dist_ckpt.check_compatible(path, meta, current, RESUME_KEYS, self.engine, self.dist.world_size,
-                                   weights_only=weights_only)
+                                   weights_only=weights_only, defaults=defaults)
         dist_ckpt.load(self.engine, path, self.dist, weights_only=weights_only)
         self.step = int(meta["step"])
         self._resumed_from = path
@@ -244,14 +253,14 @@ class Trainer(RunLifecycle):
             return path
         # the optimizer state brings the checkpoint's weight decay and betas back: the config's values apply
         set_hyperparameters(self.engine.optimizer, self.cfg.train.weight_decay, self.cfg.train.betas)
-        changed = ckpt.compare_configs(meta.get("config", {}), current, DATA_POSITION_KEYS)
+        changed = ckpt.compare_configs(meta.get("config", {}), current, DATA_POSITION_KEYS, defaults)
         if meta.get("world_size") not in (None, self.dist.world_size):
             changed.append(f"world size: checkpoint has {meta.get('world_size')}, this run has {self.dist.world_size}")
         if changed and self.dist.is_main:
             log.warning("resuming %s with a different data order or batch (%s): the run continues from step %d, but "
                         "the rest of this epoch is not the samples an uninterrupted run would have seen (some are "
                         "repeated or skipped)", path, "; ".join(changed), self.step)
-        changed = ckpt.compare_configs(meta.get("config", {}), current, CHANGED_OBJECTIVE_KEYS)
+        changed = ckpt.compare_configs(meta.get("config", {}), current, CHANGED_OBJECTIVE_KEYS, defaults)
         if meta.get("schedule", self._schedule()) != self._schedule():  # epochs at another world size or dataset
             changed.append(f"schedule in steps: checkpoint has {meta['schedule']}, this run has {self._schedule()}")
         if changed and self.dist.is_main:
