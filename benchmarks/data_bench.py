@@ -106,6 +106,7 @@ def time_backend(dataset: ImageFolder, backend: str, args: argparse.Namespace, d
     rate = steps * args.batch_size / elapsed
     return {"backend": backend if device == "cpu" or backend != "dali" else "dali-mixed", "device": device,
             "threads": args.threads, "batch_size": args.batch_size, "image_size": args.image_size,
+            **({"image_width": args.image_width} if args.image_width else {}),
             "steps": steps, "images_per_s": round(rate, 1), "warmup_s": round(first, 2),
             "share_at_target": round(args.target_rate / rate, 4)}
 
@@ -157,7 +158,8 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=384)
     parser.add_argument("--shape", default="500x375", help="WxH of the generated JPEGs (one in five turned HxW); "
                         "e.g. 3000x1 for the strips that cost a resize-first pipeline a 256x768000 image")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=256, help="crop height (and width)")
+    parser.add_argument("--image-width", type=int, default=0, help="crop width; 0 = --image-size (square)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="CPU threads per backend")
     parser.add_argument("--steps", type=int, default=8, help="timed batches per backend")
@@ -182,7 +184,7 @@ def main() -> None:
             mean_kib = make_folder(root, args.num_images, shape=shape)
             print(f"generated {args.num_images} {args.shape} JPEGs ({mean_kib:.0f} KiB mean) in "
                   f"{time.perf_counter() - t0:.1f} s")
-        dataset = ImageFolder(root, args.image_size, split="train")
+        dataset = ImageFolder(root, (args.image_size, args.image_width or args.image_size), split="train")
         if args.backends:
             backends = args.backends.split(",")
         elif args.device == "cuda":

@@ -40,9 +40,10 @@ def test_optim_bench_rows(capsys):
 def test_data_bench_cpu_backends(tmp_path, monkeypatch, capsys):
     bench = load("data_bench")
     out_file = tmp_path / "data_bench.jsonl"
-    monkeypatch.setattr(sys, "argv", ["data_bench.py", "--num-images", "16", "--image-size", "64", "--batch-size", "4",
-                                      "--threads", "1", "--steps", "2", "--warmup", "1", "--backends", "torch",
-                                      "--out", str(out_file)])
+    monkeypatch.setattr(sys, "argv", ["data_bench.py", "--num-images", "16", "--image-size", "32",
+                                      "--image-width", "64", "--batch-size", "4", "--threads", "1", "--steps", "2",
+                                      "--warmup", "1", "--backends", "torch", "--out", str(out_file)])
     bench.main()
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["backend"] for r in rows] == ["torch"] and rows[0]["images_per_s"] > 0
+    assert (rows[0]["image_size"], rows[0]["image_width"]) == (32, 64)

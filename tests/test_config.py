@@ -96,6 +96,8 @@ def test_non_finite_numbers_are_refused(value):
 def test_non_square_crops_are_height_and_width():
     assert load_config(None, ["data.image_size=48"]).data.crop_hw == (48, 48)
     assert load_config(None, ["data.image_size=128", "data.image_width=256"]).data.crop_hw == (128, 256)
+    square = load_config(None, ["data.image_size=48", "data.image_width=48"]).data  # stored as square: resumes match
+    assert (square.image_width, square.crop_hw) == (0, (48, 48))
     with pytest.raises(ConfigError, match="'data.image_width' must be finite and >= 0"):
         load_config(None, ["data.image_width=-1"])
 

@@ -103,6 +103,8 @@ def validate(cfg: TeacherTrainConfig) -> None:
     from dtfast.teacher_training.trainer import unet_config
 
     unet_config(cfg)
+    if cfg.data.image_width == cfg.data.image_size:  # one spelling of a square crop (the resume check compares keys)
+        cfg.data.image_width = 0
 
 
 def load_teacher_config(path: str | None = None, overrides: list[str] | None = None) -> TeacherTrainConfig:

@@ -354,6 +354,8 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"config key 'data.hw_decoder_load' must be in [0, 1] (the share of JPEG decoding given to "
                           f"the GPU's hardware decoder), got {cfg.data.hw_decoder_load}")
     _validate_length(cfg)
+    if cfg.data.image_width == cfg.data.image_size:  # one spelling of a square crop (the resume check compares keys)
+        cfg.data.image_width = 0
 
 
 def _validate_length(cfg: PretrainConfig) -> None:
