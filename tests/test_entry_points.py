@@ -94,3 +94,18 @@ def test_diffusers_imports_from_the_repository_root():
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert Path(res.stdout.strip()).resolve().is_relative_to(root / "dtfast"), res.stdout
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_exit_process_keeps_the_exit_code_and_the_output(world_size):
+    # under torchrun with several ranks the commands leave through os._exit (no interpreter finalisation, where a
+    # gloo thread's late tensor release can abort the process): buffered output must still come out
+    import os
+    import subprocess
+    import sys
+
+    code = "import logging; from dtfast.train.distributed import exit_process; print('last line', end=''); " \
+           "logging.getLogger('x').warning('logged'); exit_process(143)"
+    res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "WORLD_SIZE": world_size},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 143 and res.stdout == "last line" and "logged" in res.stderr, res
