@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dtfast.train.config import (ConfigError, _f, build_config, get_key, help_text, to_dict, validate_schedule,
-                                 warn_long_warmup)
+from dtfast.train.config import (ConfigError, CropSize, _f, build_config, get_key, help_text, to_dict,
+                                 validate_schedule, warn_long_warmup)
 
 __all__ = ["ConfigError", "TeacherTrainConfig", "help_text", "load_teacher_config", "to_dict"]
 
 
 @dataclass
-class TeacherDataConfig:
+class TeacherDataConfig(CropSize):
     root: str = _f("", "image folder root/<class>/<image> (labels unused); empty = the embedded procedural set")
     image_size: int = _f(32, "training resolution: crop height, and width unless data.image_width is set; a multiple "
                          "of the UNet's downsampling factor 2**(levels - 1): 32 for model.arch=tiny and adm256")
@@ -25,11 +25,6 @@ class TeacherDataConfig:
     num_workers: int = _f(1, "data-loader worker processes per rank")
     num_images: int = _f(4096, "size of the embedded procedural set (only when root is empty)")
     seed: int = _f(0, "seed of the embedded procedural set (only when root is empty)")
-
-    @property
-    def crop_hw(self) -> tuple[int, int]:
-        """(height, width) of the training crops."""
-        return self.image_size, self.image_width or self.image_size
 
 
 @dataclass
@@ -103,8 +98,7 @@ def validate(cfg: TeacherTrainConfig) -> None:
     from dtfast.teacher_training.trainer import unet_config
 
     unet_config(cfg)
-    if cfg.data.image_width == cfg.data.image_size:  # one spelling of a square crop (the resume check compares keys)
-        cfg.data.image_width = 0
+    cfg.data.canonical_width()
 
 
 def load_teacher_config(path: str | None = None, overrides: list[str] | None = None) -> TeacherTrainConfig:

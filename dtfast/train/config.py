@@ -23,8 +23,22 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - "help" re
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+class CropSize:
+    """For data sections with ``image_size`` (crop height, and width when square) and ``image_width`` (0 = square)."""
+
+    @property
+    def crop_hw(self) -> tuple[int, int]:
+        """(height, width) of the training crops."""
+        return self.image_size, self.image_width or self.image_size
+
+    def canonical_width(self) -> None:
+        """One spelling of a square crop (width 0), so that resume checks, which compare keys, see the same crop."""
+        if self.image_width == self.image_size:
+            self.image_width = 0
+
+
 @dataclass
-class DataConfig:
+class DataConfig(CropSize):
     root: str = _f("", "image folder root/<class>/<image> (ImageNet layout); empty = the embedded procedural set")
     image_size: int = _f(32, "training resolution: crop height, and width unless data.image_width is set, e.g. 256 "
                          "for ImageNet; 32 = the embedded teacher's")
@@ -41,11 +55,6 @@ class DataConfig:
     num_images: int = _f(2048, "size of the embedded procedural set (only when root is empty)")
     random_resized_crop: bool = _f(False, "random-resized crops instead of the paper's plain random crops")
     strict: bool = _f(False, "fail on the first undecodable file instead of skipping it with a counted warning")
-
-    @property
-    def crop_hw(self) -> tuple[int, int]:
-        """(height, width) of the training crops."""
-        return self.image_size, self.image_width or self.image_size
 
 
 @dataclass
@@ -354,8 +363,7 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"config key 'data.hw_decoder_load' must be in [0, 1] (the share of JPEG decoding given to "
                           f"the GPU's hardware decoder), got {cfg.data.hw_decoder_load}")
     _validate_length(cfg)
-    if cfg.data.image_width == cfg.data.image_size:  # one spelling of a square crop (the resume check compares keys)
-        cfg.data.image_width = 0
+    cfg.data.canonical_width()
 
 
 def _validate_length(cfg: PretrainConfig) -> None:

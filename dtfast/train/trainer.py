@@ -23,7 +23,7 @@ import torch
 from dtfast.distributed import checkpoint as dist_ckpt
 from dtfast.distributed.engine import build_engine
 from dtfast.train import checkpoint as ckpt
-from dtfast.train.config import PretrainConfig, schedule_steps, to_dict
+from dtfast.train.config import ConfigError, PretrainConfig, schedule_steps, to_dict
 from dtfast.train.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -148,8 +148,6 @@ class Trainer(RunLifecycle):
         multiple = int(getattr(self.teacher, "size_multiple", 1) or 1)
         for key, value in (("data.image_size", height), ("data.image_width", cfg.data.image_width)):
             if value % multiple:
-                from dtfast.train.config import ConfigError
-
                 raise ConfigError(f"config key '{key}' = {value} must be a multiple of {multiple} for this teacher "
                                   f"(its total downsampling factor)")
         self.student = build_student(cfg.student.arch, self.teacher.channels, strides=tuple(cfg.teacher.strides),
