@@ -393,9 +393,49 @@ def test_image_size_defaults_to_the_exported_training_resolution(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path,
               metadata={"arch": "resnet18", "step": "5", "image_size": "48"})
     assert load_eval_config(None, [f"backbone={path}"]).data.image_size == 48
-    with pytest.warns(UserWarning, match="trained at 48px.*evaluated at data.image_size=32px"):
+    with pytest.warns(UserWarning, match=r"trained at 48px.*evaluated at 32px \(data.image_size=32\)"):
         assert load_eval_config(None, [f"backbone={path}", "data.image_size=32"]).data.image_size == 32
     assert load_eval_config(None, ["backbone=random"]).data.image_size == 32
+
+
+def test_a_non_square_training_crop_is_probed_at_that_crop(tmp_path):
+    from safetensors.torch import save_file
+
+    from dtfast.eval.runner import load_probe_data
+
+    model = load_backbone("resnet18", "random")
+    path = str(tmp_path / "b.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path,
+              metadata={"arch": "resnet18", "step": "5", "image_size": "32x48"})
+    cfg = load_eval_config(None, [f"backbone={path}", *_SMALL])
+    assert (cfg.data.image_size, cfg.data.image_width, cfg.data.crop_hw) == (32, 48, (32, 48))
+    assert load_probe_data(cfg).train_images.shape == (8, 3, 32, 48)
+    with pytest.warns(UserWarning, match=r"trained at 32x48px.*evaluated at 32px \(data.image_size=32\).*to use 32x48"):
+        assert load_eval_config(None, [f"backbone={path}", "data.image_size=32"]).data.crop_hw == (32, 32)
+    with pytest.raises(ConfigError, match="'data.image_width' = 48 needs data.image_size"):
+        load_eval_config(None, [f"backbone={path}", "data.image_width=48"])
+    # a folder's images are resized to cover the crop and centre-cropped, as in training
+    root = _folder(tmp_path / "d", {"train": {"a": 3, "b": 3}, "val": {"a": 1, "b": 1}})
+    folder = load_eval_config(None, [f"data.root={root}", "data.num_workers=0", "data.image_size=16",
+                                     "data.image_width=24"])
+    assert load_probe_data(folder).val_images.shape == (2, 3, 16, 24)
+    # the same crop spelled square (width == height) is the square crop
+    square = load_eval_config(None, ["data.image_size=24", "data.image_width=24"])
+    assert (square.data.image_width, square.data.crop_hw) == (0, (24, 24))
+
+
+def test_results_file_older_than_image_width_is_replaced_by_the_same_evaluation(tmp_path):
+    from dtfast.evaluate import main
+
+    out = tmp_path / "e.json"
+    assert main(["backbone=random", f"out={out}", *_SMALL]) == 0
+    result = json.loads(out.read_text())
+    del result["config"]["data"]["image_width"]  # as written before the key existed (it meant square)
+    out.write_text(json.dumps(result))
+    assert main(["backbone=random", f"out={out}", *_SMALL]) == 0
+    with pytest.raises(ConfigError, match="data.image_width: 0 -> 48"):
+        load_eval_config(None, ["backbone=random", f"out={out}", *_SMALL, "data.image_width=48",
+                                "data.image_size=32"])
 
 
 def test_nan_weights_and_archs_without_a_stride_32_map_fail_before_the_data(tmp_path, capsys, monkeypatch):

@@ -6,10 +6,10 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
-from dtfast.train.config import ConfigError, _f, build_config, get_key, help_text, to_dict
+from dtfast.train.config import ConfigError, CropSize, _f, build_config, get_key, help_text, to_dict
 
 __all__ = ["ConfigError", "EvalConfig", "backbone_metadata", "check_out", "default_out_name", "help_text",
-           "load_eval_config", "out_path", "resolve_arch", "resolve_image_size", "to_dict", "validate"]
+           "load_eval_config", "out_path", "resolve_arch", "resolve_crop_size", "to_dict", "validate"]
 
 MAX_PROCEDURAL_CLASSES = 20  # dtfast.data.procedural's limit (checked there too)
 DEFAULT_ARCH = "resnet18"
@@ -17,12 +17,16 @@ DEFAULT_IMAGE_SIZE = 32  # the embedded data's resolution
 
 
 @dataclass
-class EvalDataConfig:
+class EvalDataConfig(CropSize):
     root: str = _f("", "labelled folder with root/train/<class>/<image> and root/val/<class>/<image>; "
                        "empty = the embedded procedural set's train and val splits")
-    image_size: int = _f(0, "images are resized (shorter side) and centre-cropped to this size, no augmentation; "
-                            "0 = the training resolution the backbone file records (dtfast.pretrain's export), "
+    image_size: int = _f(0, "probe crop height, and width unless data.image_width is set: images are resized to "
+                            "cover the crop (aspect ratio kept) and centre-cropped, no augmentation; 0 = the training "
+                            "resolution the backbone file records (dtfast.pretrain's export, \"S\" or \"HxW\"), "
                             f"else {DEFAULT_IMAGE_SIZE}")
+    image_width: int = _f(0, "probe crop width for non-square crops (e.g. 128x256: data.image_size=128 "
+                             "data.image_width=256); 0 = data.image_size (square), or with data.image_size=0 the "
+                             "recorded width")
     num_train: int = _f(5000, "procedural set only: images in the train split")
     num_val: int = _f(2000, "procedural set only: images in the val split")
     num_classes: int = _f(10, f"procedural set only: number of classes (2..{MAX_PROCEDURAL_CLASSES})")
@@ -98,25 +102,29 @@ def resolve_arch(cfg: EvalConfig, metadata: dict[str, str] | None = None) -> str
     return cfg.arch or metadata.get("arch") or DEFAULT_ARCH
 
 
-def resolve_image_size(cfg: EvalConfig, metadata: dict[str, str]) -> int:
-    """``data.image_size``, or when 0 the training resolution the backbone file records (the shorter side of a
-    non-square "HxW"), else 32; warns when a set size differs from the recorded one (features at another resolution
-    than the distillation's)."""
-    from dtfast.data.transforms import parse_size_text
+def resolve_crop_size(cfg: EvalConfig, metadata: dict[str, str]) -> tuple[int, int]:
+    """The probe's (height, width): ``data.image_size`` (and ``data.image_width``), or when both are 0 the training
+    crop the backbone file records ("S" or "HxW"), else 32x32; warns when a set size differs from the recorded one
+    (features at another resolution than the distillation's)."""
+    from dtfast.data.transforms import parse_size_text, size_text
 
     recorded = metadata.get("image_size", "").strip()
-    # "S", or "HxW" for a backbone distilled on non-square crops: the probe's square crops take the shorter side
     try:
-        trained = min(parse_size_text(recorded))
+        trained = parse_size_text(recorded)
     except ValueError:
-        trained = 0
+        trained = None
     if cfg.data.image_size == 0:
-        return trained or DEFAULT_IMAGE_SIZE
-    if trained and cfg.data.image_size != trained:
+        if cfg.data.image_width:
+            raise ConfigError(f"config key 'data.image_width' = {cfg.data.image_width} needs data.image_size (the "
+                              "crop height) too; leave both 0 to use the backbone's training crop")
+        return trained or (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    if trained and cfg.data.crop_hw != trained:
+        keys = f"data.image_size={cfg.data.image_size}" + (f" data.image_width={cfg.data.image_width}"
+                                                             if cfg.data.image_width else "")
         warnings.warn(f"dtfast.evaluate: {cfg.backbone} was trained at {recorded}px (its metadata), evaluated at "
-                      f"data.image_size={cfg.data.image_size}px; leave data.image_size unset (0) to use {trained}",
-                      stacklevel=2)
-    return cfg.data.image_size
+                      f"{size_text(cfg.data.crop_hw)}px ({keys}); leave data.image_size and data.image_width unset "
+                      f"(0) to use {recorded}", stacklevel=2)
+    return cfg.data.crop_hw
 
 
 def default_out_name(cfg: EvalConfig) -> str:
@@ -176,12 +184,14 @@ def _changed_settings(path: str, cfg: EvalConfig) -> list[str]:
             recorded = json.load(fh)["config"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return [f"not a dtfast.evaluate results file: {type(exc).__name__}"]
-    now = to_dict(cfg)
+    now, defaults = to_dict(cfg), to_dict(EvalConfig())
     changed = []
     for section in ("data", "probe"):
         old, new = recorded.get(section) or {}, now[section]
-        changed += [f"{section}.{key}: {old.get(key)!r} -> {value!r}" for key, value in new.items()
-                    if key != "num_workers" and old.get(key) != value]
+        # a key the file predates (e.g. data.image_width) had its default's meaning then
+        changed += [f"{section}.{key}: {old.get(key, defaults[section][key])!r} -> {value!r}"
+                    for key, value in new.items()
+                    if key != "num_workers" and old.get(key, defaults[section][key]) != value]
     return changed
 
 
@@ -190,8 +200,9 @@ def validate(cfg: EvalConfig) -> None:
     for key, choices in _CHOICES.items():
         if get_key(cfg, key) not in choices:
             raise ConfigError(f"config key '{key}' = {get_key(cfg, key)!r}; expected one of {', '.join(choices)}")
-    if cfg.data.image_size < 0:
-        raise ConfigError(f"config key 'data.image_size' must be >= 0 (0 = the backbone's), got {cfg.data.image_size}")
+    for key in ("data.image_size", "data.image_width"):
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0 (0 = the backbone's), got {get_key(cfg, key)}")
     for key in ("data.num_train", "data.num_val", "batch_size", "probe.max_iter"):
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)}")
@@ -223,7 +234,8 @@ def validate(cfg: EvalConfig) -> None:
                               "or device=auto")
     metadata = backbone_metadata(cfg)
     cfg.arch = resolve_arch(cfg, metadata)
-    cfg.data.image_size = resolve_image_size(cfg, metadata)
+    cfg.data.image_size, cfg.data.image_width = resolve_crop_size(cfg, metadata)
+    cfg.data.canonical_width()
     if cfg.out:  # the default path is checked by evaluate() when it is to write it (not by library users)
         check_out(cfg)
 

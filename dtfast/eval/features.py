@@ -134,9 +134,10 @@ def pooled_features(model: nn.Module, images: torch.Tensor, which: str = "last",
     return torch.cat(out)
 
 
-def probe_datasets(root: str, image_size: int, num_train: int = 5000, num_val: int = 2000, num_classes: int = 10,
-                   seed: int = 0) -> tuple[Dataset, Dataset]:
-    """(train, val) without augmentation: ``root/train`` and ``root/val`` (centre crops), or the procedural splits."""
+def probe_datasets(root: str, image_size: int | tuple[int, int], num_train: int = 5000, num_val: int = 2000,
+                   num_classes: int = 10, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(train, val) without augmentation at ``image_size`` (S or (H, W)): ``root/train`` and ``root/val`` (centre
+    crops), or the procedural splits."""
     from dtfast.data import ImageFolder, ProceduralImages
 
     if not root:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dtfast.data.folder import DecodeError
+from dtfast.data.transforms import size_text
 from dtfast.eval.config import ConfigError, EvalConfig, check_out, out_path, to_dict, validate
 from dtfast.eval.features import (BackboneError, load_backbone, load_images, pooled_features, probe_datasets,
                                   stage_indices)
@@ -57,7 +58,7 @@ def _split_name(root: str, split: str) -> str:
 def load_probe_data(cfg: EvalConfig) -> ProbeData:
     d = cfg.data
     try:
-        train, val = probe_datasets(d.root, d.image_size, d.num_train, d.num_val, d.num_classes, d.seed)
+        train, val = probe_datasets(d.root, d.crop_hw, d.num_train, d.num_val, d.num_classes, d.seed)
     except (ValueError, FileNotFoundError) as exc:  # missing split or class folders, no images, ...
         raise ProbeDataError(str(exc)) from exc
     needed = min_train_images(cfg.probe.holdout)
@@ -76,17 +77,17 @@ def load_probe_data(cfg: EvalConfig) -> ProbeData:
         raise ProbeDataError(f"{found.group(0) if found else exc}; dtfast.evaluate does not skip undecodable files "
                              "(another image would be scored in its place): fix or remove it") from exc
     what = d.root or f"procedural(seed={d.seed}, classes={d.num_classes})"
-    data = ProbeData(train_images, train_labels, val_images, val_labels, f"{what} at {d.image_size}px",
+    data = ProbeData(train_images, train_labels, val_images, val_labels, f"{what} at {size_text(d.crop_hw)}px",
                      shared_images=count_shared_images(train_images, val_images))
     if data.shared_images:
         warnings.warn(f"dtfast.evaluate: {data.shared_images} val image(s) of {_split_name(d.root, 'val')} are "
-                      f"pixel-identical to train images (after the {d.image_size}px centre crop): the val score "
-                      "overstates generalisation", stacklevel=2)
+                      f"pixel-identical to train images (after the {size_text(d.crop_hw)}px centre crop): the val "
+                      "score overstates generalisation", stacklevel=2)
     return data
 
 
 def count_shared_images(train: torch.Tensor, val: torch.Tensor) -> int:
-    """How many val images (uint8, N x 3 x S x S) are byte-identical to some train image."""
+    """How many val images (uint8, N x 3 x H x W) are byte-identical to some train image."""
     seen = {hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in train}
     return sum(hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() in seen for image in val)
 
