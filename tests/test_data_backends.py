@@ -79,13 +79,7 @@ def test_dali_cpu_matches_torch_backend(tmp_path, split, size):
 def test_dali_crops_extreme_aspect_ratios_like_the_torch_backend(tmp_path, split):
     # DALI resizes only the crop's window (a 1x3000 image is not first resized to 32x96000): the window comes from
     # the header's size inside the pipeline and must be plan_crop's, including strips thinner than the crop
-    os.makedirs(tmp_path / "a")
-    rng = np.random.default_rng(5)
-    for i, (height, width) in enumerate([(1, 300), (300, 2), (7, 301), (150, 13), (33, 32), (40, 41)]):
-        yy, xx = np.mgrid[0:height, 0:width] / 50
-        pixels = np.stack([128 + 100 * np.sin(2 * np.pi * (rng.uniform(0.5, 2) * xx + rng.uniform(0.5, 2) * yy))
-                           for _ in range(3)], -1)
-        Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "a" / f"{i}.png")
+    _strip_folder(tmp_path)
     data = ImageFolder(str(tmp_path), 32, split=split, seed=3)
     dali_batches, _ = collect(DaliLoader(data, 2, seed=1, num_threads=1))
     torch_batches, _ = collect(build_loader(data, 2, seed=1, num_workers=0))
@@ -294,6 +288,61 @@ def test_nvjpeg_code_path_matches_torch_backend_on_cpu(tmp_path, fmt):
     assert len(ours) == len(reference) == 3
     for (a, la), (b, lb) in zip(ours, reference):
         assert torch.equal(la, lb) and (a.int() - b.int()).abs().max() <= 1
+
+
+def _strip_folder(root):
+    """Smooth PNGs of extreme and ordinary aspect ratios (1x300 ... 40x41) in root/a."""
+    os.makedirs(root / "a")
+    rng = np.random.default_rng(5)
+    for i, (height, width) in enumerate([(1, 300), (300, 2), (7, 301), (150, 13), (33, 32), (40, 41)]):
+        yy, xx = np.mgrid[0:height, 0:width] / 50
+        pixels = np.stack([128 + 100 * np.sin(2 * np.pi * (rng.uniform(0.5, 2) * xx + rng.uniform(0.5, 2) * yy))
+                           for _ in range(3)], -1)
+        Image.fromarray(pixels.astype(np.uint8)).save(root / "a" / f"{i}.png")
+
+
+def test_window_weights_are_pils_bilinear_resampling():
+    from dtfast.data.nvjpeg import resize_window
+    from dtfast.data.transforms import Crop
+
+    # PIL's float ("F") images resample with double coefficients and no 8-bit rounding: the same map to float32
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        height, width = int(rng.integers(1, 90)), int(rng.integers(1, 90))
+        image = rng.uniform(0, 255, (height, width)).astype(np.float32)
+        if trial % 3 == 0:
+            top, left, box_h, box_w = 0.0, 0.0, float(height), float(width)
+        else:
+            top, left = rng.uniform(0, height - 0.01), rng.uniform(0, width - 0.01)
+            box_h, box_w = rng.uniform(0.01, height - top), rng.uniform(0.01, width - left)
+        out_h, out_w = int(rng.integers(1, 70)), int(rng.integers(1, 70))
+        expected = np.asarray(Image.fromarray(image, "F").resize(
+            (out_w, out_h), Image.BILINEAR, box=(left, top, left + box_w, top + box_h)), dtype=np.float64)
+        ours = resize_window(torch.from_numpy(image)[None], Crop(top, left, box_h, box_w, False), (out_h, out_w))
+        assert ours.dtype == torch.float64 and ours.shape == (1, out_h, out_w)
+        np.testing.assert_allclose(ours[0].numpy(), expected, atol=5e-3, rtol=0,
+                                   err_msg=f"{height}x{width} box {(top, left, box_h, box_w)} -> {out_h}x{out_w}")
+
+
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_nvjpeg_resizes_only_the_window_of_extreme_aspect_ratios(tmp_path, split, monkeypatch):
+    from dtfast.data import nvjpeg
+
+    _strip_folder(tmp_path)
+    calls = []
+    resize_window = nvjpeg.resize_window
+    monkeypatch.setattr(nvjpeg, "resize_window", lambda *a: calls.append(a[0].shape) or resize_window(*a))
+    data = ImageFolder(str(tmp_path), 32, split=split, seed=3)
+    ours, _ = collect(NvjpegLoader(data, 2, seed=1, device="cpu", num_workers=0))
+    reference, _ = collect(build_loader(data, 2, seed=1, num_workers=0))
+    # the four strips (a whole-image resize would take 32x9600, 4800x32, 32x1376, 369x32 pixels) take the window
+    # path; the near-square images keep the whole-image resize
+    assert sorted(calls) == sorted([(3, 1, 300), (3, 300, 2), (3, 7, 301), (3, 150, 13)])
+    assert len(ours) == len(reference) == 3
+    for (a, la), (b, lb) in zip(ours, reference):
+        assert torch.equal(la, lb) and a.shape == (2, 3, 32, 32)
+        difference = (a.int() - b.int()).abs()
+        assert difference.max() <= 1, difference.max()
 
 
 def test_nvjpeg_skips_or_fails_on_undecodable_files(tmp_path):

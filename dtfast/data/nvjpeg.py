@@ -4,9 +4,13 @@
 For machines where DALI is not installed (its wheel is large). Same batch contract, order, sharding, resume
 and crops as the torch backend (``plan_resize_crop`` with the per-sample generator; resizing is bilinear
 with antialiasing in ``torch.nn.functional.interpolate``, so pixels match the PIL path to resampling
-rounding). Non-JPEG files are decoded on the CPU (``decode_image``) and moved to the device. A batch that
-fails to decode is decoded file by file; an undecodable file is replaced by the next decodable file of the
-data set with a counted warning, or raises ``DecodeError`` naming it with ``strict=True``.
+rounding). Where resizing the whole image would take more than ``FULL_RESIZE_MAX_AREA`` times the crop's pixels
+(a 1x3000 strip would become 256x768000 for a 256 crop), only the crop's window is resized, by PIL's own
+bilinear weights applied as two float64 matrix products (``resize_window``).
+
+Non-JPEG files are decoded on the CPU (``decode_image``) and moved to the device. A batch that fails to decode
+is decoded file by file; an undecodable file is replaced by the next decodable file of the data set with a
+counted warning, or raises ``DecodeError`` naming it with ``strict=True``.
 
 ``device="cpu"`` runs the same code with the CPU decoder (tests, machines without a GPU).
 """
@@ -24,12 +28,30 @@ from torch.utils.data import DataLoader, Dataset
 
 from .folder import DecodeError, ImageFolder, to_rgb
 from .loader import ResumableDistributedSampler, steps_per_epoch
-from .transforms import plan_resize_crop, sample_rng
+from .transforms import Crop, bilinear_window_weights, image_hw, plan_resize_crop, sample_rng, source_window
 from .workers import loader_options, shutdown_workers
 
-__all__ = ["NvjpegLoader"]
+__all__ = ["FULL_RESIZE_MAX_AREA", "NvjpegLoader", "resize_window"]
 
 _JPEG_MAGIC = (0xFF, 0xD8)
+# the plain recipe resizes the whole image (one interpolate kernel) while that takes at most this many times the
+# crop's pixels (photos: 1-2x); beyond it (strips, panoramas) only the crop's window is resized
+FULL_RESIZE_MAX_AREA = 4
+
+
+def resize_window(image: torch.Tensor, crop: Crop, size: int | tuple[int, int]) -> torch.Tensor:
+    """The window ``crop`` (source pixels, fractional) of a (C, H, W) image resized to ``size`` (S or (H, W)) as
+    PIL's ``resize(BILINEAR, box=...)`` does (without its 8-bit intermediate rounding): float64 (C, out_h, out_w),
+    not flipped. Reads only the source rows and columns the window's filters touch; the weights are built on the
+    host (``bilinear_window_weights``) and applied on the image's device."""
+    out_h, out_w = image_hw(size)
+    height, width = image.shape[-2:]
+    rows, top = bilinear_window_weights(height, crop.top, crop.height, out_h)
+    cols, left = bilinear_window_weights(width, crop.left, crop.width, out_w)
+    x = image[:, top:top + rows.shape[1], left:left + cols.shape[1]].to(torch.float64)
+    rows_t = torch.from_numpy(rows).to(image.device)
+    cols_t = torch.from_numpy(cols).to(image.device)
+    return rows_t @ x @ cols_t.T
 
 
 class _EncodedFiles(Dataset):
@@ -206,11 +228,15 @@ class NvjpegLoader:
         rng = sample_rng(data.seed, self.epoch, index) if data.train else None
         height, width = image.shape[-2:]
         plan = plan_resize_crop(rng, height, width, size, data.train, data.random_resized_crop)
-        x = image.unsqueeze(0).float()
-        if plan.random_resized:
+        whole = plan.resized_height * plan.resized_width
+        if not plan.random_resized and whole > FULL_RESIZE_MAX_AREA * size[0] * size[1]:
+            x = resize_window(image, source_window(plan, height, width), size).unsqueeze(0)
+        elif plan.random_resized:
+            x = image.unsqueeze(0).float()
             x = x[..., plan.top:plan.top + plan.height, plan.left:plan.left + plan.width]
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         else:
+            x = image.unsqueeze(0).float()
             if (plan.resized_height, plan.resized_width) != (height, width):
                 x = F.interpolate(x, size=(plan.resized_height, plan.resized_width), mode="bilinear",
                                   antialias=True, align_corners=False)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Crop", "image_hw", "parse_size_text", "plan_crop", "resized_cover_size", "sample_rng", "size_text",
-           "to_views"]
+__all__ = ["Crop", "bilinear_window_weights", "image_hw", "parse_size_text", "plan_crop", "resized_cover_size",
+           "sample_rng", "size_text", "source_window", "to_views"]
 
 
 def sample_rng(seed: int, epoch: int, index: int, salt: int = 0) -> np.random.Generator:
@@ -133,11 +133,35 @@ def plan_crop(
     Plain recipe: the resized image's integer crop mapped back to the source, so resizing the window directly
     to the output size (S or (H, W)) gives the pixels of resize-then-crop.
     """
-    plan = plan_resize_crop(rng, src_height, src_width, size, train, random_resized_crop, flip)
+    return source_window(plan_resize_crop(rng, src_height, src_width, size, train, random_resized_crop, flip),
+                         src_height, src_width)
+
+
+def source_window(plan: ResizeCrop, src_height: int, src_width: int) -> Crop:
+    """``plan`` as a window in the (src_height, src_width) source: a random-resized window as it is, the plain
+    recipe's crop of the resized image mapped back to source pixels."""
     if plan.random_resized:
         return Crop(plan.top, plan.left, plan.height, plan.width, plan.flip)
     scale_y, scale_x = src_height / plan.resized_height, src_width / plan.resized_width
     return Crop(plan.top * scale_y, plan.left * scale_x, plan.height * scale_y, plan.width * scale_x, plan.flip)
+
+
+def bilinear_window_weights(in_size: int, start: float, length: float, out_size: int) -> tuple[np.ndarray, int]:
+    """PIL's bilinear resampling along one axis (``Image.resize(..., BILINEAR, box=...)``; Resample.c's
+    ``precompute_coeffs``, antialiased: the triangle widens by the scale when shrinking): the source window
+    [start, start + length) of an axis of ``in_size`` pixels resized to ``out_size``. Returns float64 weights
+    (out_size, n) over the source pixels [first, first + n), rows summing to 1, and ``first``."""
+    scale = length / out_size
+    filter_scale = max(scale, 1.0)  # bilinear's support is 1 source pixel, widened when shrinking
+    centre = start + (np.arange(out_size) + 0.5) * scale
+    lo = np.clip(np.trunc(centre - filter_scale + 0.5), 0, in_size).astype(np.int64)  # C's (int) truncates
+    hi = np.clip(np.trunc(centre + filter_scale + 0.5), 0, in_size).astype(np.int64)
+    first, last = int(lo.min()), int(max(hi.max(), lo.min() + 1))
+    j = np.arange(first, last)
+    weights = np.clip(1.0 - np.abs((j[None, :] - centre[:, None] + 0.5) / filter_scale), 0.0, None)
+    weights[(j[None, :] < lo[:, None]) | (j[None, :] >= hi[:, None])] = 0.0
+    total = weights.sum(axis=1, keepdims=True)
+    return np.divide(weights, total, out=np.zeros_like(weights), where=total != 0), first
 
 
 def _random_resized_window(
