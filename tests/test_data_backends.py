@@ -368,6 +368,16 @@ def test_nvjpeg_on_gpu_matches_cpu_decoding(tmp_path):
         assert difference.mean() < 1.0 and difference.max() <= 8, (difference.mean(), difference.max())
 
 
+@pytest.mark.needs_cuda
+def test_nvjpeg_strips_on_gpu_match_the_cpu_path(tmp_path):
+    _strip_folder(tmp_path)  # PNGs: decoded on the CPU by both, so only the window resize runs on the device
+    data = ImageFolder(str(tmp_path), 32, seed=3)
+    gpu, _ = collect(NvjpegLoader(data, 2, seed=1, device="cuda", num_workers=0))
+    cpu, _ = collect(NvjpegLoader(data, 2, seed=1, device="cpu", num_workers=0))
+    for (a, _), (b, _) in zip(gpu, cpu):
+        assert a.is_cuda and (a.cpu().int() - b.int()).abs().max() <= 1
+
+
 def test_backend_resolution():
     procedural = ProceduralImages(8, 16)
     assert resolve_backend("auto", procedural) == "torch"
