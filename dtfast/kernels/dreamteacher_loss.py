@@ -150,25 +150,32 @@ def _chan(s, g, cmask, n_c, n, mean_g, m2_g, mean_s, co_sg, ss_s, ss_g):
 
 
 @triton.jit
+def _work_item(meta_ptr, pid, num_levels, group, START: tl.constexpr, COUNT: tl.constexpr, LP: tl.constexpr,
+               ALIGN: tl.constexpr):
+    # program pid's level (its meta row: columns START / COUNT hold the level's first program and program count),
+    # the level's offsets and sizes, and pid's work item within the level. The alignment hints stay here, on the
+    # loads: tl.multiple_of marks the op defining its value, and a value returned from here is defined by the call,
+    # whose marks inlining drops (the sm_90 check then finds no vectorised loads)
+    lvl = _find_level(meta_ptr, pid, num_levels, group, START, COUNT, LP)
+    row = meta_ptr + lvl * 16
+    C = tl.load(row + 3)
+    HW = tl.load(row + 4)
+    if ALIGN > 1:
+        C = tl.multiple_of(C, ALIGN)
+        HW = tl.multiple_of(HW, ALIGN)
+    return (lvl, row, tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), C, HW, tl.load(row + 7),
+            pid - tl.load(row + START))
+
+
+@triton.jit
 def _fwd_main_kernel(s_ptr, g_ptr, meta_ptr, pix_ptr, part_ptr, num_levels, group, tune_key,
                      WHITEN: tl.constexpr, S_CL: tl.constexpr, G_CL: tl.constexpr, ALIGN: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, UNROLL: tl.constexpr, LP: tl.constexpr,
                      EPS: tl.constexpr):
     pid = tl.program_id(0)
-    lvl = _find_level(meta_ptr, pid, num_levels, group, 6, 5, LP)
-    row = meta_ptr + lvl * 16
-    s_off = tl.load(row + 0)
-    g_off = tl.load(row + 1)
-    B = tl.load(row + 2)
-    C = tl.load(row + 3)
-    HW = tl.load(row + 4)
-    n_tiles = tl.load(row + 7)
-    item = pid - tl.load(row + 6)
+    lvl, row, s_off, g_off, B, C, HW, n_tiles, item = _work_item(meta_ptr, pid, num_levels, group, 6, 5, LP, ALIGN)
     b = item // n_tiles
     tile = item - b * n_tiles
-    if ALIGN > 1:
-        C = tl.multiple_of(C, ALIGN)
-        HW = tl.multiple_of(HW, ALIGN)
     s_base = s_off + b * C * HW
     g_base = g_off + b * C * HW
     p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -290,25 +297,15 @@ def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat
                 ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, UNROLL: tl.constexpr,
                 CHUNK: tl.constexpr, BWD_ROWS: tl.constexpr, LP: tl.constexpr, NORM_EPS: tl.constexpr):
     pid = tl.program_id(0)
-    lvl = _find_level(meta_ptr, pid, num_levels, group, 13, 14, LP)
-    row = meta_ptr + lvl * 16
-    s_off = tl.load(row + 0)
-    g_off = tl.load(row + 1)
-    B = tl.load(row + 2)
-    C = tl.load(row + 3)
-    HW = tl.load(row + 4)
-    n_tiles = tl.load(row + 7)
+    lvl, row, s_off, g_off, B, C, HW, n_tiles, item = _work_item(meta_ptr, pid, num_levels, group, 13, 14, LP,
+                                                                 ALIGN)
     ds_off = tl.load(row + 12)
-    item = pid - tl.load(row + 13)
     # work item = (sample, channel chunk, pixel tile); channels_last programs take all channels (one chunk)
     per_sample = tl.load(row + 14) // B
     b = item // per_sample
     rem = item - b * per_sample
     chunk = rem // n_tiles
     tile = rem - chunk * n_tiles
-    if ALIGN > 1:
-        C = tl.multiple_of(C, ALIGN)
-        HW = tl.multiple_of(HW, ALIGN)
     # per-level output gradients (g_stride 1), or one scalar loss gradient scaled per term (g_stride 0)
     gm = tl.load(gmse_ptr + lvl * g_stride) * gm_scale
     ga = tl.load(gat_ptr + lvl * g_stride) * ga_scale
