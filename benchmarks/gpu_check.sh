@@ -21,7 +21,7 @@
 #   bench_r50.{json,md,png} (dtfast.bench, synthetic data), bench_real.json (nvJPEG data). Record them here with:
 #   python benchmarks/record_gpu_results.py <folder the files came back to>
 # Knobs (environment): GPU_CHECK_BUDGET, BENCH_BATCHES (default [128,256]), BENCH_ROWS, BENCH_STEPS,
-#   TEACHER_BENCH_ARGS (extra teacher_bench.py arguments, e.g. --rows), BENCH_WARMUP, BENCH_ENGINE (default ddp),
+#   CUDA_BWD_ROUNDS (loss_bench --cuda-bwd-rounds, default 1,4,8,16), TEACHER_BENCH_ARGS (extra teacher_bench.py arguments, e.g. --rows), BENCH_WARMUP, BENCH_ENGINE (default ddp),
 #   BENCH_CONFIG (default configs/imagenet_r50_adm256.yaml), REAL_IMAGES / REAL_ROWS / REAL_BATCHES / REAL_STEPS /
 #   REAL_BACKEND (the real-data stage), SKIP_STAGES (space-separated stage names), CAP_<stage>=SECONDS (a stage's
 #   own timeout cap).
@@ -144,8 +144,11 @@ fi
 if [[ -f benchmarks/loss_bench.py ]]; then
     # --profile (after the timings are recorded, ~10 s): why the Triton fwd+bwd exceeds fwd + bwd (issue #3):
     # synchronising calls, host issue vs GPU time per iteration, torch.profiler kernels/API calls, cache counters;
-    # appended to benchmarks/results/loss_profile.jsonl (comes back in results.tar.gz)
-    run_stage loss_bench "$(cap loss_bench 75)" $PY benchmarks/loss_bench.py --device cuda --profile
+    # appended to benchmarks/results/loss_profile.jsonl (comes back in results.tar.gz).
+    # --cuda-bwd-rounds (a few s): the CUDA C++ backward at other rows per block than its default 2 (CUDA fwd+bwd
+    # was 1.24x Triton's on the H200, its backward 1.9x): which value to make the default
+    run_stage loss_bench "$(cap loss_bench 75)" $PY benchmarks/loss_bench.py --device cuda --profile \
+        --cuda-bwd-rounds "${CUDA_BWD_ROUNDS:-1,4,8,16}"
 else
     missing loss_bench benchmarks/loss_bench.py
 fi

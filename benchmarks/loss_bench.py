@@ -19,6 +19,7 @@ The Triton backend's host (Python) cost alone, on any machine: benchmarks/loss_h
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -64,8 +65,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CUDA, after the timings: diagnose the Triton fwd+bwd (synchronising calls, host issue\n"
                         "time vs GPU time per iteration, torch.profiler kernel/API summary, allocator and plan-cache\n"
                         "counters); printed and appended to benchmarks/results/loss_profile.jsonl")
+    p.add_argument("--cuda-bwd-rounds", default="",
+                   help="CUDA C++ backend only: extra rows with the backward's unrolled row groups per thread\n"
+                        "set to each value (comma list of 1..64, e.g. 1,4,8,16, via DTFAST_CUDA_BWD_ROUNDS); the\n"
+                        "plain row uses DTFAST_CUDA_BWD_ROUNDS if set, else the built-in 2")
     p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
+    try:
+        args.cuda_bwd_rounds = [int(v) for v in args.cuda_bwd_rounds.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--cuda-bwd-rounds {args.cuda_bwd_rounds!r}: expected a comma list of integers in 1..64")
+    if any(not 1 <= v <= 64 for v in args.cuda_bwd_rounds):
+        p.error(f"--cuda-bwd-rounds {args.cuda_bwd_rounds}: each value must be in 1..64")
     args.dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
     args.batch = args.batch or (2 if args.quick else (8 if args.device == "cpu" else 64))
     args.levels = args.levels or (QUICK_LEVELS if args.quick else ADM256_LEVELS)
@@ -176,9 +187,37 @@ def variants(args):
     if want(ext):
         if _backends.extension_has(ext):
             out[f"{ext} (dtfast._C)"] = lambda s, g: dreamteacher_loss(s, g, backend=ext, **opts)
+            if ext == "cuda":
+                for rounds in args.cuda_bwd_rounds:
+                    out[f"cuda (dtfast._C), bwd rounds {rounds}"] = _with_bwd_rounds(
+                        rounds, lambda s, g: dreamteacher_loss(s, g, backend="cuda", **opts))
         else:
             out[f"{ext} (dtfast._C)"] = "dtfast._C not built with this kernel"
+    if args.cuda_bwd_rounds and not any(name.startswith("cuda (dtfast._C), bwd rounds") for name in out):
+        out["cuda (dtfast._C), bwd rounds"] = "--cuda-bwd-rounds needs --device cuda and the CUDA kernel"
     return out
+
+
+def _with_bwd_rounds(rounds: int, fn):
+    fn.bwd_rounds = rounds  # main() sets DTFAST_CUDA_BWD_ROUNDS around this row (forward and backward)
+    return fn
+
+
+@contextlib.contextmanager
+def cuda_bwd_rounds(rounds: int | None):
+    """DTFAST_CUDA_BWD_ROUNDS=rounds inside (the CUDA host code reads it at each backward launch); restored after."""
+    if rounds is None:
+        yield
+        return
+    before = os.environ.get("DTFAST_CUDA_BWD_ROUNDS")
+    os.environ["DTFAST_CUDA_BWD_ROUNDS"] = str(rounds)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("DTFAST_CUDA_BWD_ROUNDS", None)
+        else:
+            os.environ["DTFAST_CUDA_BWD_ROUNDS"] = before
 
 
 def bench_variant(fn, student, teacher, args, floor_ms):
@@ -288,7 +327,8 @@ def main(argv=None) -> dict:
             results[name] = fn
             continue
         try:
-            results[name] = bench_variant(fn, student, teacher, args, floor_ms)
+            with cuda_bwd_rounds(getattr(fn, "bwd_rounds", None)):
+                results[name] = bench_variant(fn, student, teacher, args, floor_ms)
         except Exception as exc:  # a backend failing must not hide the others' figures
             results[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         print(f"  {name}: {results[name]}", file=sys.stderr)

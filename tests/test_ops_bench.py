@@ -38,6 +38,28 @@ def test_loss_bench_unknown_backend_is_an_error(tmp_path):
     assert not (tmp_path / "loss_bench.jsonl").exists()
 
 
+def test_loss_bench_cuda_bwd_rounds_rows(tmp_path, monkeypatch, capsys):
+    bench = load_bench()
+    for bad in ("0", "2,x", "65"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--cuda-bwd-rounds", bad])
+    assert "1..64" in capsys.readouterr().err
+    assert bench.parse_args(["--cuda-bwd-rounds", "1, 8"]).cuda_bwd_rounds == [1, 8]
+    # on CPU the rows are named as not run
+    record = bench.main(["--quick", "--backends", "torch", "--repeats", "1", "--cuda-bwd-rounds", "4",
+                         "--no-record"])
+    assert record["results"]["cuda (dtfast._C), bwd rounds"].startswith("--cuda-bwd-rounds needs --device cuda")
+    # the variable is set for a row's forward and backward only, and restored after
+    monkeypatch.setenv("DTFAST_CUDA_BWD_ROUNDS", "3")
+    with bench.cuda_bwd_rounds(8):
+        assert bench.os.environ["DTFAST_CUDA_BWD_ROUNDS"] == "8"
+    assert bench.os.environ["DTFAST_CUDA_BWD_ROUNDS"] == "3"
+    monkeypatch.delenv("DTFAST_CUDA_BWD_ROUNDS")
+    with bench.cuda_bwd_rounds(8):
+        pass
+    assert "DTFAST_CUDA_BWD_ROUNDS" not in bench.os.environ
+
+
 def test_loss_host_overhead_smoke(monkeypatch, capsys):
     """benchmarks/loss_host_overhead.py on tiny maps: every row measured, the Triton kernels restored afterwards."""
     pytest.importorskip("triton")

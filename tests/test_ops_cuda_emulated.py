@@ -121,6 +121,26 @@ def test_backward_plan_at_adm_level_shapes(emu, layout):
         torch.testing.assert_close(g.float(), g_cpu.float(), rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-6)
 
 
+@pytest.mark.parametrize("rounds", ["1", "3", "16"])
+def test_backward_rows_per_thread_override(emu, rounds, monkeypatch):
+    """DTFAST_CUDA_BWD_ROUNDS (loss_bench --cuda-bwd-rounds) changes the backward's rows per block, not its result:
+    odd and large values leave partial chunks and single-chunk levels, every element still written once."""
+    gen = torch.Generator().manual_seed(31)
+    shapes = [(2, 37, 5, 7), (2, 64, 8, 8), (1, 200, 2, 4)]
+    student, teacher = make_levels(torch.float32, "contiguous", gen, shapes)
+    default_plan = emu.backward_plan(student, teacher)
+    monkeypatch.setenv("DTFAST_CUDA_BWD_ROUNDS", rounds)
+    plan = emu.backward_plan(student, teacher)
+    for (lanes, _, chunk, chunks, _), (_, _, default_chunk, _, _), (_, c, _, _) in zip(plan, default_plan, shapes):
+        assert chunk == 256 // lanes * 4 * int(rounds) == default_chunk // 2 * int(rounds)
+        assert chunk * chunks >= c > chunk * (chunks - 1)
+    fwd, bwd = ops(emu)
+    check_ops_against_oracle(fwd, bwd, student, teacher, 0, 0, torch.float32, gen)
+    monkeypatch.setenv("DTFAST_CUDA_BWD_ROUNDS", "0")
+    with pytest.raises(RuntimeError, match=r"DTFAST_CUDA_BWD_ROUNDS=0: expected an integer in 1\.\.64"):
+        emu.backward_plan(student, teacher)
+
+
 @pytest.mark.parametrize("whiten", [0, 1])
 def test_saved_statistics_interchangeable_with_the_cpu_kernel(emu, whiten):
     """Same saved-statistics contract as the CPU kernel (common.h): each backward takes the other's forward state."""

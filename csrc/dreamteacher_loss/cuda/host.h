@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <tuple>
 #include <vector>
 
@@ -34,6 +35,19 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Unrolled groups of kBackwardUnroll rows that each backward_kernel thread walks (a block covers
+// threads-along-the-strided-extent x kBackwardUnroll x this rows): kBackwardRounds, or DTFAST_CUDA_BWD_ROUNDS
+// (1..64) to measure others (benchmarks/loss_bench.py --cuda-bwd-rounds). Read per call: a plan, not the kernels.
+inline int backward_rounds() {
+  const char* text = std::getenv("DTFAST_CUDA_BWD_ROUNDS");
+  if (text == nullptr || text[0] == '\0') return kBackwardRounds;
+  char* end = nullptr;
+  const long value = std::strtol(text, &end, 10);
+  TORCH_CHECK(*end == '\0' && value >= 1 && value <= 64, "DTFAST_CUDA_BWD_ROUNDS=", text,
+              ": expected an integer in 1..64 (unset: ", kBackwardRounds, ")");
+  return static_cast<int>(value);
+}
+
 // Smallest power of two >= n, capped at kThreads.
 inline int lanes_for(int64_t n) {
   int lanes = 1;
@@ -56,6 +70,7 @@ Grid fill_params(Params& P, const std::vector<Level>& levels, size_t first, int 
   using A = at::acc_type<T, true>;
   Grid grid;
   P.count = count;
+  const int rounds = grads ? backward_rounds() : kBackwardRounds;
   for (int i = 0; i < count; ++i) {
     const Level& lv = levels[first + i];
     auto& p = P.lv[i];
@@ -91,7 +106,7 @@ Grid fill_params(Params& P, const std::vector<Level>& levels, size_t first, int 
     const int vec = p.vec_backward ? kVec : 1;
     p.bwd_lanes = lanes_for(ceil_div(inner, vec));
     p.bwd_tiles = ceil_div(inner, int64_t{p.bwd_lanes} * vec);
-    p.bwd_chunk = int64_t{kThreads / p.bwd_lanes} * kBackwardUnroll * kBackwardRounds;
+    p.bwd_chunk = int64_t{kThreads / p.bwd_lanes} * kBackwardUnroll * rounds;
     p.bwd_chunks = ceil_div(outer, p.bwd_chunk);
     p.backward_begin = grid.backward;
     grid.backward += lv.batch * p.bwd_chunks * p.bwd_tiles;

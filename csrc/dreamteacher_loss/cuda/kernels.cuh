@@ -28,7 +28,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kNhwcPixelsPerWarp = 4;    // column_kernel, channels_last: pixels per warp
 constexpr int kSampleSumVectors = 8;     // sample_sums_kernel: vectors per thread
 constexpr int kBackwardUnroll = 4;       // backward_kernel: rows whose loads are issued together
-constexpr int kBackwardRounds = 2;       // backward_kernel: unrolled groups per thread
+constexpr int kBackwardRounds = 2;       // backward_kernel: unrolled groups per thread (DTFAST_CUDA_BWD_ROUNDS: host.h)
 constexpr double kWhitenEps = 1e-6;
 constexpr double kAttentionEps = 1e-12;
 
