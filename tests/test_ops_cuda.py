@@ -140,6 +140,22 @@ def test_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_rows_per_thread_override_gives_the_same_bits(layout, monkeypatch):
+    """DTFAST_CUDA_BWD_ROUNDS (loss_bench --cuda-bwd-rounds) only regroups the backward's elements: each element's
+    arithmetic is the same, so the gradients are bitwise those of the default plan."""
+    gen = torch.Generator().manual_seed(41)
+    student, teacher = make_levels(torch.bfloat16, layout, gen, VECTOR_SHAPES + LEVEL_SHAPES)
+    student, teacher = to_cuda(student), to_cuda(teacher)
+    ones = torch.ones(len(student), device="cuda")
+    _, _, saved = fwd_op(student, teacher, 0, 0)
+    default = bwd_op(ones, ones * 10, student, teacher, saved, 0, 0)
+    for rounds in ("1", "7", "64"):
+        monkeypatch.setenv("DTFAST_CUDA_BWD_ROUNDS", rounds)
+        for g, d in zip(bwd_op(ones, ones * 10, student, teacher, saved, 0, 0), default):
+            assert torch.equal(g, d), rounds
+
+
 def test_gradcheck_cuda():
     from test_ops_cpp import _NativeLoss
 

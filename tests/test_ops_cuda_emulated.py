@@ -136,6 +136,13 @@ def test_backward_rows_per_thread_override(emu, rounds, monkeypatch):
         assert chunk * chunks >= c > chunk * (chunks - 1)
     fwd, bwd = ops(emu)
     check_ops_against_oracle(fwd, bwd, student, teacher, 0, 0, torch.float32, gen)
+    # each element's arithmetic does not depend on the plan: the same bits as the default plan's
+    _, _, saved = fwd(student, teacher, 0, 0)
+    grad_mse, grad_at = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([10.0, 3.0, 1.0])
+    overridden = bwd(grad_mse, grad_at, student, teacher, saved, 0, 0)
+    monkeypatch.delenv("DTFAST_CUDA_BWD_ROUNDS")
+    for g, d in zip(overridden, bwd(grad_mse, grad_at, student, teacher, saved, 0, 0)):
+        assert torch.equal(g, d)
     monkeypatch.setenv("DTFAST_CUDA_BWD_ROUNDS", "0")
     with pytest.raises(RuntimeError, match=r"DTFAST_CUDA_BWD_ROUNDS=0: expected an integer in 1\.\.64"):
         emu.backward_plan(student, teacher)
