@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from dtfast.data.transforms import size_text
 from dtfast._provenance import git_commit
 from dtfast.bench import flops as flop_count
 from dtfast.bench import report
 from dtfast.bench.rows import Row, parse_row, split_overrides, sweep_rows
 from dtfast.bench.runner import Measurement, build_trainer, release
+from dtfast.data.transforms import size_text
 from dtfast.train.config import ConfigError, load_config
 from dtfast.train.distributed import broadcast_object, resolve_device
 

@@ -307,8 +307,7 @@ class DaliLoader:
             path = self.dataset.files[index]
             image_format, reason = _pil_decode(path)
             if reason is None:
-                if image_format not in ("JPEG", "PNG") and index not in self._transcoded:
-                    self._transcoded[index] = _png_copy(self.dataset, path)
+                if self._copy_unless_jpeg_or_png(index, image_format):
                     copied.append(path)
                 continue
             if self.dataset.strict:
@@ -339,9 +338,16 @@ class DaliLoader:
         image_format, reason = _pil_decode(path)
         if reason is not None:
             return False
-        if image_format not in ("JPEG", "PNG") and index not in self._transcoded:
-            self._transcoded[index] = _png_copy(self.dataset, path)
+        self._copy_unless_jpeg_or_png(index, image_format)
         self._screened.add(index)
+        return True
+
+    def _copy_unless_jpeg_or_png(self, index: int, image_format: str) -> bool:
+        """For a file PIL decodes as ``image_format``: DALI reads a JPEG or PNG as it is, anything else (GIF, WebP,
+        ... named .jpg) from a lossless PNG of PIL's decoding, made once. Whether a copy was made now."""
+        if image_format in ("JPEG", "PNG") or index in self._transcoded:
+            return False
+        self._transcoded[index] = _png_copy(self.dataset, self.dataset.files[index])
         return True
 
     def _repair(self, step: int, mine: list[int], error: Exception) -> None:

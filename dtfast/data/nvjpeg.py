@@ -232,8 +232,7 @@ class NvjpegLoader:
         if not plan.random_resized and whole > FULL_RESIZE_MAX_AREA * size[0] * size[1]:
             x = resize_window(image, source_window(plan, height, width), size).unsqueeze(0)
         elif plan.random_resized:
-            x = image.unsqueeze(0).float()
-            x = x[..., plan.top:plan.top + plan.height, plan.left:plan.left + plan.width]
+            x = image.unsqueeze(0)[..., plan.top:plan.top + plan.height, plan.left:plan.left + plan.width].float()
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         else:
             x = image.unsqueeze(0).float()

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dtfast.data.transforms import image_hw
+
 from .regressor import UPerRegressor
 
 __all__ = ["DistillStudent", "build_student", "check_feature_shapes"]
@@ -57,7 +59,7 @@ def check_feature_shapes(
     ]
     if problems:
         spatial_ok = all(s[-2:] == t[-2:] for s, t in zip(student_shapes, teacher_shapes))
-        height, width = (image_size, image_size) if isinstance(image_size, int) else (image_size or (0, 0))
+        height, width = image_hw(image_size) if image_size else (0, 0)
         if arch and height and width and height % max(strides) == 0 and width % max(strides) == 0 and not spatial_ok:
             # the teacher's maps are exactly size / stride here: the backbone itself rounds (valid padding)
             extent = str(height) if height == width else f"({height}, {width})"
