@@ -6,6 +6,7 @@ On a CUDA machine the same tests run on CUDA tensors (the CPU variants need the 
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,91 @@ def test_kernels_compile_for_cuda_sm90():
     if res.returncode == 3:
         pytest.skip(res.stdout.strip())
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# The lent GPU machine's Triton (../shared/device/README.md: torch 2.11, triton 3.6), which is not this machine's.
+GPU_MACHINE_TRITON = "3.6.0"
+
+
+def test_kernels_vectorise_with_the_gpu_machines_triton():
+    """The same ahead-of-time check with the GPU machine's Triton release, fetched from the package index.
+
+    Triton's alignment analysis differs between releases: a [ALIGN, 1] hint on a [BLOCK_C, 1] row offset vectorised
+    the NCHW loads under triton 3.8 but left every one of them scalar under 3.6 (2026-12-07). Only triton is swapped
+    (in front of the installed one on PYTHONPATH); torch stays. Skips where the index cannot be reached."""
+    pytest.importorskip("triton.backends.nvidia")
+    import triton
+
+    if triton.__version__ == GPU_MACHINE_TRITON:
+        pytest.skip(f"the installed triton is {GPU_MACHINE_TRITON}: test_kernels_compile_for_cuda_sm90 covers it")
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="dtfast_triton_") as target:
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check"]
+        fetch = subprocess.run(pip + ["--target", target, f"triton=={GPU_MACHINE_TRITON}"], check=False,
+                               capture_output=True, text=True, timeout=600)
+        if fetch.returncode != 0:
+            pytest.skip(f"cannot install triton=={GPU_MACHINE_TRITON} from the package index: "
+                        f"{(fetch.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join([target, str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        probe = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], check=False,
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert probe.stdout.strip() == GPU_MACHINE_TRITON, probe.stdout + probe.stderr
+        res = subprocess.run([sys.executable, str(root / "dtfast" / "kernels" / "aot_check.py"), "--quick"],
+                             check=False, env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode == 3:
+        pytest.skip(res.stdout.strip())
+    assert res.returncode == 0, f"triton {GPU_MACHINE_TRITON}:\n" + res.stdout + res.stderr
+
+
+def _fake_interpreter(squeeze: bool):
+    """A stand-in for triton.runtime.interpreter whose _patch_lang_tensor is triton 3.6's (``int(array)``, which NumPy
+    >= 2.5 refuses for the one-element arrays the interpreter holds scalars in) or 3.8's (squeezes first)."""
+    import types
+
+    import numpy as np
+
+    def index_36(self):
+        data = np.asarray(self.handle.data)
+        if data.ndim:  # what NumPy >= 2.5's int(array) does (2.4 only warns)
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+        return int(data)
+
+    def _patch_lang_tensor(tensor, scope):
+        scope.set_attr(tensor, "__index__", (lambda self: int(self.handle.data.squeeze())) if squeeze else index_36)
+
+    return types.SimpleNamespace(_patch_lang_tensor=_patch_lang_tensor)
+
+
+@pytest.mark.parametrize("squeeze", [False, True], ids=["triton-3.6", "triton-3.8"])
+def test_interpreter_compat_patches_only_the_interpreters_that_need_it(monkeypatch, squeeze):
+    import numpy as np
+
+    from dtfast.kernels import _interpreter_compat
+
+    fake = _fake_interpreter(squeeze)
+    original = fake._patch_lang_tensor
+    assert _interpreter_compat.needs_patch(fake) is (not squeeze)
+    import triton.runtime
+
+    monkeypatch.setattr(triton.runtime, "interpreter", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "triton.runtime.interpreter", fake)
+    assert _interpreter_compat.apply() is (not squeeze)
+    assert (fake._patch_lang_tensor is original) is squeeze
+    assert not _interpreter_compat.needs_patch(fake)  # applying twice changes nothing
+    assert _interpreter_compat.apply() is False
+
+    class Tensor:
+        def __init__(self, data):
+            self.handle = type("Handle", (), {"data": data})()
+
+    class Scope:
+        def set_attr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    fake._patch_lang_tensor(Tensor, Scope())
+    assert list(range(Tensor(np.array([3], dtype=np.int32)))) == [0, 1, 2]
+    assert list(range(1, Tensor(np.array(3, dtype=np.int64)))) == [1, 2]
 
 
 def _fixed_configuration(monkeypatch, fwd=None, bwd=None):

@@ -71,7 +71,10 @@ def _offs_t(base, c, pp, C, HW, CL: tl.constexpr, ALIGN: tl.constexpr):
     else:
         row = base + c * HW
         if ALIGN > 1:
-            row = tl.multiple_of(row, [ALIGN, 1])
+            # [ALIGN, ALIGN], not [ALIGN, 1]: the size-1 pixel dim is broadcast along the tile, and triton 3.6 (the
+            # GPU machine's) carries that dim's divisibility into the broadcast, so with 1 no NCHW load was vectorised
+            # there (triton 3.8 vectorised either way; test_kernels_vectorise_with_the_gpu_machines_triton)
+            row = tl.multiple_of(row, [ALIGN, ALIGN])
         offs = row + pp
     return offs
 
@@ -392,6 +395,10 @@ def _bwd_kernel(s_ptr, g_ptr, ds_ptr, meta_ptr, pix_ptr, samp_ptr, gmse_ptr, gat
 # only store (no accumulation into outputs), so re-running a configuration while tuning is harmless. Under the
 # interpreter a single configuration (no benchmarking). Every configuration is compiled by aot_check.py.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if _INTERPRET:
+    from . import _interpreter_compat
+
+    _interpreter_compat.apply()  # triton 3.6 + NumPy >= 2.5: runtime loop bounds
 # (BLOCK_C, UNROLL, num_warps); first = default
 FWD_NCHW_CONFIGS = [(8, 4, 4), (8, 2, 4), (16, 2, 8), (16, 4, 8), (8, 8, 4), (8, 8, 8)]
 BWD_NCHW_CONFIGS = [(32, 4), (16, 4), (64, 8), (32, 8), (64, 4)]  # (BWD_ROWS, num_warps)
