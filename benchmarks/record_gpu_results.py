@@ -82,7 +82,10 @@ def merge_results_tar(tar_path: str, results: str, card: str) -> list[str]:
         with tarfile.open(tar_path) as tar:
             members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("benchmarks/results/")
                        and ".." not in m.name]
-            tar.extractall(tmp, members=members)
+            # the "data" filter (Python 3.12, backported to 3.11.4): no absolute paths, links out or special files;
+            # it is the default from 3.14, and 3.12-3.13 warn without it
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(tmp, members=members, **safe)
         base = os.path.join(tmp, "benchmarks", "results")
         for dirpath, _, files in os.walk(base):
             for name in sorted(files):
