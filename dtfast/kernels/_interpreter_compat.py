@@ -2,12 +2,14 @@
 
 The interpreter holds every scalar (``tl.program_id``, a loaded scalar, a reduction) as a one-element NumPy array, and
 turns it into a Python int for ``range`` with ``int(array)``. NumPy 2.5 no longer converts arrays of one or more
-dimensions that way ("only 0-dimensional arrays can be converted to Python scalars"), so every kernel with a loop over a
-runtime count fails there. Triton 3.7 and later squeeze the array first; this applies the same fix to the
-interpreters that do not (triton 3.6, the GPU machine's version). Only the interpreter is touched, and only when
-``TRITON_INTERPRET=1``: compiled kernels never take this path.
+dimensions that way ("only 0-dimensional arrays can be converted to Python scalars"; 2.0-2.4 warn that it will), so
+every kernel with a loop over a runtime count fails there. Triton 3.7 and later squeeze the array first; this applies
+the same fix to the interpreters that do not (triton 3.6, the GPU machine's version). Only the interpreter is touched,
+and only when ``TRITON_INTERPRET=1``: compiled kernels never take this path.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -29,10 +31,12 @@ def needs_patch(interpreter) -> bool:
             setattr(obj, name, value)
 
     patch(_Tensor, _Scope())
-    try:
-        _Tensor().__index__()
-    except TypeError:
-        return True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # NumPy 2.0-2.4 only warn that this will fail
+        try:
+            _Tensor().__index__()
+        except (TypeError, DeprecationWarning):
+            return True
     return False
 
 
