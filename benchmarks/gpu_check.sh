@@ -100,6 +100,14 @@ try:
     info["triton"] = triton.__version__
 except Exception as error:  # noqa: BLE001
     info["error"] = repr(error)
+# the machine's own packages the CPU suite cannot pin (timm's API, NumPy's scalar rules and Triton's interpreter differ
+# between releases); diffusers and DeepSpeed come from the carried wheels, whose names give their versions
+import importlib.metadata as md
+for name in ("numpy", "torchvision", "timm", "transformers", "safetensors", "nvidia-dali-cuda130"):
+    try:
+        info[name] = md.version(name)
+    except md.PackageNotFoundError:
+        info[name] = None
 try:
     info["nvidia_smi"] = subprocess.run(
         ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm", "--format=csv,noheader"],

@@ -150,6 +150,10 @@ def _same(a: str, b: str) -> bool:
         return fa.read() == fb.read()
 
 
+# versions gpu_check.sh reads off the machine besides torch and triton (absent from files before 2026-12-07)
+OTHER_PACKAGES = ("python", "numpy", "torchvision", "timm", "transformers", "safetensors", "nvidia-dali-cuda130")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="where the files from $OUT were fetched")
@@ -177,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(summary) as fh:
             summary_text = fh.read().rstrip()
         with open(target, "w") as fh:
+            others = "".join(f", {name} {info[name]}" for name in OTHER_PACKAGES if info.get(name))
             fh.write(f"# gpu_check on {card}\n\ncommit {commit}, {info.get('date', '')}, torch {info.get('torch')}, "
-                     f"triton {info.get('triton')}\n\n```\n{summary_text}\n```\n")
+                     f"triton {info.get('triton')}{others}\n\n```\n{summary_text}\n```\n")
         written.append(target)
     for path in dict.fromkeys(written):
         print(f"recorded {os.path.relpath(path, ROOT)}")

@@ -222,7 +222,8 @@ def test_record_gpu_results_appends_once_and_keeps_local_files(tiny_run, tmp_pat
     fetched.mkdir()
     results.mkdir()
     shutil.copyfile(out / "run" / "bench.json", fetched / "bench_r50.json")
-    (fetched / "gpu_info.json").write_text(json.dumps({"card": "NVIDIA H100 80GB HBM3", "torch": "2.11"}))
+    (fetched / "gpu_info.json").write_text(json.dumps({"card": "NVIDIA H100 80GB HBM3", "torch": "2.11",
+                                                                "timm": "1.0.31", "nvidia-dali-cuda130": None}))
     (fetched / "summary.txt").write_text("stage  status\nloss_bench ok\n")
     remote = tmp_path / "remote" / "benchmarks" / "results"
     remote.mkdir(parents=True)
@@ -244,7 +245,9 @@ def test_record_gpu_results_appends_once_and_keeps_local_files(tiny_run, tmp_pat
     assert (results / "loss_bench.md").read_text() == "local table\n"
     assert (results / "gpu_nvidia-h100-80gb-hbm3" / "loss_bench.md").read_text() == "remote table\n"
     assert (results / "teacher_bench.md").read_text() == "new table\n"
-    assert "loss_bench ok" in (results / "bench_gpu_check_nvidia-h100-80gb-hbm3.md").read_text()
+    check_md = (results / "bench_gpu_check_nvidia-h100-80gb-hbm3.md").read_text()
+    assert "loss_bench ok" in check_md and "torch 2.11" in check_md
+    assert ", timm 1.0.31" in check_md and "dali" not in check_md  # versions found, nothing for a missing package
 
 
 def test_gpu_check_script_survives_missing_pieces(tmp_path):
