@@ -219,7 +219,8 @@ def test_kernels_vectorise_with_the_gpu_machines_triton():
         pytest.skip(f"the installed triton is {GPU_MACHINE_TRITON}: test_kernels_compile_for_cuda_sm90 covers it")
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="dtfast_triton_") as target:
-        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check"]
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
+               "--retries", "1", "--timeout", "20"]  # offline (a lent GPU machine): skip soon, not after minutes
         fetch = subprocess.run(pip + ["--target", target, f"triton=={GPU_MACHINE_TRITON}"], check=False,
                                capture_output=True, text=True, timeout=600)
         if fetch.returncode != 0:
