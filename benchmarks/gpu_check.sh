@@ -21,7 +21,7 @@
 #   bench_r50.{json,md,png} (dtfast.bench, synthetic data), bench_real.json (nvJPEG data). Record them here with:
 #   python benchmarks/record_gpu_results.py <folder the files came back to>
 # Knobs (environment): GPU_CHECK_BUDGET, BENCH_BATCHES (default [128,256]), BENCH_ROWS, BENCH_STEPS,
-#   CUDA_BWD_ROUNDS (loss_bench --cuda-bwd-rounds, default 1,4,8,16),
+#   CUDA_BWD_ROUNDS (loss_bench --cuda-bwd-rounds, default 1,4,8,16; empty: none),
 #   TEACHER_BENCH_ARGS (extra teacher_bench.py arguments, e.g. --rows), BENCH_WARMUP, BENCH_ENGINE (default ddp),
 #   BENCH_CONFIG (default configs/imagenet_r50_adm256.yaml), REAL_IMAGES / REAL_ROWS / REAL_BATCHES / REAL_STEPS /
 #   REAL_BACKEND (the real-data stage), SKIP_STAGES (space-separated stage names), CAP_<stage>=SECONDS (a stage's
@@ -156,8 +156,9 @@ if [[ -f benchmarks/loss_bench.py ]]; then
     # appended to benchmarks/results/loss_profile.jsonl (comes back in results.tar.gz).
     # --cuda-bwd-rounds (a few s): the CUDA C++ backward at other rows per block than its default 2 (CUDA fwd+bwd
     # was 1.24x Triton's on the H200, its backward 1.9x): which value to make the default
+    # CUDA_BWD_ROUNDS="" leaves the extra rows out
     run_stage loss_bench "$(cap loss_bench 75)" $PY benchmarks/loss_bench.py --device cuda --profile \
-        --cuda-bwd-rounds "${CUDA_BWD_ROUNDS:-1,4,8,16}"
+        --cuda-bwd-rounds "${CUDA_BWD_ROUNDS-1,4,8,16}"
 else
     missing loss_bench benchmarks/loss_bench.py
 fi

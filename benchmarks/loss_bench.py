@@ -194,7 +194,8 @@ def variants(args):
         else:
             out[f"{ext} (dtfast._C)"] = "dtfast._C not built with this kernel"
     if args.cuda_bwd_rounds and not any(name.startswith("cuda (dtfast._C), bwd rounds") for name in out):
-        out["cuda (dtfast._C), bwd rounds"] = "--cuda-bwd-rounds needs --device cuda and the CUDA kernel"
+        out["cuda (dtfast._C), bwd rounds"] = ("--cuda-bwd-rounds needs --device cuda, the cuda backend among "
+                                               "--backends, and dtfast._C built with CUDA")
     return out
 
 

@@ -150,7 +150,7 @@ def _same(a: str, b: str) -> bool:
         return fa.read() == fb.read()
 
 
-# versions gpu_check.sh reads off the machine besides torch and triton (absent from files before 2026-12-07)
+# versions gpu_check.sh reads off the machine besides torch and triton (all but python absent before 2026-12-07)
 OTHER_PACKAGES = ("python", "numpy", "torchvision", "timm", "transformers", "safetensors", "nvidia-dali-cuda130")
 
 

@@ -374,8 +374,9 @@ def test_nvjpeg_strips_on_gpu_match_the_cpu_path(tmp_path):
     data = ImageFolder(str(tmp_path), 32, seed=3)
     gpu, _ = collect(NvjpegLoader(data, 2, seed=1, device="cuda", num_workers=0))
     cpu, _ = collect(NvjpegLoader(data, 2, seed=1, device="cpu", num_workers=0))
+    assert len(gpu) == len(cpu) == 3
     for (a, _), (b, _) in zip(gpu, cpu):
-        assert a.is_cuda and (a.cpu().int() - b.int()).abs().max() <= 1
+        assert a.is_cuda and a.shape == b.shape == (2, 3, 32, 32) and (a.cpu().int() - b.int()).abs().max() <= 1
 
 
 def test_backend_resolution():

@@ -144,6 +144,7 @@ def test_deterministic():
 def test_backward_rows_per_thread_override_gives_the_same_bits(layout, monkeypatch):
     """DTFAST_CUDA_BWD_ROUNDS (loss_bench --cuda-bwd-rounds) only regroups the backward's elements: each element's
     arithmetic is the same, so the gradients are bitwise those of the default plan."""
+    monkeypatch.delenv("DTFAST_CUDA_BWD_ROUNDS", raising=False)  # the default plan, whatever the caller's environment
     gen = torch.Generator().manual_seed(41)
     student, teacher = make_levels(torch.bfloat16, layout, gen, VECTOR_SHAPES + LEVEL_SHAPES)
     student, teacher = to_cuda(student), to_cuda(teacher)

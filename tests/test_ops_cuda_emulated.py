@@ -144,7 +144,7 @@ def test_backward_rows_per_thread_override(emu, rounds, monkeypatch):
     for g, d in zip(overridden, bwd(grad_mse, grad_at, student, teacher, saved, 0, 0)):
         assert torch.equal(g, d)
     monkeypatch.setenv("DTFAST_CUDA_BWD_ROUNDS", "0")
-    with pytest.raises(RuntimeError, match=r"DTFAST_CUDA_BWD_ROUNDS=0: expected an integer in 1\.\.64"):
+    with pytest.raises(RuntimeError, match=r"DTFAST_CUDA_BWD_ROUNDS='0': expected an integer in 1\.\.64"):
         emu.backward_plan(student, teacher)
 
 

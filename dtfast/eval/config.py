@@ -200,9 +200,9 @@ def validate(cfg: EvalConfig) -> None:
     for key, choices in _CHOICES.items():
         if get_key(cfg, key) not in choices:
             raise ConfigError(f"config key '{key}' = {get_key(cfg, key)!r}; expected one of {', '.join(choices)}")
-    for key in ("data.image_size", "data.image_width"):
+    for key, zero in (("data.image_size", "the backbone's crop"), ("data.image_width", "data.image_size")):
         if get_key(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0 (0 = the backbone's), got {get_key(cfg, key)}")
+            raise ConfigError(f"config key '{key}' must be >= 0 (0 = {zero}), got {get_key(cfg, key)}")
     for key in ("data.num_train", "data.num_val", "batch_size", "probe.max_iter"):
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)}")

@@ -55,7 +55,8 @@ def apply() -> bool:
 
     def _patch_lang_tensor(tensor, scope):
         original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+        # .item(): one element, whatever the shape; more than one still fails, as in triton 3.8
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).item()))
 
     _patch_lang_tensor._dtfast_compat = True
     interpreter._patch_lang_tensor = _patch_lang_tensor

@@ -43,8 +43,8 @@ inline int backward_rounds() {
   if (text == nullptr || text[0] == '\0') return kBackwardRounds;
   char* end = nullptr;
   const long value = std::strtol(text, &end, 10);
-  TORCH_CHECK(*end == '\0' && value >= 1 && value <= 64, "DTFAST_CUDA_BWD_ROUNDS=", text,
-              ": expected an integer in 1..64 (unset: ", kBackwardRounds, ")");
+  TORCH_CHECK(*end == '\0' && value >= 1 && value <= 64, "DTFAST_CUDA_BWD_ROUNDS='", text,
+              "': expected an integer in 1..64 (unset: ", kBackwardRounds, ")");
   return static_cast<int>(value);
 }
 
