@@ -188,17 +188,28 @@ def test_one_by_one_and_spatially_uniform_maps(device, whiten, at_mode):
     check_against_oracle(student, teacher, whiten, at_mode, seed=7)
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_aot_check(extra_path: str | None = None) -> subprocess.CompletedProcess:
+    """``aot_check.py --quick`` in a subprocess without TRITON_INTERPRET (``extra_path`` first on PYTHONPATH);
+    skips the test where this Triton has another ahead-of-time API (exit status 3)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join([extra_path, str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    res = subprocess.run([sys.executable, str(ROOT / "dtfast" / "kernels" / "aot_check.py"), "--quick"], check=False,
+                         env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode == 3:
+        pytest.skip(res.stdout.strip())
+    return res
+
+
 def test_kernels_compile_for_cuda_sm90():
     """The kernels must build for real GPUs, not only run in the interpreter, with vectorised loads where aligned.
 
     Compiles ahead of time for sm_90 (no GPU needed) in a subprocess without TRITON_INTERPRET."""
     pytest.importorskip("triton.backends.nvidia")
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, str(root / "dtfast" / "kernels" / "aot_check.py"), "--quick"], check=False,
-                         env=env, capture_output=True, text=True, timeout=600)
-    if res.returncode == 3:
-        pytest.skip(res.stdout.strip())
+    res = _run_aot_check()
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -217,7 +228,6 @@ def test_kernels_vectorise_with_the_gpu_machines_triton():
 
     if triton.__version__ == GPU_MACHINE_TRITON:
         pytest.skip(f"the installed triton is {GPU_MACHINE_TRITON}: test_kernels_compile_for_cuda_sm90 covers it")
-    root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="dtfast_triton_") as target:
         pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
                "--retries", "1", "--timeout", "20"]  # offline (a lent GPU machine): skip soon, not after minutes
@@ -226,15 +236,10 @@ def test_kernels_vectorise_with_the_gpu_machines_triton():
         if fetch.returncode != 0:
             pytest.skip(f"cannot install triton=={GPU_MACHINE_TRITON} from the package index: "
                         f"{(fetch.stderr.strip().splitlines() or ['?'])[-1][:200]}")
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["PYTHONPATH"] = os.pathsep.join([target, str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         probe = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], check=False,
-                               env=env, capture_output=True, text=True, timeout=120)
+                               env={**os.environ, "PYTHONPATH": target}, capture_output=True, text=True, timeout=120)
         assert probe.stdout.strip() == GPU_MACHINE_TRITON, probe.stdout + probe.stderr
-        res = subprocess.run([sys.executable, str(root / "dtfast" / "kernels" / "aot_check.py"), "--quick"],
-                             check=False, env=env, capture_output=True, text=True, timeout=600)
-    if res.returncode == 3:
-        pytest.skip(res.stdout.strip())
+        res = _run_aot_check(extra_path=target)
     assert res.returncode == 0, f"triton {GPU_MACHINE_TRITON}:\n" + res.stdout + res.stderr
 
 

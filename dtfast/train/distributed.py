@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -160,9 +162,6 @@ def exit_process(code: int | None) -> None:
     (SIGABRT, "terminate called without an active exception", seen in about 1 of 12 preemption stops under DeepSpeed
     on CPU), which would replace the exit code (128 + signal after a preemption stop) that schedulers and
     ``torchrun --max-restarts`` read. Everything the run writes is on disk by then (atomic writes, closed files)."""
-    import logging
-    import sys
-
     code = 0 if code is None else int(code)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         sys.exit(code)
